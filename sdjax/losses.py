@@ -26,6 +26,7 @@ __all__ = [
     "Relation",
     "label_relations",
     "labels_from_indices",
+    "make_sharded_loss",
     "multilabel_supcon_loss",
     "pair_weights",
     "per_anchor_losses",
@@ -143,7 +144,9 @@ def _check_options(positives: str, temperature: Any, jaccard_threshold: Any) -> 
     if not math.isfinite(float(temperature)) or float(temperature) <= 0:
         raise ValueError(f"`temperature`: got {temperature!r}, expected a finite number > 0.")
     if not np.isscalar(jaccard_threshold) or not 0 < float(jaccard_threshold) <= 1:
-        raise ValueError(f"`jaccard_threshold`: got {jaccard_threshold!r}, expected a number in (0, 1].")
+        raise ValueError(
+            f"`jaccard_threshold`: got {jaccard_threshold!r}, expected a number in (0, 1]."
+        )
 
 
 def _check_arrays(
@@ -177,13 +180,17 @@ def _check_arrays(
         raise _shape_error("labels", f"dtype {labels_dtype}", "bool, integer or float 0/1 values")
 
     if sample_mask is not None and np.shape(sample_mask) != (num_samples,):
-        raise _shape_error("sample_mask", f"shape {np.shape(sample_mask)}", f"[N] = ({num_samples},)")
+        raise _shape_error(
+            "sample_mask", f"shape {np.shape(sample_mask)}", f"[N] = ({num_samples},)"
+        )
 
     if label_weights is not None:
         weights_shape = np.shape(label_weights)
         if len(labels_shape) == 2 and weights_shape != (labels_shape[1],):
             raise _shape_error(
-                "label_weights", f"shape {weights_shape}", f"[C] = ({labels_shape[1]},) from `labels`"
+                "label_weights",
+                f"shape {weights_shape}",
+                f"[C] = ({labels_shape[1]},) from `labels`",
             )
         if len(weights_shape) != 1:
             raise _shape_error("label_weights", f"shape {weights_shape}", "[C]")
@@ -506,7 +513,7 @@ def _scan_blocks(z, labels, valid, options, with_gradient):
         stacked = jax.tree.map(lambda x: x[None], stacked)
     else:
         carry, stacked = jax.lax.scan(block, init, jnp.arange(num_blocks))
-    stacked = jax.tree.map(lambda x: x.reshape((num_blocks * block_size,) + x.shape[2:]), stacked)
+    stacked = jax.tree.map(lambda x: x.reshape((num_blocks * block_size, *x.shape[2:])), stacked)
     stacked = jax.tree.map(lambda x: x[:num_local], stacked)
     if not with_gradient:
         return stacked
@@ -660,8 +667,10 @@ def multilabel_supcon_loss(
       axis_name: inside `jax.shard_map` or `jax.pmap`, the axis over which the batch is split.
         The local samples are the anchors, the contrast set is the global batch, and the result
         is the global loss on every device. Its gradient w.r.t. the local features is the
-        matching slice of the single-device gradient: take `jax.grad` outside the mapped
-        function, or `jax.lax.psum` (not pmean) parameter gradients taken inside it.
+        matching slice of the single-device gradient. Easiest: `make_sharded_loss`, with
+        `jax.grad` taken outside. Inside `shard_map`, the gradient of a replicated (P())
+        parameter already arrives summed over devices: do not psum it again. Inside `pmap`,
+        each device gets its samples' share: `jax.lax.psum` it (pmean would be 1/N too small).
       block_size: anchor views per row block. None (default) picks blocks of about 4M logits,
         so memory is O(block * N + N * D) at any batch size. Any value gives the same result.
 
@@ -803,7 +812,7 @@ def per_anchor_losses(
 
 
 def reduce_per_anchor(per_anchor: PerAnchorLosses, axis_name: Hashable | None = None) -> jax.Array:
-    """The loss from `per_anchor_losses`: the anchor-weighted mean, 0 when nothing has a positive."""
+    """The loss from `per_anchor_losses`: the anchor-weighted mean (0 if no anchor has one)."""
     return _mean_over_anchors(per_anchor.losses, per_anchor.anchor_weights, axis_name)[0]
 
 
@@ -837,7 +846,7 @@ def pair_weights(
       >>> import jax.numpy as jnp
       >>> from sdjax.losses import pair_weights
       >>> labels = jnp.array([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
-      >>> pair_weights(labels).round(4).tolist()  # 2/3 * 1/3, and back 2/4 * 1/2
+      >>> [[round(float(w), 4) for w in row] for row in pair_weights(labels)]  # 2/3*1/3, 2/4*1/2
       [[0.0, 0.2222], [0.25, 0.0]]
     """
     if not isinstance(num_views, int) or num_views < 1:
@@ -934,3 +943,61 @@ def labels_from_indices(label_indices: jax.Array, num_classes: int) -> jax.Array
         raise ValueError(f"`num_classes`: got {num_classes!r}, expected an int >= 1.")
     one_hot = jax.nn.one_hot(label_indices, num_classes, dtype=jnp.float32)  # -1 -> all zeros
     return jnp.max(one_hot, axis=1)
+
+
+def make_sharded_loss(
+    mesh: jax.sharding.Mesh, axis_name: Hashable = "data", **loss_kwargs: Any
+) -> Any:
+    """The loss over a batch sharded along `axis_name` of `mesh`: the one right way to scale out.
+
+    Wraps `multilabel_supcon_loss(..., axis_name=axis_name)` in `jax.shard_map`. Call the result
+    on global arrays (under `jit`) and take `jax.grad` outside it, around your whole model: the
+    gradient is then exactly the single-device gradient on the global batch, with no psum or
+    pmean of yours to get wrong.
+
+    Args:
+      mesh: a mesh whose axis `axis_name` splits the batch. The batch size must divide evenly;
+        pad uneven batches and mark the padding False in `sample_mask`.
+      axis_name: the batch axis of `mesh`.
+      **loss_kwargs: keyword arguments of `multilabel_supcon_loss`, except `axis_name`.
+
+    Returns:
+      `loss(features, labels, sample_mask=None) -> scalar`, replicated.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from sdjax.losses import make_sharded_loss
+      >>> mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> loss_fn = make_sharded_loss(mesh, positives="sd")
+      >>> features = jnp.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+      >>> labels = jnp.array([[1, 1, 0], [1, 0, 0], [0, 0, 1]])
+      >>> round(float(jax.jit(loss_fn)(features, labels)), 4)
+      0.014
+    """
+    if "axis_name" in loss_kwargs:
+        raise ValueError("`axis_name`: pass it as make_sharded_loss's own argument.")
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"`axis_name`: got {axis_name!r}, expected one of {mesh.axis_names}.")
+    batch = jax.sharding.PartitionSpec(axis_name)
+
+    def loss_fn(features, labels, sample_mask=None):
+        if sample_mask is None:
+            sample_mask = jnp.ones((np.shape(features)[0],), bool)
+        num_shards = mesh.shape[axis_name]
+        if np.shape(features)[0] % num_shards:
+            raise ValueError(
+                f"`features`: got {np.shape(features)[0]} samples, expected a multiple of the "
+                f"{num_shards} shards of mesh axis {axis_name!r}; pad the batch and mark the "
+                "padding False in `sample_mask`."
+            )
+        per_shard = jax.shard_map(
+            lambda f, y, m: multilabel_supcon_loss(
+                f, y, sample_mask=m, axis_name=axis_name, **loss_kwargs
+            ),
+            mesh=mesh,
+            in_specs=(batch, batch, batch),
+            out_specs=jax.sharding.PartitionSpec(),
+        )
+        return per_shard(features, labels, sample_mask)
+
+    return loss_fn
