@@ -10,9 +10,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import multiprocess_worker  # the loopback workers' batch, shared with the reference
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from sdjax import losses
@@ -186,8 +187,6 @@ def test_two_processes_over_loopback_match_single_process(tmp_path):
             pytest.fail("a worker of the 2-process run did not finish within 120 s")
     for worker, output in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, output[-3000:]
-
-    import multiprocess_worker  # noqa: PLC0415 (shares the batch definition)
 
     features, labels, mask = multiprocess_worker.global_batch()
     for positives in multiprocess_worker.POSITIVES_CHECKED:
