@@ -1,0 +1,63 @@
+"""S-D contrastive pre-training of a small ResNet on MNIST mosaics, then linear evaluation.
+
+The README's main command. On a 2-core CPU it finishes in under 10 minutes.
+
+COMMAND:
+  python -m sdjax.main --config configs/default.py --workdir workdirs/default
+  # any field can be overridden, e.g. a baseline loss:
+  python -m sdjax.main --config configs/default.py --workdir workdirs/any \
+      --config.loss.positives=any
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    # "contrastive": stage 1 trains encoder + projection head with `loss`;
+    # "bce": stage 1 trains encoder + linear head with sigmoid BCE (the supervised baseline).
+    config.method = "contrastive"
+
+    config.dataset = ml_collections.ConfigDict()
+    config.dataset.name = "mnist_mosaic"
+    config.dataset.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/.cache/sdjax/tensorflow_datasets
+
+    config.model = ml_collections.ConfigDict()
+    config.model.encoder = ml_collections.ConfigDict()
+    config.model.encoder.name = "resnet"
+    config.model.encoder.stage_sizes = [1, 1]
+    config.model.encoder.width = 16
+    config.model.encoder.in_channels = 1
+    config.model.projection_hidden_dim = 128
+    config.model.projection_dim = 64
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.positives = "sd"
+    config.loss.temperature = 0.1
+    config.loss.jaccard_threshold = 0.5
+    config.loss.block_size = 0  # 0 = automatic
+
+    config.num_views = 2
+    config.batch_size = 256  # global, split over all devices of all hosts
+    config.num_train_steps = 600
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 3e-3
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.warmup_steps = 50
+
+    config.linear_eval = ml_collections.ConfigDict()
+    config.linear_eval.num_steps = 1000
+    config.linear_eval.batch_size = 512
+    config.linear_eval.learning_rate = 1e-2
+    config.linear_eval.weight_decay = 1e-5
+    config.linear_eval.random_init_baseline = True  # also probe a randomly initialised encoder
+
+    config.eval_batch_size = 512
+    config.log_every_steps = 25
+    config.checkpoint_every_steps = 100
+    config.max_checkpoints_to_keep = 3
+    # jax.distributed.initialize() before anything else (multi-host runs).
+    config.distributed = False
+    return config

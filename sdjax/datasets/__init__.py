@@ -1,0 +1,1 @@
+"""Dataset builders that need no network: tfds builders over data that ships in packages."""

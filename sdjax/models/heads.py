@@ -1,0 +1,28 @@
+"""The projection head (to a normalised embedding) and the linear multi-label classifier."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class ProjectionHead(nnx.Module):
+    """[B, in_features] -> [B, embed_dim] unit vectors: Linear, ReLU, Linear, L2 normalise."""
+
+    def __init__(self, in_features: int, hidden_dim: int, embed_dim: int, *, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(in_features, hidden_dim, rngs=rngs)
+        self.output = nnx.Linear(hidden_dim, embed_dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.output(nnx.relu(self.hidden(x)))
+        squared_norm = jnp.sum(y * y, axis=-1, keepdims=True)
+        return y * jax.lax.rsqrt(jnp.maximum(squared_norm, 1e-24))
+
+
+class LinearClassifier(nnx.Module):
+    """[B, in_features] -> [B, num_classes] logits for sigmoid BCE."""
+
+    def __init__(self, in_features: int, num_classes: int, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(in_features, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear(x)

@@ -1,0 +1,86 @@
+"""A ResNet encoder family for NHWC images."""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _group_norm(channels: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
+    # GroupNorm, not BatchNorm: no batch statistics, so a step is a pure function of the
+    # parameters and results do not depend on how the batch is split over devices.
+    return nnx.GroupNorm(channels, num_groups=min(8, channels), rngs=rngs)
+
+
+class BasicBlock(nnx.Module):
+    """Two 3x3 convolutions with a residual connection (projected when the shape changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(
+            in_channels, out_channels, (3, 3), strides=stride, use_bias=False, rngs=rngs
+        )
+        self.norm1 = _group_norm(out_channels, rngs)
+        self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), use_bias=False, rngs=rngs)
+        self.norm2 = _group_norm(out_channels, rngs)
+        self.shortcut = nnx.data(None)
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nnx.Conv(
+                in_channels, out_channels, (1, 1), strides=stride, use_bias=False, rngs=rngs
+            )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        residual = x if self.shortcut is None else self.shortcut(x)
+        y = nnx.relu(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        return nnx.relu(y + residual)
+
+
+class ResNetEncoder(nnx.Module):
+    """[B, H, W, C] images -> [B, features_dim] features.
+
+    `stage_sizes` gives the blocks per stage (e.g. (2, 2, 2, 2) is the ResNet-18 shape); every
+    stage after the first halves the resolution and doubles the width. The stem is a
+    `stem_stride` x `stem_stride` convolution with that stride (a patchify stem): 1 keeps full
+    resolution, 4 makes the small networks fast on a CPU.
+    """
+
+    def __init__(
+        self,
+        stage_sizes: Sequence[int] = (1, 1),
+        width: int = 16,
+        in_channels: int = 1,
+        stem_stride: int = 4,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        if not stage_sizes or any(int(n) < 1 for n in stage_sizes):
+            raise ValueError(
+                f"config.model.encoder.stage_sizes: got {stage_sizes!r}, "
+                "expected a non-empty list of ints >= 1."
+            )
+        if min(width, in_channels, stem_stride) < 1:
+            raise ValueError(
+                "config.model.encoder.width/in_channels/stem_stride: got "
+                f"{width}/{in_channels}/{stem_stride}, expected ints >= 1."
+            )
+        stem_kernel = (max(3, stem_stride),) * 2 if stem_stride == 1 else (stem_stride,) * 2
+        self.stem = nnx.Conv(
+            in_channels, width, stem_kernel, strides=stem_stride, use_bias=False, rngs=rngs
+        )
+        self.stem_norm = _group_norm(width, rngs)
+        blocks, channels = [], width
+        for stage, num_blocks in enumerate(stage_sizes):
+            out_channels = width * 2**stage
+            for block in range(num_blocks):
+                stride = 2 if stage > 0 and block == 0 else 1
+                blocks.append(BasicBlock(channels, out_channels, stride, rngs=rngs))
+                channels = out_channels
+        self.blocks = nnx.List(blocks)
+        self.features_dim = channels
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = nnx.relu(self.stem_norm(self.stem(images)))
+        for block in self.blocks:
+            x = block(x)
+        return jnp.mean(x, axis=(1, 2))
