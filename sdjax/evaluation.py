@@ -36,14 +36,13 @@ def multilabel_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float 
     predictions = (scores >= threshold).astype(np.int64)
     positives_per_class = labels.sum(axis=0)
     scored = (positives_per_class > 0) & (positives_per_class < labels.shape[0])
+    scored_labels, scored_scores = labels[:, scored], scores[:, scored]
     result = {
         "micro_f1": metrics.f1_score(labels, predictions, average="micro", zero_division=0),
         "macro_f1": metrics.f1_score(labels, predictions, average="macro", zero_division=0),
-        "mAP": metrics.average_precision_score(
-            labels[:, scored], scores[:, scored], average="macro"
-        ),
-        "micro_auc": metrics.roc_auc_score(labels[:, scored], scores[:, scored], average="micro"),
-        "macro_auc": metrics.roc_auc_score(labels[:, scored], scores[:, scored], average="macro"),
+        "mAP": metrics.average_precision_score(scored_labels, scored_scores, average="macro"),
+        "micro_auc": metrics.roc_auc_score(scored_labels, scored_scores, average="micro"),
+        "macro_auc": metrics.roc_auc_score(scored_labels, scored_scores, average="macro"),
         "num_scored_classes": int(scored.sum()),
     }
     for k in (1, 3):

@@ -35,7 +35,7 @@ def source_indices(classes: np.ndarray, split: str, seed: int) -> np.ndarray:
     chosen = []
     for digit in range(NUM_CLASSES):
         members = rng.permutation(np.flatnonzero(classes == digit))
-        cut = int(round(SOURCE_TRAIN_FRACTION * len(members)))
+        cut = round(SOURCE_TRAIN_FRACTION * len(members))
         chosen.append(members[:cut] if split == "train" else members[cut:])
     return np.sort(np.concatenate(chosen))
 
@@ -82,7 +82,7 @@ class MnistMosaicConfig(tfds.core.BuilderConfig):
 class MnistMosaic(tfds.core.GeneratorBasedBuilder):
     """tfds builder for MNIST mosaics; `download_and_prepare` needs no network."""
 
-    BUILDER_CONFIGS = [
+    BUILDER_CONFIGS = [  # noqa: RUF012 (tfds declares it as a list)
         MnistMosaicConfig(name="default", num_train=10_000, num_test=2_000),
         MnistMosaicConfig(name="tiny", num_train=256, num_test=256),
     ]
