@@ -47,7 +47,8 @@ def load_split(name: str, split: str, *, data_dir: str = "") -> dict[str, np.nda
     if split not in builder.info.splits:
         raise ValueError(f"`split`: got {split!r}, expected one of {list(builder.info.splits)}.")
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    return {"image": arrays["image"], "labels": arrays["labels"].astype(np.float32)}
+    order = np.argsort(arrays["index"]) if "index" in arrays else slice(None)
+    return {"image": arrays["image"][order], "labels": arrays["labels"][order].astype(np.float32)}
 
 
 def batch_indices(

@@ -1,0 +1,80 @@
+"""Flax NNX encoders and heads: shapes, normalisation, errors, and a training step."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from sdjax import models
+
+
+def encoder_config(**fields):
+    return ml_collections.ConfigDict(fields)
+
+
+def test_resnet_family_shapes_and_determinism():
+    for stage_sizes, width, dim in [((1,), 8, 8), ((1, 1), 16, 32), ((2, 1, 1), 8, 32)]:
+        config = encoder_config(name="resnet", stage_sizes=stage_sizes, width=width, in_channels=1)
+        encoder = models.create_encoder(config, rngs=nnx.Rngs(0))
+        features = encoder(jnp.ones((3, 56, 56, 1)))
+        assert features.shape == (3, dim) == (3, encoder.features_dim)
+        again = models.create_encoder(config, rngs=nnx.Rngs(0))(jnp.ones((3, 56, 56, 1)))
+        np.testing.assert_array_equal(features, again)
+
+
+def test_mlp_encoder_and_heads():
+    config = encoder_config(name="mlp", in_features=103, hidden_sizes=[64, 32], dropout_rate=0.1)
+    encoder = models.create_encoder(config, rngs=nnx.Rngs(0))
+    head = models.ProjectionHead(encoder.features_dim, 16, 8, rngs=nnx.Rngs(1))
+    model = models.ContrastiveModel(encoder, head)
+    x = jax.random.normal(jax.random.key(0), (5, 103))
+    embeddings = model(x)
+    assert embeddings.shape == (5, 8) and model.encode(x).shape == (5, 32)
+    np.testing.assert_allclose(jnp.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    zero = head(jnp.zeros((2, 32)))
+    assert np.all(np.isfinite(zero))
+    assert models.LinearClassifier(32, 14, rngs=nnx.Rngs(0))(jnp.ones((4, 32))).shape == (4, 14)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(name="vit"), "config.model.encoder.name: got 'vit'"),
+        (dict(name="resnet", stage_sizes=[], width=8, in_channels=1), "stage_sizes: got"),
+        (dict(name="mlp", in_features=0, hidden_sizes=[4]), "in_features=0"),
+    ],
+)
+def test_bad_encoder_configs_name_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        models.create_encoder(encoder_config(**fields), rngs=nnx.Rngs(0))
+
+
+def test_a_training_step_reduces_a_loss_and_state_round_trips():
+    config = encoder_config(name="resnet", stage_sizes=[1], width=8, in_channels=1)
+    encoder = models.create_encoder(config, rngs=nnx.Rngs(0))
+    model = models.ContrastiveModel(
+        encoder, models.LinearClassifier(encoder.features_dim, 3, rngs=nnx.Rngs(1))
+    )
+    x = jax.random.uniform(jax.random.key(1), (16, 28, 28, 1))
+    y = (jax.random.uniform(jax.random.key(2), (16, 3)) < 0.5).astype(jnp.float32)
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss_fn(model):
+            return optax.sigmoid_binary_cross_entropy(model(x), y).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer)) for _ in range(15)]
+    assert losses[-1] < losses[0] - 0.05, losses
+    graph, state = nnx.split(model)
+    rebuilt = nnx.merge(graph, state)
+    np.testing.assert_array_equal(rebuilt(x), model(x))
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert set(pure) == {"encoder", "head"}

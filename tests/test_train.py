@@ -1,0 +1,227 @@
+"""The trainer end to end on configs/tiny.py: outputs, resume, configs, data parallelism."""
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl import flags
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_flags
+
+from sdjax import input_pipeline, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(name="tiny"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tfds")
+    input_pipeline.load_split("mnist_mosaic_tiny", "train", data_dir=str(path))  # build once
+    return str(path)
+
+
+def tiny_config(data_dir, **overrides):
+    config = load_config()
+    config.dataset.data_dir = data_dir
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def test_tiny_run_trains_and_writes_its_outputs(data_dir, tmp_path):
+    results = train.train_and_evaluate(tiny_config(data_dir), tmp_path)
+
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    losses = [entry["train_loss"] for entry in history]
+    assert [entry["step"] for entry in history] == [2, 4, 6, 8, 10, 12]
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+    for probe in ("linear_eval", "random_init"):
+        metrics = results[probe]
+        assert set(metrics) >= {"micro_f1", "macro_f1", "mAP", "micro_auc", "macro_auc"}
+        assert all(np.isfinite(v) for v in metrics.values()), metrics
+        assert 0 <= metrics["mAP"] <= 1 and 0 <= metrics["macro_auc"] <= 1
+    assert results["num_devices"] == 8  # the conftest's fake devices: data parallel
+    assert (
+        json.loads((tmp_path / "results.json").read_text())["linear_eval"] == results["linear_eval"]
+    )
+    assert (tmp_path / "training_curves.png").stat().st_size > 1000
+    assert list(tmp_path.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert (
+        sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1]
+        == 12
+    )
+
+
+def test_bce_baseline_runs_through_the_same_trainer(data_dir, tmp_path):
+    results = train.train_and_evaluate(
+        tiny_config(data_dir, method="bce", **{"linear_eval.random_init_baseline": False}),
+        tmp_path,
+    )
+    assert np.isfinite(results["final_train_loss"]) and "random_init" not in results
+    assert np.isfinite(results["linear_eval"]["mAP"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"loss.positives": "supcon"}, "config.loss.positives: got 'supcon'"),
+        ({"method": "simclr"}, "config.method: got 'simclr'"),
+        ({"batch_size": 12}, "config.batch_size: got 12, expected a positive multiple of the 8"),
+        ({"dataset.name": "imagenet"}, "config.dataset.name: got 'imagenet'"),
+        ({"loss.temperature": 0.0}, "config.loss.temperature: got 0.0"),
+        ({"num_train_steps": 0}, "config.num_train_steps: got 0"),
+    ],
+)
+def test_bad_configs_fail_before_compiling(data_dir, overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train.check_config(tiny_config(data_dir, **overrides))
+
+
+def test_command_line_overrides_reach_the_config():
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values)
+    flag_values(
+        [
+            "prog",
+            f"--config={REPO / 'configs' / 'tiny.py'}",
+            "--config.loss.positives=any",
+            "--config.loss.temperature=0.2",
+            "--config.model.encoder.stage_sizes=(2,1)",
+        ]
+    )
+    config = flag_values.config
+    assert config.loss.positives == "any" and config.loss.temperature == 0.2
+    assert tuple(config.model.encoder.stage_sizes) == (2, 1)
+    assert config.batch_size == load_config().batch_size  # the rest is the file's
+
+
+def run_main(workdir, data_dir, *extra, wait=True):
+    command = [
+        sys.executable,
+        "-m",
+        "sdjax.main",
+        f"--config={REPO / 'configs' / 'tiny.py'}",
+        f"--workdir={workdir}",
+        f"--config.dataset.data_dir={data_dir}",
+        *extra,
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    if wait:
+        output = process.communicate(timeout=300)[0]
+        return process.returncode, output
+    return process
+
+
+def test_bad_config_on_the_command_line_exits_with_a_clear_message(data_dir, tmp_path):
+    code, output = run_main(tmp_path, data_dir, "--config.loss.positives=bogus")
+    assert code == 2, output[-2000:]
+    assert "Bad config: config.loss.positives: got 'bogus', expected one of" in output
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def wait_for_checkpoint(workdir, step, process, timeout=240):
+    deadline = time.time() + timeout
+    target = Path(workdir) / "checkpoints" / str(step)
+    while not target.exists():
+        if process.poll() is not None:
+            pytest.fail(f"run ended before checkpoint {step}: {process.stdout.read()[-3000:]}")
+        if time.time() > deadline:
+            process.kill()
+            pytest.fail(f"no checkpoint {step} after {timeout} s")
+        time.sleep(0.05)
+
+
+def test_kill_and_sigterm_then_resume_give_identical_results(data_dir, tmp_path):
+    code, output = run_main(tmp_path / "straight", data_dir)
+    assert code == 0, output[-3000:]
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+
+    workdir = tmp_path / "interrupted"
+    process = run_main(workdir, data_dir, wait=False)
+    wait_for_checkpoint(workdir, 4, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+    process = run_main(workdir, data_dir, wait=False)
+    wait_for_checkpoint(workdir, 8, process)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert "SIGTERM: saved the checkpoint at step" in output
+    assert not (workdir / "results.json").exists()
+
+    code, output = run_main(workdir, data_dir)
+    assert code == 0, output[-3000:]
+    resumed = json.loads((workdir / "results.json").read_text())
+    assert resumed["resumed_from_step"] >= 8
+    assert resumed["linear_eval"] == straight["linear_eval"]
+    assert resumed["final_train_loss"] == straight["final_train_loss"]
+    history = [json.loads(line) for line in (workdir / "history.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in history] == [2, 4, 6, 8, 10, 12]
+
+
+def test_data_parallel_step_matches_single_device(data_dir):
+    config = tiny_config(data_dir)
+    batch = input_pipeline.load_split(config.dataset.name, "train", data_dir=data_dir)
+    images = input_pipeline.to_float(batch["image"][:32])
+    labels = batch["labels"][:32]
+
+    def one_step(num_devices):
+        mesh = jax.make_mesh(
+            (num_devices,),
+            (train.BATCH_AXIS,),
+            axis_types=(jax.sharding.AxisType.Auto,),
+            devices=jax.devices()[:num_devices],
+        )
+        model = train.create_model(config, labels.shape[1], config.seed)
+        optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+        nnx.update(model, train.replicate(nnx.state(model), mesh))
+        nnx.update(optimizer, train.replicate(nnx.state(optimizer), mesh))
+        sharding = NamedSharding(mesh, P(train.BATCH_AXIS))
+        loss = train.make_train_step(config, mesh)(
+            model,
+            optimizer,
+            jax.device_put(images, sharding),
+            jax.device_put(labels, sharding),
+            jnp.int32(3),
+        )
+        return float(loss), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    single_loss, single_params = one_step(1)
+    parallel_loss, parallel_params = one_step(4)
+    np.testing.assert_allclose(parallel_loss, single_loss, rtol=1e-5)
+    initial = nnx.to_pure_dict(
+        nnx.state(train.create_model(config, labels.shape[1], config.seed), nnx.Param)
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        parallel_params,
+        single_params,
+    )
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), single_params, initial)
+    assert max(jax.tree.leaves(moved)) > 1e-3  # the step did update the parameters
