@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.num_views = 2
     config.batch_size = 256  # global, split over all devices of all hosts
-    config.num_train_steps = 600
+    config.num_train_steps = 400
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 3e-3
