@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -240,7 +241,7 @@ def check_targets(results) -> list[str]:
             verdict = "PASS" if rss <= limit else "FAIL"
             targets.append(f"N={n}: sdjax peak RSS {rss:.0f} MB (<= {limit} MB): {verdict}")
     sizes = sorted(n for impl, n in ok if impl == "sdjax")
-    for small, large in zip(sizes, sizes[1:], strict=False):
+    for small, large in itertools.pairwise(sizes):
         growth = ok[("sdjax", large)]["median_s"] / ok[("sdjax", small)]["median_s"]
         bound = (large / small) ** 2
         verdict = "PASS" if growth <= bound * 1.1 else "FAIL"
