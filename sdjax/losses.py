@@ -221,7 +221,7 @@ def validate_inputs(features, labels, *, sample_mask=None, label_weights=None) -
     bad = np.argwhere(~np.isfinite(features))
     if bad.size:
         raise ValueError(
-            f"`features`: got a non-finite value {features[tuple(bad[0])]} at index "
+            f"`features`: got a non-finite value {features[tuple(bad[0])].item()} at index "
             f"{tuple(bad[0].tolist())}, expected finite values."
         )
     labels = np.asarray(labels)
@@ -229,7 +229,8 @@ def validate_inputs(features, labels, *, sample_mask=None, label_weights=None) -
         bad = np.argwhere((labels != 0) & (labels != 1))
         if bad.size:
             raise ValueError(
-                f"`labels`: got {labels[tuple(bad[0])]!r} at index {tuple(bad[0].tolist())}, "
+                f"`labels`: got {labels[tuple(bad[0])].item()!r} at index "
+                f"{tuple(bad[0].tolist())}, "
                 "expected multi-hot values in {0, 1}."
             )
     else:
@@ -296,7 +297,8 @@ def _label_weight_block(
             per_class_positives > 0, anchors.values / jnp.maximum(per_class_positives, 1.0), 0.0
         )
         weights = jnp.dot(row_scale, candidates.values.T, precision=_EXACT) * contrast
-        num_rows = jnp.sum(anchors.values * (per_class_positives > 0), axis=1)
+        # Padding anchors have no rows: their weights are already masked by `contrast`.
+        num_rows = jnp.sum(anchors.values * (per_class_positives > 0), axis=1) * anchor_valid
         return weights, weights > 0, num_rows
 
     shared = anchors.intersection(candidates, weighted=False)
