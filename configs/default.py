@@ -26,9 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.encoder = ml_collections.ConfigDict()
     config.model.encoder.name = "resnet"
-    config.model.encoder.stage_sizes = [1, 1]
+    config.model.encoder.stage_sizes = (1, 1)
     config.model.encoder.width = 16
     config.model.encoder.in_channels = 1
+    config.model.encoder.stem_stride = 4  # patchify stem: 56x56 -> 14x14
     config.model.projection_hidden_dim = 128
     config.model.projection_dim = 64
 

@@ -113,8 +113,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int)
     return models.ContrastiveModel(encoder, head)
 
 
-def make_train_step(config, mesh) -> Callable:
-    """One stage-1 step on a global batch sharded over `mesh`."""
+def make_stage1_loss(config, mesh) -> Callable:
+    """`loss(model, images, labels, step)`: the stage-1 loss of a global batch on `mesh`."""
     base_key = jax.random.key(config.seed)
     num_views = config.num_views if config.method == "contrastive" else 1
     sharded_loss = losses.make_sharded_loss(
@@ -126,22 +126,26 @@ def make_train_step(config, mesh) -> Callable:
         block_size=config.loss.block_size or None,
     )
 
-    @nnx.jit
-    def train_step(model, optimizer, images, labels, step):
+    def loss_fn(model, images, labels, step):
         # Augmentations depend on (seed, step) only, so a resumed run sees the same views.
         views = input_pipeline.augment_views(
             jax.random.fold_in(base_key, step), images, num_views=num_views
         )
-        flat_views = views.reshape((-1, *views.shape[2:]))
+        outputs = model(views.reshape((-1, *views.shape[2:])))
+        if config.method == "bce":
+            return optax.sigmoid_binary_cross_entropy(outputs, labels).mean()
+        return sharded_loss(outputs.reshape((views.shape[0], num_views, -1)), labels)
 
-        def loss_fn(model):
-            outputs = model(flat_views)
-            if config.method == "bce":
-                return optax.sigmoid_binary_cross_entropy(outputs, labels).mean()
-            embeddings = outputs.reshape((views.shape[0], num_views, -1))
-            return sharded_loss(embeddings, labels)
+    return loss_fn
 
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
+
+def make_train_step(config, mesh) -> Callable:
+    """One stage-1 step on a global batch sharded over `mesh`."""
+    loss_fn = make_stage1_loss(config, mesh)
+
+    @nnx.jit
+    def train_step(model, optimizer, images, labels, step):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, images, labels, step)
         optimizer.update(model, grads)
         return loss
 
@@ -402,11 +406,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "final_train_loss": history[-1]["train_loss"] if history else None,
     }
     stage2_start = time.time()
+    # The stage-1 loss on a fixed held-out batch, before (the seed's initial model) and after.
+    heldout_loss = nnx.jit(make_stage1_loss(config, mesh))
+    heldout = min(config.batch_size, len(test["labels"]) // jax.device_count() * jax.device_count())
+    heldout_batch = (
+        jax.device_put(
+            input_pipeline.to_float(test["image"][:heldout]), NamedSharding(mesh, P(BATCH_AXIS))
+        ),
+        jax.device_put(test["labels"][:heldout], NamedSharding(mesh, P(BATCH_AXIS))),
+    )
+    initial_model = create_model(config, num_classes, config.seed)
+    nnx.update(initial_model, replicate(nnx.state(initial_model), mesh))
+    results["heldout_stage1_loss"] = {
+        "initial": float(heldout_loss(initial_model, *heldout_batch, -1)),
+        "final": float(heldout_loss(model, *heldout_batch, -1)),
+    }
     probes = {"linear_eval": model}
     if config.linear_eval.random_init_baseline:
-        random_model = create_model(config, num_classes, config.seed)
-        nnx.update(random_model, replicate(nnx.state(random_model), mesh))
-        probes["random_init"] = random_model
+        probes["random_init"] = initial_model
     for name, probed_model in probes.items():
         train_features = encode_all(probed_model, train["image"], config.eval_batch_size, mesh)
         test_features = encode_all(probed_model, test["image"], config.eval_batch_size, mesh)

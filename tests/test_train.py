@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from sdjax import input_pipeline, train
 
 REPO = Path(__file__).resolve().parents[1]
+LARGE_STEP = 1000.0  # SGD rate that makes one step's update large enough to compare
 
 
 def load_config(name="tiny"):
@@ -55,9 +56,11 @@ def test_tiny_run_trains_and_writes_its_outputs(data_dir, tmp_path):
 
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     losses = [entry["train_loss"] for entry in history]
-    assert [entry["step"] for entry in history] == [2, 4, 6, 8, 10, 12]
+    assert [entry["step"] for entry in history] == [4, 8, 12, 16, 20, 24]
     assert np.all(np.isfinite(losses))
-    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+    # The same held-out batch and views before and after: deterministic, unlike batch losses.
+    heldout = results["heldout_stage1_loss"]
+    assert heldout["final"] < heldout["initial"] - 0.01, heldout
     for probe in ("linear_eval", "random_init"):
         metrics = results[probe]
         assert set(metrics) >= {"micro_f1", "macro_f1", "mAP", "micro_auc", "macro_auc"}
@@ -71,7 +74,7 @@ def test_tiny_run_trains_and_writes_its_outputs(data_dir, tmp_path):
     assert list(tmp_path.glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert (
         sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1]
-        == 12
+        == 24
     )
 
 
@@ -101,17 +104,16 @@ def test_bad_configs_fail_before_compiling(data_dir, overrides, message):
 
 
 def test_command_line_overrides_reach_the_config():
+    argv = [
+        "prog",
+        f"--config={REPO / 'configs' / 'tiny.py'}",
+        "--config.loss.positives=any",
+        "--config.loss.temperature=0.2",
+        "--config.model.encoder.stage_sizes=(2,1)",
+    ]
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", flag_values=flag_values)
-    flag_values(
-        [
-            "prog",
-            f"--config={REPO / 'configs' / 'tiny.py'}",
-            "--config.loss.positives=any",
-            "--config.loss.temperature=0.2",
-            "--config.model.encoder.stage_sizes=(2,1)",
-        ]
-    )
+    config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
     config = flag_values.config
     assert config.loss.positives == "any" and config.loss.temperature == 0.2
     assert tuple(config.model.encoder.stage_sizes) == (2, 1)
@@ -163,12 +165,12 @@ def test_kill_and_sigterm_then_resume_give_identical_results(data_dir, tmp_path)
 
     workdir = tmp_path / "interrupted"
     process = run_main(workdir, data_dir, wait=False)
-    wait_for_checkpoint(workdir, 4, process)
+    wait_for_checkpoint(workdir, 8, process)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
 
     process = run_main(workdir, data_dir, wait=False)
-    wait_for_checkpoint(workdir, 8, process)
+    wait_for_checkpoint(workdir, 16, process)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output[-3000:]
@@ -178,11 +180,12 @@ def test_kill_and_sigterm_then_resume_give_identical_results(data_dir, tmp_path)
     code, output = run_main(workdir, data_dir)
     assert code == 0, output[-3000:]
     resumed = json.loads((workdir / "results.json").read_text())
-    assert resumed["resumed_from_step"] >= 8
+    assert resumed["resumed_from_step"] >= 16
     assert resumed["linear_eval"] == straight["linear_eval"]
     assert resumed["final_train_loss"] == straight["final_train_loss"]
+    assert resumed["heldout_stage1_loss"] == straight["heldout_stage1_loss"]
     history = [json.loads(line) for line in (workdir / "history.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in history] == [2, 4, 6, 8, 10, 12]
+    assert [entry["step"] for entry in history] == [4, 8, 12, 16, 20, 24]
 
 
 def test_data_parallel_step_matches_single_device(data_dir):
@@ -199,7 +202,7 @@ def test_data_parallel_step_matches_single_device(data_dir):
             devices=jax.devices()[:num_devices],
         )
         model = train.create_model(config, labels.shape[1], config.seed)
-        optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+        optimizer = nnx.Optimizer(model, optax.sgd(LARGE_STEP), wrt=nnx.Param)
         nnx.update(model, train.replicate(nnx.state(model), mesh))
         nnx.update(optimizer, train.replicate(nnx.state(optimizer), mesh))
         sharding = NamedSharding(mesh, P(train.BATCH_AXIS))
@@ -212,16 +215,19 @@ def test_data_parallel_step_matches_single_device(data_dir):
         )
         return float(loss), nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
-    single_loss, single_params = one_step(1)
-    parallel_loss, parallel_params = one_step(4)
-    np.testing.assert_allclose(parallel_loss, single_loss, rtol=1e-5)
     initial = nnx.to_pure_dict(
         nnx.state(train.create_model(config, labels.shape[1], config.seed), nnx.Param)
     )
+    single_loss, single_params = one_step(1)
+    parallel_loss, parallel_params = one_step(4)
+    np.testing.assert_allclose(parallel_loss, single_loss, rtol=1e-5)
+    # Compare the updates (the gradient, scaled), not the parameters they barely move.
+    single_update = jax.tree.map(np.subtract, single_params, initial)
+    parallel_update = jax.tree.map(np.subtract, parallel_params, initial)
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-        parallel_params,
-        single_params,
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
+        parallel_update,
+        single_update,
     )
-    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), single_params, initial)
-    assert max(jax.tree.leaves(moved)) > 1e-3  # the step did update the parameters
+    largest = max(float(np.abs(u).max()) for u in jax.tree.leaves(single_update))
+    assert largest > 0.1  # the step did move the parameters
