@@ -2,6 +2,8 @@
 
 import itertools
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -357,3 +359,12 @@ def test_labels_from_indices():
     np.testing.assert_array_equal(losses.labels_from_indices(indices, 5), want)
     with pytest.raises(ValueError, match="`label_indices`: got shape"):
         losses.labels_from_indices(np.zeros(3, np.int32), 5)
+
+
+def test_the_core_imports_only_jax_and_numpy():
+    heavy = ["flax", "optax", "tensorflow", "tensorflow_datasets", "torch", "orbax", "clu"]
+    code = f"import sys, sdjax.losses; print([m for m in {heavy!r} if m in sys.modules])"
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert output.stdout.strip() == "[]", output.stdout
