@@ -277,7 +277,7 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
     steps = [entry["step"] for entry in history]
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
     ax_loss.plot(steps, [entry["train_loss"] for entry in history])
-    ax_loss.set(xlabel="step", ylabel="training loss", title=title)
+    ax_loss.set(xlabel="step", ylabel="training loss (interval mean)", title=title)
     ax_lr.plot(steps, [entry["learning_rate"] for entry in history])
     ax_lr.set(xlabel="step", ylabel="learning rate", title="schedule")
     fig.tight_layout()
@@ -353,6 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     try:
         stage1_start = time.time()
+        interval_losses = []
         for step in range(start_step, config.num_train_steps):
             indices = input_pipeline.batch_indices(
                 len(train["labels"]),
@@ -364,13 +365,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             )
             images = shard_host_batch(input_pipeline.to_float(train["image"][indices]), mesh)
             labels = shard_host_batch(train["labels"][indices], mesh)
-            loss = train_step(model, optimizer, images, labels, step)
+            interval_losses.append(train_step(model, optimizer, images, labels, step))
             done = step + 1
             report_progress(done)
             if done % config.log_every_steps == 0 or done == config.num_train_steps:
+                # The mean over the interval: single batch losses are too noisy to read.
                 entry = {
                     "step": done,
-                    "train_loss": float(loss),
+                    "train_loss": float(np.mean(jax.device_get(interval_losses))),
                     "learning_rate": float(schedule(step)),
                 }
                 if not np.isfinite(entry["train_loss"]):
@@ -381,6 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 with history_path.open("a") as history_file:
                     history_file.write(json.dumps(entry) + "\n")
                 history.append(entry)
+                interval_losses = []
             manager.save(
                 done,
                 args=ocp.args.StandardSave(training_state(model, optimizer)),
