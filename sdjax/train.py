@@ -16,6 +16,7 @@ an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -70,15 +71,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         fail("dataset.name", config.dataset.name, f"one of {sorted(input_pipeline.DATASETS)}")
     if config.num_views < 1:
         fail("num_views", config.num_views, "an int >= 1")
-    for field in ("num_train_steps", "linear_eval.num_steps", "checkpoint_every_steps"):
-        value = config[field] if "." not in field else config.linear_eval.num_steps
+    for field in (
+        "num_train_steps",
+        "checkpoint_every_steps",
+        "linear_eval.num_steps",
+        "linear_eval.batch_size",
+    ):
+        value = functools.reduce(lambda node, key: node[key], field.split("."), config)
         if value < 1:
             fail(field, value, "an int >= 1")
     num_devices, num_processes = jax.device_count(), jax.process_count()
-    for field in ("batch_size", "eval_batch_size", "linear_eval.batch_size"):
-        value = config.linear_eval.batch_size if field.startswith("linear") else config[field]
-        if value < 1 or value % num_devices:
-            fail(field, value, f"a positive multiple of the {num_devices} devices")
+    for field in ("batch_size", "eval_batch_size"):  # both are split over the devices
+        if config[field] < 1 or config[field] % num_devices:
+            fail(field, config[field], f"a positive multiple of the {num_devices} devices")
     if config.batch_size % num_processes:
         fail("batch_size", config.batch_size, f"a multiple of the {num_processes} processes")
 

@@ -96,6 +96,7 @@ def test_bce_baseline_runs_through_the_same_trainer(data_dir, tmp_path):
         ({"dataset.name": "imagenet"}, "config.dataset.name: got 'imagenet'"),
         ({"loss.temperature": 0.0}, "config.loss.temperature: got 0.0"),
         ({"num_train_steps": 0}, "config.num_train_steps: got 0"),
+        ({"linear_eval.num_steps": 0}, "config.linear_eval.num_steps: got 0"),
     ],
 )
 def test_bad_configs_fail_before_compiling(data_dir, overrides, message):
