@@ -298,12 +298,23 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Runs (or resumes) stage 1 and stage 2 in `workdir`; returns the results dict.
 
+    SIGTERM during stage 1 saves a checkpoint and raises `Preempted`; during stage 2, which takes
+    seconds, the run finishes first.
+
     Raises:
       ValueError: for a bad config, before anything compiles.
       Preempted: after saving a checkpoint, when SIGTERM arrived.
     """
+    stop_requested = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    try:
+        return _train_and_evaluate(config, Path(workdir), stop_requested)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _train_and_evaluate(config, workdir: Path, stop_requested: list) -> dict:
     check_config(config)
-    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
     mesh = jax.make_mesh(
@@ -354,56 +365,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         num_train_steps=config.num_train_steps, writer=writer, every_secs=30
     )
 
-    stop_requested = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
-    try:
-        stage1_start = time.time()
-        interval_losses = []
-        for step in range(start_step, config.num_train_steps):
-            indices = input_pipeline.batch_indices(
-                len(train["labels"]),
-                global_batch_size=config.batch_size,
-                seed=config.seed,
-                step=step,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
+    stage1_start = time.time()
+    interval_losses = []
+    for step in range(start_step, config.num_train_steps):
+        indices = input_pipeline.batch_indices(
+            len(train["labels"]),
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            step=step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        images = shard_host_batch(input_pipeline.to_float(train["image"][indices]), mesh)
+        labels = shard_host_batch(train["labels"][indices], mesh)
+        interval_losses.append(train_step(model, optimizer, images, labels, step))
+        done = step + 1
+        report_progress(done)
+        if done % config.log_every_steps == 0 or done == config.num_train_steps:
+            # The mean over the interval: single batch losses are too noisy to read.
+            entry = {
+                "step": done,
+                "train_loss": float(np.mean(jax.device_get(interval_losses))),
+                "learning_rate": float(schedule(step)),
+            }
+            if not np.isfinite(entry["train_loss"]):
+                raise FloatingPointError(f"training loss is {entry['train_loss']} at step {done}")
+            writer.write_scalars(done, {"train/loss": entry["train_loss"]})
+            with history_path.open("a") as history_file:
+                history_file.write(json.dumps(entry) + "\n")
+            history.append(entry)
+            interval_losses = []
+        manager.save(
+            done,
+            args=ocp.args.StandardSave(training_state(model, optimizer)),
+            force=done == config.num_train_steps or bool(stop_requested),
+        )
+        if stop_requested:
+            manager.wait_until_finished()
+            raise Preempted(
+                f"SIGTERM: saved the checkpoint at step {done} in {workdir / 'checkpoints'}; "
+                "rerun the same command to resume."
             )
-            images = shard_host_batch(input_pipeline.to_float(train["image"][indices]), mesh)
-            labels = shard_host_batch(train["labels"][indices], mesh)
-            interval_losses.append(train_step(model, optimizer, images, labels, step))
-            done = step + 1
-            report_progress(done)
-            if done % config.log_every_steps == 0 or done == config.num_train_steps:
-                # The mean over the interval: single batch losses are too noisy to read.
-                entry = {
-                    "step": done,
-                    "train_loss": float(np.mean(jax.device_get(interval_losses))),
-                    "learning_rate": float(schedule(step)),
-                }
-                if not np.isfinite(entry["train_loss"]):
-                    raise FloatingPointError(
-                        f"training loss is {entry['train_loss']} at step {done}"
-                    )
-                writer.write_scalars(done, {"train/loss": entry["train_loss"]})
-                with history_path.open("a") as history_file:
-                    history_file.write(json.dumps(entry) + "\n")
-                history.append(entry)
-                interval_losses = []
-            manager.save(
-                done,
-                args=ocp.args.StandardSave(training_state(model, optimizer)),
-                force=done == config.num_train_steps or bool(stop_requested),
-            )
-            if stop_requested:
-                manager.wait_until_finished()
-                raise Preempted(
-                    f"SIGTERM: saved the checkpoint at step {done} in {workdir / 'checkpoints'}; "
-                    "rerun the same command to resume."
-                )
-        manager.wait_until_finished()
-        stage1_seconds = time.time() - stage1_start
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+    manager.wait_until_finished()
+    stage1_seconds = time.time() - stage1_start
 
     results = {
         "config": config.to_dict(),
