@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -81,11 +82,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if value < 1:
             fail(field, value, "an int >= 1")
     num_devices, num_processes = jax.device_count(), jax.process_count()
-    for field in ("batch_size", "eval_batch_size"):  # both are split over the devices
+    for field in ("batch_size", "eval_batch_size"):  # both are split over devices and hosts
         if config[field] < 1 or config[field] % num_devices:
             fail(field, config[field], f"a positive multiple of the {num_devices} devices")
-    if config.batch_size % num_processes:
-        fail("batch_size", config.batch_size, f"a multiple of the {num_processes} processes")
+        if config[field] % num_processes:
+            fail(field, config[field], f"a multiple of the {num_processes} processes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,16 +204,23 @@ def shard_host_batch(local_batch: np.ndarray, mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(NamedSharding(mesh, P(BATCH_AXIS)), local_batch)
 
 
+def shard_global_batch(global_batch: np.ndarray, mesh) -> jax.Array:
+    """A global batch that every host holds whole -> sharded, each host giving its slice."""
+    per_host = len(global_batch) // jax.process_count()
+    start = jax.process_index() * per_host
+    return shard_host_batch(global_batch[start : start + per_host], mesh)
+
+
 def encode_all(model, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
-    """Frozen encoder features of every example (host-local arrays in, numpy out)."""
+    """Frozen encoder features of every example, on every host (numpy in, numpy out)."""
     encode = nnx.jit(lambda model, x: model.encode(x))
     features = []
     for start in range(0, len(images), batch_size):
         chunk = input_pipeline.to_float(images[start : start + batch_size])
         pad = batch_size - len(chunk)
         chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        sharded = jax.device_put(chunk, NamedSharding(mesh, P(BATCH_AXIS)))
-        features.append(np.asarray(jax.device_get(encode(model, sharded)))[: batch_size - pad])
+        encoded = encode(model, shard_global_batch(chunk, mesh))
+        features.append(multihost_utils.process_allgather(encoded, tiled=True)[: batch_size - pad])
     return np.concatenate(features)
 
 
@@ -422,10 +430,8 @@ def _train_and_evaluate(config, workdir: Path, stop_requested: list) -> dict:
     heldout_loss = nnx.jit(make_stage1_loss(config, mesh))
     heldout = min(config.batch_size, len(test["labels"]) // jax.device_count() * jax.device_count())
     heldout_batch = (
-        jax.device_put(
-            input_pipeline.to_float(test["image"][:heldout]), NamedSharding(mesh, P(BATCH_AXIS))
-        ),
-        jax.device_put(test["labels"][:heldout], NamedSharding(mesh, P(BATCH_AXIS))),
+        shard_global_batch(input_pipeline.to_float(test["image"][:heldout]), mesh),
+        shard_global_batch(test["labels"][:heldout], mesh),
     )
     initial_model = create_model(config, num_classes, config.seed)
     nnx.update(initial_model, replicate(nnx.state(initial_model), mesh))

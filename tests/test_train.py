@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,8 +52,14 @@ def tiny_config(data_dir, **overrides):
     return config
 
 
-def test_tiny_run_trains_and_writes_its_outputs(data_dir, tmp_path):
-    results = train.train_and_evaluate(tiny_config(data_dir), tmp_path)
+@pytest.fixture(scope="module")
+def tiny_results(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny")
+    return workdir, train.train_and_evaluate(tiny_config(data_dir), workdir)
+
+
+def test_tiny_run_trains_and_writes_its_outputs(tiny_results):
+    tmp_path, results = tiny_results
 
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     losses = [entry["train_loss"] for entry in history]
@@ -236,3 +243,42 @@ def test_data_parallel_step_matches_single_device(data_dir):
     )
     largest = max(float(np.abs(u).max()) for u in jax.tree.leaves(single_update))
     assert largest > 0.1  # the step did move the parameters
+
+
+def test_two_hosts_over_loopback_train_like_one(data_dir, tiny_results, tmp_path):
+    """2 processes x 2 CPU devices through jax.distributed: the same code path, same results."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = REPO / "tests" / "multihost_train_worker.py"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(port), str(i), data_dir, str(tmp_path)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    for process in processes:
+        try:
+            outputs.append(process.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            pytest.fail("a process of the 2-host run did not finish in 240 s")
+        assert process.returncode == 0, outputs[-1][-3000:]
+    _, single_host = tiny_results
+    for output in outputs:
+        line = next(x for x in output.splitlines() if x.startswith("RESULTS "))
+        results = json.loads(line.removeprefix("RESULTS "))
+        assert results["num_processes"] == 2 and results["num_devices"] == 4
+        # 4 devices instead of 8 only reorders float sums.
+        np.testing.assert_allclose(
+            results["final_train_loss"], single_host["final_train_loss"], rtol=1e-4
+        )
+        np.testing.assert_allclose(
+            results["linear_eval"]["mAP"], single_host["linear_eval"]["mAP"], rtol=1e-3
+        )
