@@ -2,10 +2,6 @@
 gradient: under shard_map and pmap on 8 fake CPU devices, and across 2 processes on loopback."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -15,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
+from loopback import run_two_processes
 
 from sdjax import losses
 
@@ -158,35 +155,8 @@ def test_forgetting_axis_name_inside_shard_map_is_an_error():
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_over_loopback_match_single_process(tmp_path):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_")}
-    workers = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(port), str(process_id), str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for process_id in range(2)
-    ]
-    outputs = []
-    for worker in workers:
-        try:
-            outputs.append(worker.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for w in workers:
-                w.kill()
-            pytest.fail("a worker of the 2-process run did not finish within 120 s")
-    for worker, output in zip(workers, outputs, strict=True):
-        assert worker.returncode == 0, output[-3000:]
+    run_two_processes(WORKER, tmp_path, timeout=120)
 
     features, labels, mask = multiprocess_worker.global_batch()
     for positives in multiprocess_worker.POSITIVES_CHECKED:

@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from loopback import run_two_processes
 from ml_collections import config_flags
 
 from sdjax import input_pipeline, train
@@ -247,29 +247,8 @@ def test_data_parallel_step_matches_single_device(data_dir):
 
 def test_two_hosts_over_loopback_train_like_one(data_dir, tiny_results, tmp_path):
     """2 processes x 2 CPU devices through jax.distributed: the same code path, same results."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     worker = REPO / "tests" / "multihost_train_worker.py"
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(port), str(i), data_dir, str(tmp_path)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = []
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            pytest.fail("a process of the 2-host run did not finish in 240 s")
-        assert process.returncode == 0, outputs[-1][-3000:]
+    outputs = run_two_processes(worker, data_dir, tmp_path, cwd=REPO)
     _, single_host = tiny_results
     for output in outputs:
         line = next(x for x in output.splitlines() if x.startswith("RESULTS "))
