@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "mnist_mosaic"
     config.dataset.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/.cache/sdjax/tensorflow_datasets
+    config.dataset.source_dir = ""  # local source files, for builders that read them
+    config.dataset.train_examples = 0  # > 0: use only the first N (fixed order); 0 = all
+    config.dataset.test_examples = 0
 
     config.model = ml_collections.ConfigDict()
     config.model.encoder = ml_collections.ConfigDict()

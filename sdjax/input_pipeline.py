@@ -7,19 +7,75 @@ uninterrupted run would, and each host takes its own slice of every global batch
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-# Config name -> (tfds builder name, builder config); builders in sdjax.datasets register
-# themselves when imported.
+from sdjax.tokenizer import PAD_ID
+
+MODALITIES = ("image", "tabular", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """How to load one dataset name: a local tfds builder (`builder`, `inputs_key`) or `loader`."""
+
+    modality: str  # one of MODALITIES: picks the input preparation and the views
+    builder: str = ""
+    inputs_key: str = ""
+    loader: Callable[..., dict[str, np.ndarray]] | None = None
+
+
+def _load_debtags(split: str, *, data_dir: str, source_dir: str, options: dict) -> dict:
+    """Debtags token ids (SentencePiece trained on the train split) and multi-hot tags."""
+    from sdjax import tokenizer
+
+    splits = {s: _read_tfds("debtags/default", s, data_dir, source_dir) for s in ("train", "test")}
+    tag_lists = {s: [t.decode().split(", ") for t in splits[s]["tags"]] for s in splits}
+    vocabulary = sorted({tag for tags in tag_lists["train"] + tag_lists["test"] for tag in tags})
+    column = {tag: i for i, tag in enumerate(vocabulary)}
+    labels = np.zeros((len(tag_lists[split]), len(vocabulary)), np.float32)
+    for row, tags in enumerate(tag_lists[split]):
+        labels[row, [column[tag] for tag in tags]] = 1.0
+    model_path = tokenizer.cached_tokenizer(
+        [t.decode() for t in splits["train"]["text"]],
+        vocab_size=options.get("vocab_size", 8000),
+        cache_dir=Path(data_dir) / "sdjax_tokenizers",
+    )
+    texts = [t.decode() for t in splits[split]["text"]]
+    inputs = tokenizer.encode(model_path, texts, max_length=options.get("max_length", 128))
+    return {"inputs": inputs, "labels": labels, "label_names": np.array(vocabulary)}
+
+
+def _tfds_multilabel_loader(name: str) -> Callable[..., dict]:
+    def load(split, *, data_dir, source_dir, options):
+        from sdjax.datasets import tfds_multilabel
+
+        del source_dir  # the real tfds builders download into data_dir themselves
+        return tfds_multilabel.load_tfds_multilabel(
+            name, split, data_dir=data_dir, image_size=options.get("image_size", 224)
+        )
+
+    return load
+
+
 DATASETS = {
-    "mnist_mosaic": ("mnist_mosaic", "default"),
-    "mnist_mosaic_tiny": ("mnist_mosaic", "tiny"),
+    "mnist_mosaic": Dataset("image", "mnist_mosaic/default", "image"),
+    "mnist_mosaic_tiny": Dataset("image", "mnist_mosaic/tiny", "image"),
+    "fashion_mosaic": Dataset("image", "fashion_mosaic/default", "image"),
+    "fashion_mosaic_tiny": Dataset("image", "fashion_mosaic/tiny", "image"),
+    "yeast": Dataset("tabular", "yeast", "features"),
+    "debtags": Dataset("text", loader=_load_debtags),
+    "voc2007": Dataset("image", loader=_tfds_multilabel_loader("voc2007")),
+    "coco2017": Dataset("image", loader=_tfds_multilabel_loader("coco2017")),
 }
+OPTIONS = ("vocab_size", "max_length", "image_size")  # per-modality loading options
 
 
 def default_data_dir() -> str:
@@ -28,27 +84,85 @@ def default_data_dir() -> str:
     )
 
 
-def load_split(name: str, split: str, *, data_dir: str = "") -> dict[str, np.ndarray]:
-    """A whole split as numpy arrays: {"image": uint8 [N, H, W, C], "labels": float32 [N, C]}.
+def label_statistics(labels: np.ndarray) -> dict:
+    """Samples, labels, label cardinality and the per-label frequency of a multi-hot matrix."""
+    counts = labels.sum(axis=0).astype(int)
+    return {
+        "samples": int(labels.shape[0]),
+        "labels": int(labels.shape[1]),
+        "cardinality": float(labels.sum(axis=1).mean()),
+        "label_counts": counts.tolist(),
+    }
 
-    Builds the dataset into `data_dir` on first use (offline for the embedded datasets).
-    """
+
+def _read_tfds(builder_name: str, split: str, data_dir: str, source_dir: str) -> dict:
     import tensorflow_datasets as tfds
 
-    import sdjax.datasets.mnist_mosaic  # noqa: F401  (registers the builder)
+    import sdjax.datasets  # noqa: F401  (registers the local builders)
 
-    if name not in DATASETS:
-        raise ValueError(f"`name`: got {name!r}, expected one of {sorted(DATASETS)}.")
-    builder_name, builder_config = DATASETS[name]
-    builder = tfds.builder(
-        f"{builder_name}/{builder_config}", data_dir=data_dir or default_data_dir()
-    )
-    builder.download_and_prepare()
+    builder = tfds.builder(builder_name, data_dir=data_dir, source_dir=source_dir)
+    if not builder.is_prepared():
+        builder.download_and_prepare()
+        logging.info("Built %s in %s.", builder_name, builder.data_dir)
     if split not in builder.info.splits:
         raise ValueError(f"`split`: got {split!r}, expected one of {list(builder.info.splits)}.")
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
     order = np.argsort(arrays["index"]) if "index" in arrays else slice(None)
-    return {"image": arrays["image"][order], "labels": arrays["labels"][order].astype(np.float32)}
+    return {key: value[order] for key, value in arrays.items()}
+
+
+def load_split(
+    name: str, split: str, *, data_dir: str = "", source_dir: str = "", **options
+) -> dict[str, np.ndarray]:
+    """A whole split as numpy arrays: {"inputs": [N, ...], "labels": float32 [N, C]}.
+
+    `inputs` is uint8 [N, H, W, C] for images, float32 [N, F] for tabular data and int32 token
+    ids [N, L] for text. Builds the dataset into `data_dir` on first use (offline for the
+    embedded datasets) and logs its statistics then.
+
+    Args:
+      name: a key of DATASETS.
+      split: "train" or "test".
+      data_dir: the tfds data directory; "" = $TFDS_DATA_DIR or ~/.cache/sdjax/tensorflow_datasets.
+      source_dir: where a builder finds its local source files; "" = the builder's default
+        (see its module docstring).
+      **options: `vocab_size`, `max_length` (text) and `image_size` (tfds images).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"`name`: got {name!r}, expected one of {sorted(DATASETS)}.")
+    if unknown := sorted(set(options) - set(OPTIONS)):
+        raise ValueError(f"options: got {unknown}, expected only {list(OPTIONS)}.")
+    dataset = DATASETS[name]
+    data_dir = data_dir or default_data_dir()
+    if dataset.loader is not None:
+        arrays = dataset.loader(split, data_dir=data_dir, source_dir=source_dir, options=options)
+    else:
+        raw = _read_tfds(dataset.builder, split, data_dir, source_dir)
+        arrays = {"inputs": raw[dataset.inputs_key], "labels": raw["labels"]}
+    arrays["labels"] = arrays["labels"].astype(np.float32)
+    return arrays
+
+
+def load_train_and_test(dataset_config) -> tuple[dict, dict]:
+    """Both splits for `config.dataset`, each cut to its `*_examples` limit when that is > 0."""
+    fields = dataset_config.to_dict()
+    limits = {"train": fields.pop("train_examples", 0), "test": fields.pop("test_examples", 0)}
+    name = fields.pop("name")
+    splits = []
+    for split, limit in limits.items():
+        arrays = load_split(name, split, **fields)
+        if limit:  # the first `limit` in the fixed order: the same subset on every run
+            arrays = {key: value[:limit] for key, value in arrays.items()}
+        logging.info("%s %s: %s", name, split, _describe(label_statistics(arrays["labels"])))
+        splits.append(arrays)
+    return splits[0], splits[1]
+
+
+def _describe(stats: dict) -> str:
+    return (
+        f"{stats['samples']} samples, {stats['labels']} labels, "
+        f"cardinality {stats['cardinality']:.2f}, label counts {stats['label_counts']}"
+    )
 
 
 def batch_indices(
@@ -117,3 +231,53 @@ def augment_views(rng: jax.Array, images: jax.Array, num_views: int = 2) -> jax.
 
     views = jax.vmap(one_view)(jax.random.split(rng, num_views))  # [V, B, H, W, C]
     return jnp.swapaxes(views, 0, 1)
+
+
+def model_inputs(modality: str, inputs: np.ndarray) -> np.ndarray:
+    """Host arrays -> what the encoder takes: images in [0, 1], features and token ids as is."""
+    if modality == "image":
+        return to_float(inputs)
+    if modality in ("tabular", "text"):
+        return inputs
+    raise ValueError(f"`modality`: got {modality!r}, expected one of {MODALITIES}.")
+
+
+TABULAR_NOISE_STD = 0.1  # features are standardised, so this is a tenth of a feature's spread
+TABULAR_DROPOUT = 0.1
+TOKEN_DROPOUT = 0.1
+
+
+def tabular_views(rng: jax.Array, features: jax.Array, num_views: int = 2) -> jax.Array:
+    """[B, F] -> [B, V, F]: Gaussian feature noise, then each feature zeroed (its mean) w.p. 0.1."""
+
+    def one_view(key):
+        noise_key, drop_key = jax.random.split(key)
+        noisy = features + TABULAR_NOISE_STD * jax.random.normal(noise_key, features.shape)
+        keep = jax.random.bernoulli(drop_key, 1 - TABULAR_DROPOUT, features.shape)
+        return jnp.where(keep, noisy, 0.0)
+
+    return jnp.swapaxes(jax.vmap(one_view)(jax.random.split(rng, num_views)), 0, 1)
+
+
+def text_views(rng: jax.Array, tokens: jax.Array, num_views: int = 2) -> jax.Array:
+    """[B, L] -> [B, V, L]: token dropout, each token replaced by padding w.p. 0.1.
+
+    Padding is masked out by the text encoder, so a dropped token is deleted from the text. A
+    text that would lose all its tokens keeps them.
+    """
+
+    def one_view(key):
+        keep = jax.random.bernoulli(key, 1 - TOKEN_DROPOUT, tokens.shape)
+        dropped = jnp.where(keep, tokens, PAD_ID)
+        empty = jnp.all(dropped == PAD_ID, axis=1, keepdims=True)
+        return jnp.where(empty, tokens, dropped)
+
+    return jnp.swapaxes(jax.vmap(one_view)(jax.random.split(rng, num_views)), 0, 1)
+
+
+def make_views(modality: str, rng: jax.Array, inputs: jax.Array, num_views: int) -> jax.Array:
+    """`num_views` augmented views per example, [B, ...] -> [B, V, ...], for `modality`."""
+    views = {"image": augment_views, "tabular": tabular_views, "text": text_views}
+    if modality not in views:
+        raise ValueError(f"`modality`: got {modality!r}, expected one of {MODALITIES}.")
+    return views[modality](rng, inputs, num_views=num_views)

@@ -89,6 +89,26 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             fail(field, config[field], f"a multiple of the {num_processes} processes")
 
 
+def check_data_fits_model(config: ml_collections.ConfigDict, inputs: np.ndarray) -> None:
+    """Raises ValueError when the encoder's input fields disagree with the loaded data."""
+    encoder = config.model.encoder
+    expected = {
+        "resnet": ("in_channels", inputs.shape[-1]),
+        "mlp": ("in_features", inputs.shape[-1]),
+        "transformer": ("max_length", inputs.shape[-1]),
+    }.get(encoder.name)
+    if expected and encoder[expected[0]] != expected[1]:
+        raise ValueError(
+            f"config.model.encoder.{expected[0]}: got {encoder[expected[0]]!r}, expected "
+            f"{expected[1]} for {config.dataset.name} inputs of shape {inputs.shape[1:]}."
+        )
+    if encoder.name == "transformer" and inputs.max() >= encoder.vocab_size:
+        raise ValueError(
+            f"config.model.encoder.vocab_size: got {encoder.vocab_size}, expected > "
+            f"{inputs.max()}, the largest token id of {config.dataset.name}."
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Models and steps
 # --------------------------------------------------------------------------------------------
@@ -120,7 +140,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int)
 
 
 def make_stage1_loss(config, mesh) -> Callable:
-    """`loss(model, images, labels, step)`: the stage-1 loss of a global batch on `mesh`."""
+    """`loss(model, inputs, labels, step)`: the stage-1 loss of a global batch on `mesh`."""
+    modality = input_pipeline.DATASETS[config.dataset.name].modality
     base_key = jax.random.key(config.seed)
     num_views = config.num_views if config.method == "contrastive" else 1
     sharded_loss = losses.make_sharded_loss(
@@ -132,10 +153,10 @@ def make_stage1_loss(config, mesh) -> Callable:
         block_size=config.loss.block_size or None,
     )
 
-    def loss_fn(model, images, labels, step):
+    def loss_fn(model, inputs, labels, step):
         # Augmentations depend on (seed, step) only, so a resumed run sees the same views.
-        views = input_pipeline.augment_views(
-            jax.random.fold_in(base_key, step), images, num_views=num_views
+        views = input_pipeline.make_views(
+            modality, jax.random.fold_in(base_key, step), inputs, num_views=num_views
         )
         outputs = model(views.reshape((-1, *views.shape[2:])))
         if config.method == "bce":
@@ -150,8 +171,8 @@ def make_train_step(config, mesh) -> Callable:
     loss_fn = make_stage1_loss(config, mesh)
 
     @nnx.jit
-    def train_step(model, optimizer, images, labels, step):
-        loss, grads = nnx.value_and_grad(loss_fn)(model, images, labels, step)
+    def train_step(model, optimizer, inputs, labels, step):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, inputs, labels, step)
         optimizer.update(model, grads)
         return loss
 
@@ -211,12 +232,12 @@ def shard_global_batch(global_batch: np.ndarray, mesh) -> jax.Array:
     return shard_host_batch(global_batch[start : start + per_host], mesh)
 
 
-def encode_all(model, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
+def encode_all(model, inputs: np.ndarray, modality: str, batch_size: int, mesh) -> np.ndarray:
     """Frozen encoder features of every example, on every host (numpy in, numpy out)."""
     encode = nnx.jit(lambda model, x: model.encode(x))
     features = []
-    for start in range(0, len(images), batch_size):
-        chunk = input_pipeline.to_float(images[start : start + batch_size])
+    for start in range(0, len(inputs), batch_size):
+        chunk = input_pipeline.model_inputs(modality, inputs[start : start + batch_size])
         pad = batch_size - len(chunk)
         chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
         encoded = encode(model, shard_global_batch(chunk, mesh))
@@ -329,10 +350,9 @@ def _train_and_evaluate(config, workdir: Path, stop_requested: list) -> dict:
         (jax.device_count(),), (BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
     )
 
-    train = input_pipeline.load_split(
-        config.dataset.name, "train", data_dir=config.dataset.data_dir
-    )
-    test = input_pipeline.load_split(config.dataset.name, "test", data_dir=config.dataset.data_dir)
+    train, test = input_pipeline.load_train_and_test(config.dataset)
+    check_data_fits_model(config, train["inputs"])
+    modality = input_pipeline.DATASETS[config.dataset.name].modality
     num_classes = train["labels"].shape[1]
     logging.info(
         "Dataset %s: %d train / %d test examples, %d labels, %d devices on %d hosts.",
@@ -384,9 +404,11 @@ def _train_and_evaluate(config, workdir: Path, stop_requested: list) -> dict:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        images = shard_host_batch(input_pipeline.to_float(train["image"][indices]), mesh)
+        inputs = input_pipeline.model_inputs(modality, train["inputs"][indices])
         labels = shard_host_batch(train["labels"][indices], mesh)
-        interval_losses.append(train_step(model, optimizer, images, labels, step))
+        interval_losses.append(
+            train_step(model, optimizer, shard_host_batch(inputs, mesh), labels, step)
+        )
         done = step + 1
         report_progress(done)
         if done % config.log_every_steps == 0 or done == config.num_train_steps:
@@ -430,7 +452,7 @@ def _train_and_evaluate(config, workdir: Path, stop_requested: list) -> dict:
     heldout_loss = nnx.jit(make_stage1_loss(config, mesh))
     heldout = min(config.batch_size, len(test["labels"]) // jax.device_count() * jax.device_count())
     heldout_batch = (
-        shard_global_batch(input_pipeline.to_float(test["image"][:heldout]), mesh),
+        shard_global_batch(input_pipeline.model_inputs(modality, test["inputs"][:heldout]), mesh),
         shard_global_batch(test["labels"][:heldout], mesh),
     )
     initial_model = create_model(config, num_classes, config.seed)
@@ -443,8 +465,10 @@ def _train_and_evaluate(config, workdir: Path, stop_requested: list) -> dict:
     if config.linear_eval.random_init_baseline:
         probes["random_init"] = initial_model
     for name, probed_model in probes.items():
-        train_features = encode_all(probed_model, train["image"], config.eval_batch_size, mesh)
-        test_features = encode_all(probed_model, test["image"], config.eval_batch_size, mesh)
+        train_features, test_features = (
+            encode_all(probed_model, split["inputs"], modality, config.eval_batch_size, mesh)
+            for split in (train, test)
+        )
         results[name] = linear_evaluation(
             config, train_features, train["labels"], test_features, test["labels"]
         )

@@ -1,1 +1,5 @@
-"""Dataset builders that need no network: tfds builders over data that ships in packages."""
+"""Local tfds builders; importing this package registers them with tfds."""
+
+from sdjax.datasets import debtags, fashion_mosaic, mnist_mosaic, yeast
+
+__all__ = ["debtags", "fashion_mosaic", "mnist_mosaic", "yeast"]

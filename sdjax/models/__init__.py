@@ -4,6 +4,7 @@ from sdjax.models.contrastive import ContrastiveModel
 from sdjax.models.heads import LinearClassifier, ProjectionHead
 from sdjax.models.mlp import MLPEncoder
 from sdjax.models.resnet import ResNetEncoder
+from sdjax.models.transformer import TextTransformerEncoder
 
 __all__ = [
     "ContrastiveModel",
@@ -11,12 +12,13 @@ __all__ = [
     "MLPEncoder",
     "ProjectionHead",
     "ResNetEncoder",
+    "TextTransformerEncoder",
     "create_encoder",
 ]
 
 
 def create_encoder(config, *, rngs):
-    """An encoder from `config.name` ("resnet" or "mlp") and that encoder's fields."""
+    """An encoder from `config.name` ("resnet", "mlp" or "transformer") and its fields."""
     if config.name == "resnet":
         return ResNetEncoder(
             stage_sizes=tuple(config.stage_sizes),
@@ -32,4 +34,17 @@ def create_encoder(config, *, rngs):
             dropout_rate=config.get("dropout_rate", 0.0),
             rngs=rngs,
         )
-    raise ValueError(f"config.model.encoder.name: got {config.name!r}, expected 'resnet' or 'mlp'.")
+    if config.name == "transformer":
+        return TextTransformerEncoder(
+            vocab_size=config.vocab_size,
+            max_length=config.max_length,
+            width=config.width,
+            depth=config.depth,
+            num_heads=config.num_heads,
+            mlp_dim=config.mlp_dim,
+            rngs=rngs,
+        )
+    raise ValueError(
+        f"config.model.encoder.name: got {config.name!r}, expected 'resnet', 'mlp' or "
+        "'transformer'."
+    )

@@ -1,0 +1,229 @@
+"""Debtags: Debian package descriptions labelled with their debtags, a real multi-label text task.
+
+The text of a package is its long description from `Translation-en`; its labels are the debtags
+in the `Tag:` field of `Packages`. Both come from apt's lists, which need network once:
+
+    apt-get update -o Acquire::Languages=en    # fills /var/lib/apt/lists
+
+Decisions (recorded in the dataset statistics):
+- Tags of the `special::` facet (bookkeeping such as `special::not-yet-tagged`) are dropped.
+- Name leaks: Debian's naming conventions decide some tags (`lib*-perl` is `devel::lang:perl`,
+  `*-doc` is `role::documentation`). A tag is dropped when one convention both predicts it
+  (precision >= 0.5) and covers it (recall >= 0.5). Descriptions often restate the name, so this
+  keeps the task about what the text says.
+- Then tags with fewer than `min_tag_count` (50) packages are dropped, and packages left with
+  no tag or an empty long description are dropped.
+- Split: a seeded 80/20 permutation of the package names.
+"""
+
+from __future__ import annotations
+
+import bz2
+import collections
+import gzip
+import lzma
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from sdjax.datasets.local_source import LocalSourceBuilder
+
+APT_LISTS_DIR = "/var/lib/apt/lists"
+MIN_TAG_COUNT = 50
+TEST_FRACTION = 0.2
+SPLIT_SEED = 0
+LEAK_THRESHOLD = 0.5
+# Debian naming conventions that may give a tag away (policy and team conventions).
+NAME_CONVENTIONS = {
+    "lib*-perl": r"^lib.*-perl$",
+    "python3-*": r"^python3?-",
+    "ruby-*": r"^ruby-",
+    "golang-*": r"^golang-",
+    "r-cran-*": r"^r-(cran|bioc|other)-",
+    "node-*": r"^node-",
+    "lib*-java": r"^lib.*-java$",
+    "libghc-*": r"^libghc-",
+    "lib*-ocaml*": r"^lib.*-ocaml",
+    "php-*": r"^php-",
+    "lib*-dev": r"^lib.*-dev$",
+    "lib*<digit>": r"^lib.*\d[a-z]?$",
+    "fonts-*": r"^(fonts|ttf|otf)-",
+    "*-doc": r"-doc$",
+    "texlive-*": r"^texlive-",
+}
+
+MISSING_LISTS = (
+    "No apt lists with debtags and English descriptions in {directory}. They need network "
+    "once: run `apt-get update -o Acquire::Languages=en` (as root) on a Debian or Ubuntu "
+    "machine, or pass --config.dataset.source_dir=DIR with copies of its *_Packages* and "
+    "*_Translation-en* files."
+)
+
+
+def read_list_file(path: Path) -> str:
+    """An apt list file, compressed or not, as text."""
+    openers = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+    if path.suffix in openers:
+        with openers[path.suffix](path, "rt", encoding="utf-8") as f:
+            return f.read()
+    if path.suffix in (".lz4", ".zst"):  # apt's own helper reads every format apt writes
+        helper = shutil.which("apt-helper") or "/usr/lib/apt/apt-helper"
+        if not Path(helper).exists():
+            raise FileNotFoundError(f"{path}: reading {path.suffix} lists needs apt-helper.")
+        return subprocess.run(
+            [helper, "cat-file", str(path)], check=True, capture_output=True, text=True
+        ).stdout
+    return path.read_text(encoding="utf-8")
+
+
+def paragraphs(text: str):
+    """deb822 paragraphs as dicts; continuation lines are joined with newlines."""
+    for block in text.split("\n\n"):
+        fields, key = {}, None
+        for line in block.splitlines():
+            if line.startswith((" ", "\t")) and key:
+                fields[key] += "\n" + line[1:]
+            elif ":" in line:
+                key, value = line.split(":", 1)
+                fields[key] = value.strip()
+        if fields:
+            yield fields
+
+
+def long_description(description: str) -> str:
+    """The long part of a Description-en field: its synopsis line dropped, ' .' lines as breaks."""
+    lines = description.split("\n")[1:]
+    return "\n".join("" if line.strip() == "." else line.strip() for line in lines).strip()
+
+
+def read_corpus(lists_dir: str | Path) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(package, long description, tags) for every tagged package with an English description."""
+    lists_dir = Path(lists_dir)
+    packages_files = sorted(p for p in lists_dir.glob("*_Packages*") if p.is_file())
+    translation_files = sorted(p for p in lists_dir.glob("*_Translation-en*") if p.is_file())
+    if not packages_files or not translation_files:
+        raise FileNotFoundError(MISSING_LISTS.format(directory=lists_dir))
+    descriptions = {}
+    for path in translation_files:
+        for fields in paragraphs(read_list_file(path)):
+            if "Description-en" in fields:
+                key = (fields["Package"], fields.get("Description-md5"))
+                descriptions[key] = long_description(fields["Description-en"])
+    tagged = {}
+    for path in packages_files:
+        for fields in paragraphs(read_list_file(path)):
+            name = fields["Package"]
+            if "Tag" not in fields or name in tagged:
+                continue  # the first list to name a package wins (the main suite sorts first)
+            text = descriptions.get((name, fields.get("Description-md5")), "")
+            tags = tuple(sorted(t.strip() for t in fields["Tag"].replace("\n", " ").split(",")))
+            tagged[name] = (text, tuple(t for t in tags if t))
+    if not tagged:
+        raise FileNotFoundError(MISSING_LISTS.format(directory=lists_dir))
+    return [(name, *tagged[name]) for name in sorted(tagged)]
+
+
+def name_leaks(corpus, threshold: float = LEAK_THRESHOLD) -> dict[str, dict]:
+    """Tags that a naming convention gives away: {tag: {convention, precision, recall}}."""
+    tag_members = collections.defaultdict(set)
+    for name, _, tags in corpus:
+        for tag in tags:
+            tag_members[tag].add(name)
+    leaks = {}
+    for convention, pattern in NAME_CONVENTIONS.items():
+        matching = {name for name, _, _ in corpus if re.search(pattern, name)}
+        if not matching:
+            continue
+        for tag, members in tag_members.items():
+            overlap = len(matching & members)
+            precision, recall = overlap / len(matching), overlap / len(members)
+            if precision >= threshold and recall >= threshold:
+                leaks[tag] = {"convention": convention, "precision": precision, "recall": recall}
+    return leaks
+
+
+def clean_corpus(corpus, min_tag_count: int = MIN_TAG_COUNT):
+    """Applies the module docstring's decisions; returns (examples, kept tags, decisions)."""
+    leaks = name_leaks(corpus)
+    dropped = {tag for _, _, tags in corpus for tag in tags if tag.startswith("special::")}
+    dropped |= set(leaks)
+    counts = collections.Counter(
+        tag for _, text, tags in corpus if text for tag in tags if tag not in dropped
+    )
+    kept = sorted(tag for tag, count in counts.items() if count >= min_tag_count)
+    kept_set = set(kept)
+    examples = []
+    for name, text, tags in corpus:
+        labels = tuple(tag for tag in tags if tag in kept_set)
+        if text and labels:
+            examples.append((name, text, labels))
+    decisions = {"name_leaks": leaks, "rare_tags_dropped": len(counts) - len(kept)}
+    return examples, kept, decisions
+
+
+def split_names(names: list[str], split: str, seed: int = SPLIT_SEED) -> list[str]:
+    """The package names of `split`; train and test partition `names`."""
+    order = np.random.default_rng(seed).permutation(len(names))
+    num_test = round(TEST_FRACTION * len(names))
+    if split == "test":
+        chosen = order[:num_test]
+    elif split == "train":
+        chosen = order[num_test:]
+    else:
+        raise ValueError(f"`split`: got {split!r}, expected 'train' or 'test'.")
+    return [names[i] for i in np.sort(chosen)]
+
+
+class DebtagsConfig(tfds.core.BuilderConfig):
+    def __init__(self, *, min_tag_count: int = MIN_TAG_COUNT, **kwargs):
+        kwargs.setdefault("version", tfds.core.Version("1.0.0"))
+        super().__init__(**kwargs)
+        self.min_tag_count = min_tag_count
+
+
+class Debtags(LocalSourceBuilder):
+    """tfds builder for Debtags from local apt lists (`source_dir`, default /var/lib/apt/lists).
+
+    Each example is {"text", "tags" (", "-joined, kept tags only), "package", "index"}; the tag
+    vocabulary is in `info.metadata["tags"]`.
+    """
+
+    BUILDER_CONFIGS = [DebtagsConfig(name="default")]  # noqa: RUF012 (tfds declares a list)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "text": tfds.features.Text(),
+                    "tags": tfds.features.Text(),
+                    "package": tfds.features.Text(),
+                    "index": np.int64,  # position in name order; restores it
+                }
+            ),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # the lists are local files
+        lists_dir = Path(self.source_dir or APT_LISTS_DIR)
+        examples, kept, decisions = clean_corpus(
+            read_corpus(lists_dir), self.builder_config.min_tag_count
+        )
+        self.info.metadata.update({"tags": kept, "lists_dir": str(lists_dir), **decisions})
+        by_name = {name: (text, labels) for name, text, labels in examples}
+        names = sorted(by_name)
+        return {
+            split: self._generate_examples(split_names(names, split), by_name)
+            for split in ("train", "test")
+        }
+
+    def _generate_examples(self, names, by_name):
+        for index, name in enumerate(names):
+            text, labels = by_name[name]
+            yield name, {"text": text, "tags": ", ".join(labels), "package": name, "index": index}

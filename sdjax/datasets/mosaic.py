@@ -1,0 +1,100 @@
+"""2x2 mosaics of single-label images: a genuine multi-label image task from a classification set.
+
+Each mosaic holds four cells drawn from 1-4 distinct classes; its label set is the set of classes
+present, so every label is visible in the image. The MNIST and Fashion-MNIST mosaics share this
+module and differ only in where their source images come from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from sdjax.datasets.local_source import LocalSourceBuilder
+
+SPLIT_IDS = {"train": 0, "test": 1}
+
+
+def compose_mosaics(
+    source_images: np.ndarray,
+    source_classes: np.ndarray,
+    allowed: np.ndarray,
+    *,
+    num_classes: int,
+    num_examples: int,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """`num_examples` mosaics whose cells come from the source images listed in `allowed`.
+
+    Returns:
+      {"image": uint8 [n, 2h, 2w, 1], "labels": float32 [n, num_classes] multi-hot,
+       "source_index": int64 [n, 4], the source image of each cell (row-major)}.
+    """
+    if num_examples < 1:
+        raise ValueError(f"`num_examples`: got {num_examples}, expected >= 1.")
+    height, width = source_images.shape[1:3]
+    by_class = [allowed[source_classes[allowed] == c] for c in range(num_classes)]
+    images = np.zeros((num_examples, 2 * height, 2 * width, 1), np.uint8)
+    labels = np.zeros((num_examples, num_classes), np.float32)
+    sources = np.zeros((num_examples, 4), np.int64)
+    for i in range(num_examples):
+        num_distinct = rng.integers(1, 5)
+        present = rng.choice(num_classes, num_distinct, replace=False)
+        cell_classes = rng.permutation(
+            np.concatenate([present, rng.choice(present, 4 - num_distinct)])
+        )
+        for cell, label in enumerate(cell_classes):
+            source = rng.choice(by_class[label])
+            row, col = divmod(cell, 2)
+            rows = slice(row * height, (row + 1) * height)
+            cols = slice(col * width, (col + 1) * width)
+            images[i, rows, cols, 0] = source_images[source]
+            sources[i, cell] = source
+        labels[i, present] = 1.0
+    return {"image": images, "labels": labels, "source_index": sources}
+
+
+class MosaicConfig(tfds.core.BuilderConfig):
+    def __init__(self, *, num_train: int, num_test: int, seed: int = 0, **kwargs):
+        kwargs.setdefault("version", tfds.core.Version("1.1.0"))
+        super().__init__(**kwargs)
+        self.num_train, self.num_test, self.seed = num_train, num_test, seed
+
+
+class MosaicBuilder(LocalSourceBuilder, skip_registration=True):
+    """Shared tfds plumbing; subclasses set the constants and implement `make_split`."""
+
+    NUM_CLASSES: int
+    CELL_SIZE: int
+
+    def make_split(self, split: str, num_examples: int, seed: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        side = 2 * self.CELL_SIZE
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(side, side, 1)),
+                    "labels": tfds.features.Tensor(shape=(self.NUM_CLASSES,), dtype=np.float32),
+                    # tfds shuffles examples on disk; the index restores generation order.
+                    "index": np.int64,
+                }
+            ),
+            supervised_keys=("image", "labels"),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # sources are local files or package data
+        config = self.builder_config
+        return {
+            "train": self._generate_examples("train", config.num_train, config.seed),
+            "test": self._generate_examples("test", config.num_test, config.seed),
+        }
+
+    def _generate_examples(self, split, num_examples, seed):
+        mosaics = self.make_split(split, num_examples, seed)
+        for i in range(num_examples):
+            yield i, {"image": mosaics["image"][i], "labels": mosaics["labels"][i], "index": i}
