@@ -3,12 +3,8 @@
 Usage: python multihost_train_worker.py PORT PROCESS_ID DATA_DIR WORKDIR
 """
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main(port, process_id, data_dir, workdir):
@@ -18,12 +14,9 @@ def main(port, process_id, data_dir, workdir):
     jax.distributed.initialize(
         f"127.0.0.1:{port}", num_processes=2, process_id=process_id, initialization_timeout=60
     )
-    from sdjax import train
+    from sdjax import config_lib, train
 
-    spec = importlib.util.spec_from_file_location("tiny", REPO / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_lib.load_config_file("tiny")
     config.dataset.data_dir = data_dir
     results = train.train_and_evaluate(config, workdir)
     print("RESULTS " + json.dumps(results))

@@ -50,7 +50,7 @@ def test_generation_is_deterministic_in_the_seed():
 def test_tfds_builder_serves_the_generated_arrays(tmp_path):
     loaded = input_pipeline.load_split("mnist_mosaic_tiny", "test", data_dir=str(tmp_path))
     made = mnist_mosaic.make_mnist_mosaic("test", num_examples=256, seed=0)
-    np.testing.assert_array_equal(loaded["image"], made["image"])
+    np.testing.assert_array_equal(loaded["inputs"], made["image"])
     np.testing.assert_array_equal(loaded["labels"], made["labels"])
     with pytest.raises(ValueError, match="`name`: got 'mnist'"):
         input_pipeline.load_split("mnist", "train", data_dir=str(tmp_path))

@@ -1,6 +1,5 @@
 """The trainer end to end on configs/tiny.py: outputs, resume, configs, data parallelism."""
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -20,17 +19,14 @@ from jax.sharding import PartitionSpec as P
 from loopback import run_two_processes
 from ml_collections import config_flags
 
-from sdjax import input_pipeline, train
+from sdjax import config_lib, input_pipeline, train
 
 REPO = Path(__file__).resolve().parents[1]
 LARGE_STEP = 1000.0  # SGD rate that makes one step's update large enough to compare
 
 
 def load_config(name="tiny"):
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config_file(name)
 
 
 @pytest.fixture(scope="session")
@@ -43,13 +39,7 @@ def data_dir(tmp_path_factory):
 def tiny_config(data_dir, **overrides):
     config = load_config()
     config.dataset.data_dir = data_dir
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    return config_lib.override(config, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +193,7 @@ def test_kill_and_sigterm_then_resume_give_identical_results(data_dir, tmp_path)
 def test_data_parallel_step_matches_single_device(data_dir):
     config = tiny_config(data_dir)
     batch = input_pipeline.load_split(config.dataset.name, "train", data_dir=data_dir)
-    images = input_pipeline.to_float(batch["image"][:32])
+    images = input_pipeline.to_float(batch["inputs"][:32])
     labels = batch["labels"][:32]
 
     def one_step(num_devices):

@@ -1,0 +1,174 @@
+"""The VOC 2007 / COCO 2017 multi-label loaders, run offline on tfds mock data.
+
+`tfds.testing.mock_data` builds random examples from the real builders' feature specs (no
+dataset_info.json is shipped, so the default AUTO policy falls back to USE_CODE). It is
+deterministic and gives every split the same examples, so the split mapping is checked by
+recording what reaches `tfds.load`.
+"""
+
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorflow_datasets.testing.mocking import RandomFakeGenerator
+
+from sdjax.datasets import tfds_multilabel
+
+NUM_EXAMPLES = 6
+IMAGE_SIZE = 32
+
+# Written out here rather than read from TFDS_MULTILABEL, so the tests check the module's table.
+EXPECTED = {
+    "voc2007": ("voc/2007", {"train": "train+validation", "test": "test"}, ("labels",), 20),
+    "coco2017": ("coco/2017", {"train": "train", "test": "validation"}, ("objects", "label"), 80),
+}
+
+
+def _raw_examples(tfds_name, tfds_split):
+    """The examples tfds itself yields (call inside the mock_data context)."""
+    ds = tfds.load(tfds_name, split=tfds_split, data_dir="/unused")
+    return list(tfds.as_numpy(ds))
+
+
+def _get(example, key_path):
+    for key in key_path:
+        example = example[key]
+    return example
+
+
+def _expected_multi_hot(ids_per_example, num_classes):
+    rows = np.zeros((len(ids_per_example), num_classes), np.float32)
+    for row, ids in zip(rows, ids_per_example, strict=True):
+        row[np.asarray(ids, np.int64)] = 1.0
+    return rows
+
+
+@pytest.fixture
+def recorded_loads(monkeypatch):
+    """Records the (name, split, data_dir) of every tfds.load call made by the module."""
+    calls = []
+    real_load = tfds.load
+
+    def load(name, **kwargs):
+        calls.append((name, kwargs["split"], kwargs["data_dir"]))
+        return real_load(name, **kwargs)
+
+    monkeypatch.setattr(tfds_multilabel.tfds, "load", load)
+    return calls
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("name", ["voc2007", "coco2017"])
+def test_arrays_match_the_raw_tfds_examples(name, split, recorded_loads):
+    tfds_name, splits, label_key, num_classes = EXPECTED[name]
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+        out = tfds_multilabel.load_tfds_multilabel(
+            name, split, data_dir="/some/dir", image_size=IMAGE_SIZE
+        )
+        assert recorded_loads == [(tfds_name, splits[split], "/some/dir")]
+        raw = _raw_examples(tfds_name, splits[split])
+
+    assert set(out) == {"inputs", "labels"}
+    assert out["inputs"].shape == (NUM_EXAMPLES, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert out["inputs"].dtype == np.uint8
+    assert out["labels"].shape == (NUM_EXAMPLES, num_classes)
+    assert out["labels"].dtype == np.float32
+    assert set(np.unique(out["labels"])) <= {0.0, 1.0}
+
+    assert len(raw) == NUM_EXAMPLES
+    ids = [_get(ex, label_key) for ex in raw]
+    # Mock label sequences repeat ids and are 5..49 long; the row must be their set, once each.
+    assert any(len(set(x.tolist())) < len(x) for x in ids)
+    np.testing.assert_array_equal(out["labels"], _expected_multi_hot(ids, num_classes))
+    for row, x in zip(out["labels"], ids, strict=True):
+        assert row.sum() == len(set(x.tolist()))
+
+    # The raw images are random noise of random size; a plain resize keeps each one's mean
+    # colour, which also pins the row order to the raw example order.
+    for image, ex in zip(out["inputs"], raw, strict=True):
+        assert ex["image"].shape != (IMAGE_SIZE, IMAGE_SIZE, 3)
+        np.testing.assert_allclose(
+            image.reshape(-1, 3).mean(0), ex["image"].reshape(-1, 3).mean(0), atol=1.0
+        )
+
+
+def test_max_examples_keeps_the_first_examples():
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+        full = tfds_multilabel.load_tfds_multilabel(
+            "coco2017", "train", data_dir=None, image_size=IMAGE_SIZE
+        )
+        head = tfds_multilabel.load_tfds_multilabel(
+            "coco2017", "train", data_dir=None, image_size=IMAGE_SIZE, max_examples=2
+        )
+    assert head["inputs"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+    np.testing.assert_array_equal(head["inputs"], full["inputs"][:2])
+    np.testing.assert_array_equal(head["labels"], full["labels"][:2])
+
+
+def _coco_with_empty_images(self, split, decoders=None, read_config=None, shuffle_files=False):
+    """Mock COCO examples where every other image has no objects (as ~1% of real COCO has)."""
+    del split, decoders, read_config, shuffle_files
+    features = self.info.features
+
+    def examples():
+        for i, ex in enumerate(RandomFakeGenerator(features, num_examples=4)):
+            if i % 2 == 0:
+                ex["objects"] = {k: v[:0] for k, v in ex["objects"].items()}
+            yield ex
+
+    signature = tf.nest.map_structure(
+        lambda t: tf.TensorSpec(t.shape, t.tf_dtype), features.get_tensor_info()
+    )
+    return tf.data.Dataset.from_generator(examples, output_signature=signature)
+
+
+def test_image_without_objects_gives_an_all_zero_row():
+    with tfds.testing.mock_data(as_dataset_fn=_coco_with_empty_images):
+        out = tfds_multilabel.load_tfds_multilabel("coco2017", "test", data_dir=None, image_size=8)
+        raw = _raw_examples("coco/2017", "validation")
+    assert [len(ex["objects"]["label"]) == 0 for ex in raw] == [True, False, True, False]
+    assert out["labels"].shape == (4, 80)
+    ids = [ex["objects"]["label"] for ex in raw]
+    np.testing.assert_array_equal(out["labels"], _expected_multi_hot(ids, 80))
+    assert out["labels"][0].sum() == 0 and out["labels"][1].sum() > 0
+
+
+def test_multi_hot_of_empty_and_repeated_ids():
+    empty = tfds_multilabel._multi_hot(tf.zeros([0], tf.int64), 5).numpy()
+    np.testing.assert_array_equal(empty, np.zeros(5, np.float32))
+    repeated = tfds_multilabel._multi_hot(tf.constant([3, 0, 3, 3], tf.int64), 5).numpy()
+    np.testing.assert_array_equal(repeated, [1, 0, 0, 1, 0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "foo"}, "`name`: got 'foo', expected one of ['coco2017', 'voc2007']."),
+        ({"name": "voc/2007"}, "`name`: got 'voc/2007', expected one of ['coco2017', 'voc2007']."),
+        ({"split": "validation"}, "`split`: got 'validation', expected one of ['train', 'test']."),
+        ({"image_size": 0}, "`image_size`: got 0, expected an int >= 1."),
+        ({"image_size": 32.0}, "`image_size`: got 32.0, expected an int >= 1."),
+        ({"max_examples": 0}, "`max_examples`: got 0, expected None or an int >= 1."),
+    ],
+)
+def test_bad_arguments_raise_a_value_error_naming_them(kwargs, message):
+    args = {"name": "voc2007", "split": "train", "image_size": IMAGE_SIZE, **kwargs}
+    name, split = args.pop("name"), args.pop("split")
+    # Raised before tfds is touched: no mock needed, nothing is downloaded.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tfds_multilabel.load_tfds_multilabel(name, split, data_dir="/nonexistent", **args)
+
+
+def test_table():
+    table = tfds_multilabel.TFDS_MULTILABEL
+    assert sorted(table) == ["coco2017", "voc2007"]
+    for name, (tfds_name, splits, label_key, num_classes) in EXPECTED.items():
+        spec = table[name]
+        assert (spec.tfds_name, spec.num_classes, spec.label_key) == (
+            tfds_name,
+            num_classes,
+            label_key,
+        )
+        assert (spec.train_split, spec.test_split) == (splits["train"], splits["test"])
