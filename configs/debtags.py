@@ -18,20 +18,20 @@ def get_config(profile: str = ""):
     config = config_lib.load_config_file("default")
     config.dataset.name = "debtags"
     config.dataset.vocab_size = 8000
-    config.dataset.max_length = 64
+    config.dataset.max_length = 48
     config.model.encoder = ml_collections.ConfigDict(
         {
             "name": "transformer",
             "vocab_size": config.dataset.vocab_size,
             "max_length": config.dataset.max_length,
-            "width": 128,
+            "width": 64,
             "depth": 2,
             "num_heads": 4,
-            "mlp_dim": 256,
+            "mlp_dim": 128,
         }
     )
-    config.batch_size = 256
-    config.num_train_steps = 600
+    config.batch_size = 128
+    config.num_train_steps = 500
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 50
     config.linear_eval.num_steps = 1000

@@ -57,6 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.linear_eval.learning_rate = 1e-2
     config.linear_eval.weight_decay = 1e-5
     config.linear_eval.random_init_baseline = True  # also probe a randomly initialised encoder
+    # Also write workdir/test_outputs.npz: test features, scores and labels.
+    config.linear_eval.save_test_outputs = False
 
     config.eval_batch_size = 512
     config.log_every_steps = 25

@@ -49,3 +49,72 @@ def multilabel_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float 
         if k <= labels.shape[1]:
             result[f"precision_at_{k}"] = precision_at_k(scores, labels, k)
     return {key: float(value) for key, value in result.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Long-tail analysis: per-label metrics, frequency groups and bootstrap replicates
+# --------------------------------------------------------------------------------------------
+
+
+def per_label_average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AP of every column at once: float64 [C], NaN for a column with no positive.
+
+    Equal to `sklearn.metrics.average_precision_score` per column when scores have no ties
+    (tied scores are ranked in index order here); vectorised because the bootstrap calls it
+    hundreds of times on thousands of labels.
+    """
+    order = np.argsort(-scores, axis=0, kind="stable")
+    ranked = np.take_along_axis(np.asarray(labels, np.float64), order, axis=0)
+    hits = np.cumsum(ranked, axis=0)
+    precision = hits / np.arange(1, len(ranked) + 1)[:, None]
+    num_positives = ranked.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(num_positives > 0, (precision * ranked).sum(axis=0) / num_positives, np.nan)
+
+
+def per_label_f1(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """F1 of every column at `threshold`: float64 [C]; 0 where it is 0/0 (sklearn's default)."""
+    predicted = scores >= threshold
+    truth = np.asarray(labels) > 0
+    true_positives = (predicted & truth).sum(axis=0)
+    denominator = predicted.sum(axis=0) + truth.sum(axis=0)
+    return np.where(denominator > 0, 2 * true_positives / np.maximum(denominator, 1), 0.0)
+
+
+def frequency_groups(train_label_counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Label indices split into head, medium and tail thirds by training frequency."""
+    order = np.argsort(-np.asarray(train_label_counts), kind="stable")
+    head, medium, tail = np.array_split(order, 3)
+    return {"head": np.sort(head), "medium": np.sort(medium), "tail": np.sort(tail)}
+
+
+def bootstrap_group_metrics(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    groups: dict[str, np.ndarray],
+    *,
+    num_resamples: int = 200,
+    seed: int = 0,
+) -> dict[str, dict[str, list[float]]]:
+    """Macro-F1 and mAP of each label group on the test set and on bootstrap resamples of it.
+
+    Resample r draws test examples with `default_rng((seed, r))`, so two runs scored on the same
+    test set see the same resamples and their replicates can be compared pairwise.
+
+    Returns:
+      {group: {"macro_f1": [point, r_1, ..., r_R], "mAP": [point, r_1, ...]}}; a group's mAP
+      averages the labels that have a positive in that sample.
+    """
+    results = {g: {"macro_f1": [], "mAP": []} for g in groups}
+    num_examples = len(labels)
+    samples = [np.arange(num_examples)] + [
+        np.random.default_rng((seed, r)).integers(0, num_examples, num_examples)
+        for r in range(num_resamples)
+    ]
+    for sample in samples:
+        ap = per_label_average_precision(scores[sample], labels[sample])
+        f1 = per_label_f1(scores[sample], labels[sample])
+        for group, members in groups.items():
+            results[group]["mAP"].append(float(np.nanmean(ap[members])))
+            results[group]["macro_f1"].append(float(f1[members].mean()))
+    return results

@@ -251,7 +251,11 @@ def encode_all(model, inputs: np.ndarray, modality: str, batch_size: int, mesh) 
 
 
 def linear_evaluation(config, train_features, train_labels, test_features, test_labels):
-    """Fits a linear multi-label classifier with sigmoid BCE; returns held-out metrics."""
+    """Fits a linear multi-label classifier with sigmoid BCE.
+
+    Returns:
+      (held-out metrics, held-out scores float32 [N, C]).
+    """
     eval_config = config.linear_eval
     # Standardising with training statistics makes one learning rate fit every encoder.
     mean, std = train_features.mean(axis=0), train_features.std(axis=0) + 1e-6
@@ -286,7 +290,7 @@ def linear_evaluation(config, train_features, train_labels, test_features, test_
         )
         step(classifier, optimizer, train_x[indices], train_y[indices])
     scores = np.asarray(jax.nn.sigmoid(classifier(test_x)))
-    return evaluation.multilabel_metrics(scores, test_labels)
+    return evaluation.multilabel_metrics(scores, test_labels), scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,9 +473,18 @@ def _train_and_evaluate(config, workdir: Path, stop_requested: list) -> dict:
             encode_all(probed_model, split["inputs"], modality, config.eval_batch_size, mesh)
             for split in (train, test)
         )
-        results[name] = linear_evaluation(
+        results[name], scores = linear_evaluation(
             config, train_features, train["labels"], test_features, test["labels"]
         )
+        if name == "linear_eval" and config.linear_eval.save_test_outputs and is_chief:
+            # For analyses past the summary metrics: per-label results, embedding plots.
+            np.savez_compressed(
+                workdir / "test_outputs.npz",
+                features=test_features.astype(np.float16),
+                scores=scores.astype(np.float16),
+                labels=test["labels"].astype(np.uint8),
+                train_label_counts=train["labels"].sum(axis=0),
+            )
         writer.write_scalars(
             config.num_train_steps, {f"{name}/{k}": v for k, v in results[name].items()}
         )

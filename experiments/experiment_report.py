@@ -1,0 +1,438 @@
+"""Tables, significance tests and figures from the suite's result files, into the README.
+
+Significance: S-D against a baseline is a paired t-test over seeds (runs with the same seed share
+the data order), scipy.stats.ttest_rel. Long-tail intervals are percentile bootstrap intervals
+over test examples, with the replicates averaged over seeds; a difference is called significant
+when its paired-bootstrap 95% interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+from suite import (
+    ABLATIONS,
+    BASELINES,
+    COMPARED,
+    DATASETS,
+    DEFAULT_TEMPERATURE,
+    PROFILES,
+    SEEDS,
+    TEMPERATURES,
+    TSNE_DATASET,
+    TSNE_METHODS,
+    Run,
+    best_baseline,
+    load_result,
+)
+
+METRICS = ("micro_f1", "macro_f1", "mAP", "micro_auc", "macro_auc")
+METRIC_NAMES = {
+    "micro_f1": "micro-F1",
+    "macro_f1": "macro-F1",
+    "mAP": "mAP",
+    "micro_auc": "micro-AUC",
+    "macro_auc": "macro-AUC",
+}
+RELATION_COLORS = {
+    "identical": "tab:red",
+    "subset": "tab:orange",
+    "superset": "tab:purple",
+    "overlap": "tab:green",
+    "disjoint": "lightgray",
+}
+
+
+def seed_values(results_dir, dataset, method, metric, temperature=DEFAULT_TEMPERATURE):
+    """{seed: value} over the seeds whose runs have finished."""
+    values = {}
+    for seed in SEEDS:
+        record = load_result(results_dir, Run(dataset, method, seed, temperature))
+        if record is not None:
+            values[seed] = record["linear_eval"][metric]
+    return values
+
+
+def mean_std(values: dict) -> str:
+    if not values:
+        return "–"
+    array = np.array(list(values.values()))
+    return f"{array.mean():.4f} ± {array.std(ddof=1) if len(array) > 1 else 0:.4f}"
+
+
+def paired_test(a: dict, b: dict) -> tuple[float, float, int]:
+    """(mean of a - b, two-sided p of the paired t-test, n) over the seeds both have."""
+    seeds = sorted(set(a) & set(b))
+    diff = np.array([a[s] - b[s] for s in seeds])
+    if len(seeds) < 2 or np.all(diff == diff[0]):
+        return float(diff.mean()) if len(diff) else float("nan"), float("nan"), len(seeds)
+    return (
+        float(diff.mean()),
+        float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue),
+        len(seeds),
+    )
+
+
+def metric_table(results_dir, dataset, methods, temperature=DEFAULT_TEMPERATURE) -> list[str]:
+    """A markdown table of mean ± std per method; the best mean of each column in bold."""
+    cells = {
+        (m, k): seed_values(results_dir, dataset, m, k, temperature)
+        for m in methods
+        for k in METRICS
+    }
+    best = {}
+    for metric in METRICS:
+        means = {m: np.mean(list(cells[m, metric].values())) for m in methods if cells[m, metric]}
+        best[metric] = max(means, key=means.get) if means else None
+    lines = [
+        "| loss | " + " | ".join(METRIC_NAMES[k] for k in METRICS) + " | seeds |",
+        "|---" * (len(METRICS) + 2) + "|",
+    ]
+    for method in methods:
+        row = []
+        for metric in METRICS:
+            text = mean_std(cells[method, metric])
+            row.append(f"**{text}**" if best[metric] == method else text)
+        lines.append(f"| {method} | " + " | ".join(row) + f" | {len(cells[method, 'mAP'])} |")
+    return lines
+
+
+def significance_line(results_dir, dataset, reference: str, other: str) -> str:
+    parts = []
+    for metric in ("mAP", "macro_f1", "micro_f1"):
+        diff, p, n = paired_test(
+            seed_values(results_dir, dataset, reference, metric),
+            seed_values(results_dir, dataset, other, metric),
+        )
+        verdict = "significant" if p < 0.05 else "not significant"
+        parts.append(f"{METRIC_NAMES[metric]} Δ = {diff:+.4f} (p = {p:.3f}, n = {n}, {verdict})")
+    return f"{reference} − {other}: " + "; ".join(parts)
+
+
+def strongest_competitor(results_dir, dataset) -> str | None:
+    """The best of the baselines and BCE by mean mAP over finished seeds."""
+    means = {}
+    for method in (*BASELINES, "bce"):
+        values = seed_values(results_dir, dataset, method, "mAP")
+        if values:
+            means[method] = np.mean(list(values.values()))
+    return max(means, key=means.get) if means else None
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+def comparison_section(results_dir) -> list[str]:
+    lines = [
+        "### 1. Comparison",
+        "",
+        "Linear-probe metrics on the test split (mean ± sample std over seeds); the best mean",
+        "in each column is bold. The S-D row is compared with the strongest other entry by mAP",
+        "(a paired t-test over seeds).",
+        "",
+    ]
+    for dataset in DATASETS:
+        lines += [f"**{dataset}**", "", *metric_table(results_dir, dataset, COMPARED), ""]
+        rival = strongest_competitor(results_dir, dataset)
+        if rival and seed_values(results_dir, dataset, "sd", "mAP"):
+            lines += [significance_line(results_dir, dataset, "sd", rival), ""]
+    return lines
+
+
+def ablation_section(results_dir) -> list[str]:
+    lines = [
+        "### 2. Ablation: the two factors of S-D",
+        "",
+        "`sd_similarity_only` keeps K_s = |S∩T|/|S| and `sd_dissimilarity_only` keeps",
+        "K_d = 1/(1 + |T \\ S|); `sd` multiplies them (SPEC.md; S is the anchor's label set).",
+        "",
+    ]
+    for dataset in DATASETS:
+        lines += [f"**{dataset}**", "", *metric_table(results_dir, dataset, ("sd", *ABLATIONS)), ""]
+        for ablation in ABLATIONS:
+            if seed_values(results_dir, dataset, ablation, "mAP"):
+                lines += [significance_line(results_dir, dataset, "sd", ablation), ""]
+    return lines
+
+
+def temperature_section(profile, results_dir, figure_path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = PROFILES[profile]["temperature_datasets"]
+    lines = [
+        "### 3. Temperature",
+        "",
+        "Test mAP (mean ± std over seeds) against τ, for S-D and for the best contrastive",
+        "baseline of the comparison on that dataset.",
+        "",
+    ]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        baseline = best_baseline(results_dir, dataset)
+        methods = ("sd", baseline) if baseline else ("sd",)
+        lines += [
+            f"**{dataset}**",
+            "",
+            "| τ | " + " | ".join(f"{m} mAP" for m in methods) + " |",
+            "|---" * (len(methods) + 1) + "|",
+        ]
+        for temperature in TEMPERATURES:
+            cells = [
+                mean_std(seed_values(results_dir, dataset, m, "mAP", temperature)) for m in methods
+            ]
+            lines.append(f"| {temperature:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for method in methods:
+            points = [
+                (t, list(seed_values(results_dir, dataset, method, "mAP", t).values()))
+                for t in TEMPERATURES
+            ]
+            points = [(t, v) for t, v in points if v]
+            if points:
+                ax.errorbar(
+                    [t for t, _ in points],
+                    [np.mean(v) for _, v in points],
+                    yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for _, v in points],
+                    marker="o",
+                    capsize=3,
+                    label=method,
+                )
+        ax.set(xscale="log", xlabel="temperature τ", ylabel="test mAP", title=dataset)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(figure_path, dpi=110)
+    plt.close(fig)
+    lines += [f"![mAP against temperature]({figure_path.name})", ""]
+    return lines
+
+
+def longest_tail_dataset(results_dir) -> str | None:
+    """The dataset whose training labels are most imbalanced (max count / min count)."""
+    ratios = {}
+    for dataset in DATASETS:
+        record = load_result(results_dir, Run(dataset, "sd", SEEDS[0]))
+        if record:
+            counts = np.array(record["train_label_counts"], float)
+            ratios[dataset] = counts.max() / max(counts.min(), 1.0)
+    return max(ratios, key=ratios.get) if ratios else None
+
+
+def seed_averaged_replicates(results_dir, dataset, method, group, metric) -> np.ndarray | None:
+    """[1 + R]: the point estimate and bootstrap replicates, averaged over finished seeds."""
+    records = [load_result(results_dir, Run(dataset, method, s)) for s in SEEDS]
+    records = [r for r in records if r is not None]
+    if not records:
+        return None
+    return np.mean([r["group_bootstrap"][group][metric] for r in records], axis=0)
+
+
+def interval(replicates: np.ndarray) -> str:
+    low, high = np.percentile(replicates[1:], [2.5, 97.5])
+    return f"{replicates[0]:.4f} [{low:.4f}, {high:.4f}]"
+
+
+def longtail_section(results_dir, figure_path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dataset = longest_tail_dataset(results_dir)
+    if dataset is None:
+        return ["### 4. Long tail", "", "No finished runs yet.", ""]
+    record = load_result(results_dir, Run(dataset, "sd", SEEDS[0]))
+    counts = np.array(record["train_label_counts"])
+    groups = record["label_groups"]
+    lines = [
+        "### 4. Long tail",
+        "",
+        f"On **{dataset}**, the dataset with the most imbalanced training labels (the most",
+        f"frequent label has {counts.max()} training examples, the rarest {counts.min()}). Its",
+        "labels are split into thirds by training frequency; each cell is the seed-averaged",
+        "value with its 95% bootstrap interval over test examples.",
+        "",
+        "| group | labels | training examples per label |",
+        "|---|---|---|",
+    ]
+    for group, members in groups.items():
+        group_counts = counts[members]
+        lines.append(f"| {group} | {len(members)} | {group_counts.min()}–{group_counts.max()} |")
+    lines.append("")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    for ax, metric in zip(axes, ("macro_f1", "mAP"), strict=True):
+        lines += [
+            f"**{METRIC_NAMES[metric]}**",
+            "",
+            "| loss | " + " | ".join(groups) + " |",
+            "|---" * (len(groups) + 1) + "|",
+        ]
+        width = 0.8 / len(COMPARED)
+        for i, method in enumerate(COMPARED):
+            cells, heights, errors = [], [], []
+            for group in groups:
+                replicates = seed_averaged_replicates(results_dir, dataset, method, group, metric)
+                if replicates is None:
+                    cells.append("–")
+                    heights.append(np.nan)
+                    errors.append((0, 0))
+                    continue
+                cells.append(interval(replicates))
+                low, high = np.percentile(replicates[1:], [2.5, 97.5])
+                heights.append(replicates[0])
+                errors.append((replicates[0] - low, high - replicates[0]))
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            ax.bar(
+                np.arange(len(groups)) + i * width,
+                heights,
+                width,
+                yerr=np.array(errors).T,
+                capsize=2,
+                label=method,
+            )
+        lines.append("")
+        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, list(groups))
+        ax.set(ylabel=f"test {METRIC_NAMES[metric]}", title=f"{dataset}: {METRIC_NAMES[metric]}")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(figure_path, dpi=110)
+    plt.close(fig)
+    rival = strongest_competitor(results_dir, dataset)
+    if rival:
+        lines += [f"Paired bootstrap, sd − {rival} (the strongest other entry by mAP):", ""]
+        for metric in ("macro_f1", "mAP"):
+            parts = []
+            for group in groups:
+                ours = seed_averaged_replicates(results_dir, dataset, "sd", group, metric)
+                theirs = seed_averaged_replicates(results_dir, dataset, rival, group, metric)
+                if ours is None or theirs is None:
+                    continue
+                diff = ours - theirs
+                low, high = np.percentile(diff[1:], [2.5, 97.5])
+                verdict = "significant" if low > 0 or high < 0 else "not significant"
+                parts.append(f"{group} {diff[0]:+.4f} [{low:+.4f}, {high:+.4f}] ({verdict})")
+            lines.append(f"- {METRIC_NAMES[metric]}: " + "; ".join(parts))
+        lines.append("")
+    lines += [f"![long-tail groups]({figure_path.name})", ""]
+    return lines
+
+
+def choose_anchor(labels: np.ndarray, relations: np.ndarray) -> int:
+    """The example whose relations to the others are most balanced over the five kinds."""
+    counts = np.stack([(relations == r).sum(axis=1) for r in range(5)], axis=1)
+    return int(np.argmax(counts.min(axis=1)))
+
+
+def tsne_section(results_dir, figure_path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    from sdjax.losses import Relation, label_relations
+
+    paths = {m: results_dir / "embeddings" / f"{TSNE_DATASET}_{m}.npz" for m in TSNE_METHODS}
+    if not all(path.exists() for path in paths.values()):
+        return ["### 5. Embeddings", "", "Not run yet.", ""]
+    lines = [
+        "### 5. Embeddings",
+        "",
+        f"t-SNE (sklearn, perplexity 30, PCA init, seed 0) of {TSNE_DATASET} test features",
+        "(seed 0). Points are coloured by how their label set relates to one anchor's (the star),",
+        "chosen as the test example whose five relation counts are the most balanced. The table",
+        "gives the mean cosine similarity to the anchor in the encoder's own feature space.",
+        "",
+        "| loss | " + " | ".join(RELATION_COLORS) + " |",
+        "|---" * (len(RELATION_COLORS) + 1) + "|",
+    ]
+    fig, axes = plt.subplots(1, len(paths), figsize=(6 * len(paths), 5.5))
+    for ax, (method, path) in zip(axes, paths.items(), strict=True):
+        data = np.load(path)
+        features, labels = data["features"].astype(np.float32), data["labels"]
+        relations = np.asarray(label_relations(labels))
+        anchor = choose_anchor(labels, relations)
+        relation = relations[anchor]
+        normed = features / np.linalg.norm(features, axis=1, keepdims=True)
+        cosine = normed @ normed[anchor]
+        cells = []
+        for code in range(len(RELATION_COLORS)):
+            members = (relation == code) & (np.arange(len(relation)) != anchor)
+            cells.append(f"{cosine[members].mean():.3f} (n={members.sum()})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        points = TSNE(perplexity=30, init="pca", random_state=0).fit_transform(features)
+        for code, (name, color) in reversed(list(enumerate(RELATION_COLORS.items()))):
+            members = relation == code
+            ax.scatter(*points[members].T, s=6, c=color, label=f"{name} ({members.sum()})")
+        ax.scatter(*points[anchor], s=250, marker="*", c="black", label="anchor")
+        anchor_labels = ", ".join(str(c) for c in np.flatnonzero(labels[anchor]))
+        ax.set(title=f"{method}: anchor labels {{{anchor_labels}}}", xticks=[], yticks=[])
+        ax.legend(fontsize=7, markerscale=2)
+    assert [r.name.lower() for r in Relation] == list(RELATION_COLORS)
+    fig.tight_layout()
+    fig.savefig(figure_path, dpi=110)
+    plt.close(fig)
+    lines += ["", f"![t-SNE by relation]({figure_path.name})", ""]
+    return lines
+
+
+def runs_table(results_dir) -> tuple[list[str], list[dict]]:
+    records = sorted(
+        (json.loads(p.read_text()) for p in (results_dir / "runs").rglob("*.json")),
+        key=lambda r: (
+            r["run"]["dataset"],
+            r["run"]["method"],
+            r["run"]["temperature"],
+            r["run"]["seed"],
+        ),
+    )
+    lines = ["| run | mAP | wall time (s) | hardware |", "|---|---|---|---|"]
+    for r in records:
+        run = Run(**r["run"])
+        lines.append(
+            f"| {run.name} | {r['linear_eval']['mAP']:.4f} | {r['wall_seconds']:.0f} | "
+            f"{r['hardware']} |"
+        )
+    return lines, records
+
+
+def write_report(profile: str, results_dir: Path, readme: Path) -> None:
+    """Rebuilds the report of `profile` and puts it between its markers in `readme`."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    runs, records = runs_table(results_dir)
+    total_seconds = sum(r["wall_seconds"] for r in records)
+    hardware = {r["hardware"] for r in records}
+    (results_dir / "runs.md").write_text(
+        f"# Every finished run of the {profile} profile\n\n" + "\n".join(runs) + "\n"
+    )
+    body = [
+        f"## Results: the `{profile}` profile",
+        "",
+        f"{len(records)} finished runs, {total_seconds / 3600:.2f} h of run time in all, on "
+        f"{'; '.join(sorted(hardware)) or '–'}. Every run's wall time and hardware: "
+        f"[results/{profile}/runs.md](results/{profile}/runs.md).",
+        "",
+        *comparison_section(results_dir),
+        *ablation_section(results_dir),
+        *temperature_section(profile, results_dir, results_dir / "temperature.png"),
+        *longtail_section(results_dir, results_dir / "longtail.png"),
+        *tsne_section(results_dir, results_dir / "tsne.png"),
+    ]
+    body = [re.sub(r"\(([a-z]+\.png)\)", rf"(results/{profile}/\1)", line) for line in body]
+    text = readme.read_text() if readme.exists() else ""
+    begin, end = f"<!-- report:{profile}:begin -->", f"<!-- report:{profile}:end -->"
+    block = f"{begin}\n" + "\n".join(body) + f"\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    readme.write_text(text)
+    (results_dir / "report.md").write_text("\n".join(body) + "\n")

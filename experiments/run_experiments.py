@@ -1,0 +1,154 @@
+"""The experiment suite: does S-D beat its baselines? Comparison, ablation, temperature, long tail
+and the embedding picture, on every embedded dataset.
+
+Every run is one `sdjax.train.train_and_evaluate` call; its result goes to one JSON file under
+experiments/results/<profile>/runs/, and a run whose file exists is skipped, so an interrupted
+suite continues where it stopped. The report (tables, significance, figures) is rebuilt from the
+result files and written into experiments/README.md.
+
+COMMAND:
+  python experiments/run_experiments.py --profile=quick   # the whole suite, <= 60 min on 2 CPUs
+  python experiments/run_experiments.py --profile=full    # the committed numbers; resumable
+  python experiments/run_experiments.py --profile=full --report_only   # tables from the files
+  python experiments/run_experiments.py --profile=quick --dry_run      # list the runs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags, logging
+
+EXPERIMENTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(EXPERIMENTS))
+
+import experiment_report  # noqa: E402  (next to this file)
+from suite import (  # noqa: E402
+    COMMON_OVERRIDES,
+    CONFIG_FILES,
+    DEFAULT_TEMPERATURE,
+    PROFILES,
+    TSNE_DATASET,
+    TSNE_METHODS,
+    TSNE_POINTS,
+    Run,
+    plan,
+    result_path,
+)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("profile", "quick", ["quick", "full"], "Which budget to run.")
+flags.DEFINE_string("results_dir", str(EXPERIMENTS / "results"), "Where result files go.")
+flags.DEFINE_string("workdir", str(EXPERIMENTS / "workdirs"), "Scratch space for checkpoints.")
+flags.DEFINE_string("data_dir", "", "tfds data dir; '' = $TFDS_DATA_DIR or the sdjax cache.")
+flags.DEFINE_bool("report_only", False, "Only rebuild the report from existing result files.")
+flags.DEFINE_bool("dry_run", False, "Only list the planned runs.")
+flags.DEFINE_list("sections", [], "Run only these sections (default: all).")
+
+
+def run_config(profile: str, run: Run, data_dir: str):
+    from sdjax import config_lib
+
+    config = config_lib.load_config_file(CONFIG_FILES[run.dataset])
+    overrides = {
+        **COMMON_OVERRIDES,
+        **PROFILES[profile]["datasets"][run.dataset],
+        "seed": run.seed,
+        "dataset.data_dir": data_dir,
+    }
+    if run.method == "bce":
+        overrides["method"] = "bce"
+    else:
+        overrides["loss.positives"] = run.method
+        overrides["loss.temperature"] = run.temperature
+    return config_lib.override(config, **overrides)
+
+
+def execute(profile: str, run: Run, results_dir: Path, workdir_root: Path, data_dir: str):
+    """Trains and evaluates `run`, then writes its result file (and t-SNE inputs if wanted)."""
+    import jax
+
+    from sdjax import evaluation, train
+
+    config = run_config(profile, run, data_dir)
+    workdir = workdir_root / profile / run.name
+    start = time.time()
+    results = train.train_and_evaluate(config, workdir)
+    outputs = np.load(workdir / "test_outputs.npz")
+    scores, labels = outputs["scores"].astype(np.float32), outputs["labels"]
+    groups = evaluation.frequency_groups(outputs["train_label_counts"])
+    record = {
+        "run": dataclasses.asdict(run),
+        "profile": profile,
+        "linear_eval": results["linear_eval"],
+        "final_train_loss": results["final_train_loss"],
+        "heldout_stage1_loss": results["heldout_stage1_loss"],
+        "train_label_counts": outputs["train_label_counts"].astype(int).tolist(),
+        "label_groups": {g: v.tolist() for g, v in groups.items()},
+        "group_bootstrap": evaluation.bootstrap_group_metrics(scores, labels, groups),
+        "wall_seconds": time.time() - start,
+        "hardware": f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores, {platform.machine()}",
+        "config_overrides": PROFILES[profile]["datasets"][run.dataset],
+    }
+    if run.dataset == TSNE_DATASET and run.method in TSNE_METHODS and run.seed == 0:
+        if run.temperature == DEFAULT_TEMPERATURE:
+            path = results_dir / "embeddings" / f"{run.dataset}_{run.method}.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(
+                path,
+                features=outputs["features"][:TSNE_POINTS],
+                labels=labels[:TSNE_POINTS],
+            )
+    path = result_path(results_dir, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written last and atomically: a file exists only for a finished run.
+    path.with_suffix(".tmp").write_text(json.dumps(record, indent=1) + "\n")
+    path.with_suffix(".tmp").replace(path)
+    shutil.rmtree(workdir, ignore_errors=True)  # checkpoints are no longer needed
+    return record
+
+
+def main(argv):
+    del argv
+    results_dir = Path(FLAGS.results_dir) / FLAGS.profile
+    import jax
+
+    # Runs that differ only in the loss share the probe's and the encoder's compiled programs.
+    jax.config.update("jax_compilation_cache_dir", str(Path(FLAGS.workdir) / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if not FLAGS.report_only:
+        # Two passes: the temperature sweep is planned once the comparison has picked a baseline.
+        for _ in range(2):
+            runs = plan(FLAGS.profile, results_dir, FLAGS.sections)
+            pending = [r for r in runs if not result_path(results_dir, r).exists()]
+            print(f"{len(runs)} runs planned, {len(pending)} to do.", flush=True)
+            if FLAGS.dry_run:
+                print("\n".join(r.name for r in pending))
+                return
+            suite_start = time.time()
+            for i, run in enumerate(pending):
+                record = execute(
+                    FLAGS.profile, run, results_dir, Path(FLAGS.workdir), FLAGS.data_dir
+                )
+                elapsed = time.time() - suite_start
+                eta = elapsed / (i + 1) * (len(pending) - i - 1)
+                print(
+                    f"[{i + 1}/{len(pending)}] {run.name}: mAP "
+                    f"{record['linear_eval']['mAP']:.4f} in {record['wall_seconds']:.0f} s; "
+                    f"ETA {eta / 60:.0f} min",
+                    flush=True,
+                )
+    logging.set_verbosity(logging.WARNING)
+    experiment_report.write_report(FLAGS.profile, results_dir, EXPERIMENTS / "README.md")
+
+
+if __name__ == "__main__":
+    app.run(main)
