@@ -28,26 +28,20 @@ TSNE_DATASET = "mnist_mosaic"
 TSNE_METHODS = ("sd", "any")
 TSNE_POINTS = 1500
 
+QUICK_MOSAIC = {
+    "num_train_steps": 60,
+    "batch_size": 128,
+    "optimizer.warmup_steps": 10,
+    "dataset.train_examples": 3000,
+    "dataset.test_examples": 1000,
+    "linear_eval.num_steps": 300,
+}
 # Per-dataset config overrides. Quick: fewer steps and examples, the same models and protocol.
 PROFILES = {
     "quick": {
         "datasets": {
-            "mnist_mosaic": {
-                "num_train_steps": 60,
-                "batch_size": 128,
-                "optimizer.warmup_steps": 10,
-                "dataset.train_examples": 3000,
-                "dataset.test_examples": 1000,
-                "linear_eval.num_steps": 300,
-            },
-            "fashion_mosaic": {
-                "num_train_steps": 60,
-                "batch_size": 128,
-                "optimizer.warmup_steps": 10,
-                "dataset.train_examples": 3000,
-                "dataset.test_examples": 1000,
-                "linear_eval.num_steps": 300,
-            },
+            "mnist_mosaic": QUICK_MOSAIC,
+            "fashion_mosaic": QUICK_MOSAIC,
             "yeast": {"num_train_steps": 200, "linear_eval.num_steps": 500},
             "debtags": {
                 "num_train_steps": 80,

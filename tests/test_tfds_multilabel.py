@@ -14,6 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing.mocking import RandomFakeGenerator
 
+from sdjax import config_lib, input_pipeline, train
 from sdjax.datasets import tfds_multilabel
 
 NUM_EXAMPLES = 6
@@ -172,3 +173,17 @@ def test_table():
             label_key,
         )
         assert (spec.train_split, spec.test_split) == (splits["train"], splits["test"])
+
+
+def test_voc_config_trains_end_to_end_on_mock_data(tmp_path):
+    config = config_lib.load_config_file("voc2007", "tiny")
+    config.dataset.data_dir = str(tmp_path)
+    with tfds.testing.mock_data(num_examples=128):
+        loaded = input_pipeline.load_split("voc2007", "test", data_dir=str(tmp_path), image_size=32)
+        results = train.train_and_evaluate(config, tmp_path / "run")
+    assert loaded["inputs"].shape == (128, 32, 32, 3) and loaded["labels"].shape == (128, 20)
+    assert np.isfinite(results["final_train_loss"])
+    assert results["linear_eval"]["num_scored_classes"] > 0
+    coco = config_lib.load_config_file("coco2017")
+    train.check_config(coco)  # the GPU/TPU settings are a valid config
+    assert (coco.dataset.name, coco.model.encoder.in_channels) == ("coco2017", 3)

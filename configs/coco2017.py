@@ -1,0 +1,25 @@
+"""S-D pre-training of a ResNet on COCO 2017 (the set of 80 object categories per image).
+
+tfds downloads `coco/2017` (about 25 GB) into the data dir on first use; train on "train",
+test on "validation". At 160 px the training images take about 9 GB of host memory. Settings
+for a GPU/TPU slice; the batch is global and split over every device of every host.
+
+COMMAND:
+  python -m sdjax.main --config configs/coco2017.py --workdir workdirs/coco2017
+  python -m sdjax.main --config configs/coco2017.py --workdir workdirs/coco2017 \
+      --config.distributed=True   # on each host of a multi-host slice
+"""
+
+from sdjax import config_lib
+
+
+def get_config(profile: str = ""):
+    config = config_lib.load_config_file("voc2007", profile)
+    config.dataset.name = "coco2017"
+    if not profile:
+        config.dataset.image_size = 160
+        config.batch_size = 1024
+        config.num_train_steps = 20_000
+        config.optimizer.warmup_steps = 1_000
+        config.linear_eval.num_steps = 10_000
+    return config
