@@ -207,6 +207,8 @@ def temperature_section(profile, results_dir, figure_path) -> list[str]:
                     label=method,
                 )
         ax.set(xscale="log", xlabel="temperature τ", ylabel="test mAP", title=dataset)
+        ax.set_xticks(TEMPERATURES, [f"{t:g}" for t in TEMPERATURES])
+        ax.minorticks_off()
         ax.legend()
     fig.tight_layout()
     fig.savefig(figure_path, dpi=110)
@@ -369,13 +371,15 @@ def tsne_section(results_dir, figure_path) -> list[str]:
             cells.append(f"{cosine[members].mean():.3f} (n={members.sum()})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
         points = TSNE(perplexity=30, init="pca", random_state=0).fit_transform(features)
+        others = np.arange(len(relation)) != anchor
         for code, (name, color) in reversed(list(enumerate(RELATION_COLORS.items()))):
-            members = relation == code
+            members = (relation == code) & others
             ax.scatter(*points[members].T, s=6, c=color, label=f"{name} ({members.sum()})")
-        ax.scatter(*points[anchor], s=250, marker="*", c="black", label="anchor")
-        anchor_labels = ", ".join(str(c) for c in np.flatnonzero(labels[anchor]))
-        ax.set(title=f"{method}: anchor labels {{{anchor_labels}}}", xticks=[], yticks=[])
         ax.legend(fontsize=7, markerscale=2)
+        # Drawn after the legend so that the big star stays out of it.
+        ax.scatter(*points[anchor], s=250, marker="*", c="black", edgecolors="white")
+        anchor_labels = ", ".join(str(c) for c in np.flatnonzero(labels[anchor]))
+        ax.set(title=f"{method}: anchor ★ has labels {{{anchor_labels}}}", xticks=[], yticks=[])
     assert [r.name.lower() for r in Relation] == list(RELATION_COLORS)
     fig.tight_layout()
     fig.savefig(figure_path, dpi=110)

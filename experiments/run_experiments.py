@@ -52,6 +52,7 @@ flags.DEFINE_string("data_dir", "", "tfds data dir; '' = $TFDS_DATA_DIR or the s
 flags.DEFINE_bool("report_only", False, "Only rebuild the report from existing result files.")
 flags.DEFINE_bool("dry_run", False, "Only list the planned runs.")
 flags.DEFINE_list("sections", [], "Run only these sections (default: all).")
+flags.DEFINE_list("datasets", [], "Run only these datasets (default: all).")
 
 
 def run_config(profile: str, run: Run, data_dir: str):
@@ -127,7 +128,7 @@ def main(argv):
     if not FLAGS.report_only:
         # Two passes: the temperature sweep is planned once the comparison has picked a baseline.
         for _ in range(2):
-            runs = plan(FLAGS.profile, results_dir, FLAGS.sections)
+            runs = plan(FLAGS.profile, results_dir, FLAGS.sections, FLAGS.datasets)
             pending = [r for r in runs if not result_path(results_dir, r).exists()]
             print(f"{len(runs)} runs planned, {len(pending)} to do.", flush=True)
             if FLAGS.dry_run:

@@ -100,8 +100,16 @@ def best_baseline(results_dir: Path, dataset: str) -> str | None:
     return max(means, key=means.get)
 
 
-def plan(profile: str, results_dir: Path, sections: list[str]) -> list[Run]:
-    """Every run of the chosen sections, in order; the temperature sweep needs the comparison."""
+def plan(
+    profile: str, results_dir: Path, sections: list[str], datasets: list[str] = ()
+) -> list[Run]:
+    """Every run of the chosen sections and datasets, in order.
+
+    The temperature sweep needs the comparison: its baseline is the best one there.
+    """
+    unknown = set(datasets) - set(DATASETS)
+    if unknown:
+        raise ValueError(f"datasets: unknown {sorted(unknown)}; expected some of {DATASETS}")
     wanted = set(sections or ("comparison", "ablation", "temperature", "longtail", "tsne"))
     runs = []
     if wanted & {"comparison", "longtail", "tsne"}:
@@ -118,4 +126,6 @@ def plan(profile: str, results_dir: Path, sections: list[str]) -> list[Run]:
                     if t != DEFAULT_TEMPERATURE
                     for s in SEEDS
                 ]
+    if datasets:
+        runs = [run for run in runs if run.dataset in datasets]
     return list(dict.fromkeys(runs))

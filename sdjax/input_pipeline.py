@@ -118,7 +118,8 @@ def load_split(
 
     `inputs` is uint8 [N, H, W, C] for images, float32 [N, F] for tabular data and int32 token
     ids [N, L] for text. Builds the dataset into `data_dir` on first use (offline for the
-    embedded datasets) and logs its statistics then.
+    embedded datasets). `load_train_and_test` logs each split's statistics as it loads it, so
+    the first build's are printed too; `label_statistics` computes them.
 
     Args:
       name: a key of DATASETS.
@@ -152,7 +153,10 @@ def load_train_and_test(dataset_config) -> tuple[dict, dict]:
     for split, limit in limits.items():
         arrays = load_split(name, split, **fields)
         if limit:  # the first `limit` in the fixed order: the same subset on every run
-            arrays = {key: value[:limit] for key, value in arrays.items()}
+            arrays = {
+                key: value[:limit] if key in ("inputs", "labels") else value
+                for key, value in arrays.items()
+            }
         logging.info("%s %s: %s", name, split, _describe(label_statistics(arrays["labels"])))
         splits.append(arrays)
     return splits[0], splits[1]

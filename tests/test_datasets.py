@@ -12,6 +12,7 @@ import struct
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import sentencepiece
@@ -244,6 +245,23 @@ def test_debtags_loads_token_ids_and_multi_hot_tags(apt_lists, tmp_path):
         test["inputs"][0], tokenizer.encode(model_path, [text], max_length=12)[0]
     )
     assert train["inputs"].max() < 64 and (train["inputs"] != tokenizer.PAD_ID).any(axis=1).all()
+
+
+def test_example_limits_cut_examples_not_the_label_names(apt_lists, tmp_path):
+    dataset = ml_collections.ConfigDict(
+        {
+            "name": "debtags",
+            "data_dir": str(tmp_path),
+            "source_dir": str(apt_lists),
+            "vocab_size": 64,
+            "max_length": 12,
+            "train_examples": 10,
+            "test_examples": 3,
+        }
+    )
+    train_split, test_split = input_pipeline.load_train_and_test(dataset)
+    assert train_split["inputs"].shape == (10, 12) and test_split["labels"].shape == (3, 5)
+    assert len(test_split["label_names"]) == 5
 
 
 def test_missing_apt_lists_say_how_to_get_them(tmp_path):

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
@@ -49,6 +50,10 @@ def test_plan_skips_nothing_it_needs_and_adds_the_best_baseline_sweep(tmp_path):
             write(tmp_path, run, 0.6 if run.method == "jaccard" else 0.5)
     swept = {r.method for r in suite.plan("quick", tmp_path, []) if r.temperature != 0.1}
     assert swept == {"sd", "jaccard"}
+    only_yeast = suite.plan("quick", tmp_path, [], ["yeast"])
+    assert only_yeast == [r for r in suite.plan("quick", tmp_path, []) if r.dataset == "yeast"]
+    with pytest.raises(ValueError, match=r"datasets: unknown \['imagenet'\]"):
+        suite.plan("quick", tmp_path, [], ["imagenet"])
 
 
 def test_report_means_bold_and_paired_t_test(tmp_path):
