@@ -1,11 +1,14 @@
 """Benchmark: the S-D loss's forward+backward in sdjax against dense PyTorch, eager and compiled.
 
-Every (implementation, N) runs in a fresh child process, so its peak RSS is its own. Writes
-`experiments/results/bench_loss.md` and `bench_loss.png`.
+Every (implementation, N) runs in a fresh child process, so its peak memory is its own: the
+process's peak RSS on the CPU, the framework allocator's peak on the GPU. Inputs are placed on
+the device before the timed calls, and outputs stay there. Writes
+`experiments/results/bench_loss.md` and `bench_loss.png` (`bench_loss_gpu.*` with `--gpu`).
 
 COMMAND:
   make bench                         # installs torch==2.13.0 into .venv, then runs this
   .venv/bin/python experiments/bench_loss.py [--sizes 1024,4096] [--impls sdjax,torch_eager]
+  python experiments/bench_loss.py --gpu   # both frameworks on the GPU, float32 matmuls
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ LABEL_DENSITY = 0.04
 TEMPERATURE = 0.07
 IMPLS = ("sdjax", "torch_eager", "torch_compile")
 RESULTS = Path(__file__).resolve().parent / "results"
+CPU_SIZES = (1024, 4096, 16384, 65536)
+GPU_SIZES = (1024, 4096, 16384, 32768, 65536, 262144)
 
 
 def make_inputs(num_views: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -46,22 +51,38 @@ def dense_flops(num_views: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Implementations (each returns a function features -> (loss, dloss/dfeatures) as numpy)
+# Implementations. Each returns (to_device, run): `to_device` places numpy features on the
+# device, and `run` computes (loss, dloss/dfeatures) there and waits for the result.
 # --------------------------------------------------------------------------------------------
 
 
-def sdjax_value_and_grad(labels: np.ndarray):
+def use_gpu_float32(gpu: bool) -> None:
+    """On the GPU, both frameworks multiply float32 in float32 (no TF32), so they do the same
+    arithmetic; PyTorch's default already does, JAX's may use TF32."""
+    if gpu:
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def sdjax_value_and_grad(labels: np.ndarray, gpu: bool = False, block_size: int | None = None):
     import jax
 
     from sdjax.losses import similarity_dissimilarity_loss
 
+    use_gpu_float32(gpu)
+    expected = "gpu" if gpu else "cpu"
+    if jax.default_backend() != expected:
+        raise RuntimeError(f"jax runs on {jax.default_backend()}, expected {expected}.")
     labels = jax.numpy.asarray(labels)
     step = jax.jit(
         jax.value_and_grad(
-            lambda f: similarity_dissimilarity_loss(f, labels, temperature=TEMPERATURE)
+            lambda f: similarity_dissimilarity_loss(
+                f, labels, temperature=TEMPERATURE, block_size=block_size
+            )
         )
     )
-    return lambda features: jax.block_until_ready(step(features))
+    return jax.numpy.asarray, lambda features: jax.block_until_ready(step(features))
 
 
 def torch_sd_loss(features, labels, temperature=TEMPERATURE):
@@ -85,25 +106,28 @@ def torch_sd_loss(features, labels, temperature=TEMPERATURE):
     return (per_anchor * has_positive).sum() / has_positive.sum().clamp(min=1)
 
 
-def torch_value_and_grad(labels: np.ndarray, compiled: bool):
+def torch_value_and_grad(labels: np.ndarray, compiled: bool, gpu: bool = False):
     import torch
 
-    labels = torch.from_numpy(labels)
+    device = "cuda" if gpu else "cpu"
+    labels = torch.from_numpy(labels).to(device)
     loss_fn = torch.compile(torch_sd_loss) if compiled else torch_sd_loss
 
     def run(features):
-        x = torch.from_numpy(np.asarray(features)).requires_grad_(True)
+        x = features.detach().requires_grad_(True)  # a fresh leaf: a fresh gradient
         loss = loss_fn(x, labels)
         loss.backward()
-        return loss.detach().numpy(), x.grad.numpy()
+        if gpu:
+            torch.cuda.synchronize()
+        return loss.detach(), x.grad
 
-    return run
+    return lambda features: torch.from_numpy(features).to(device), run
 
 
-def make_impl(name: str, labels: np.ndarray):
+def make_impl(name: str, labels: np.ndarray, gpu: bool, block_size: int | None):
     if name == "sdjax":
-        return sdjax_value_and_grad(labels)
-    return torch_value_and_grad(labels, compiled=name == "torch_compile")
+        return sdjax_value_and_grad(labels, gpu, block_size)
+    return torch_value_and_grad(labels, compiled=name == "torch_compile", gpu=gpu)
 
 
 def torch_available() -> bool:
@@ -128,9 +152,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(impl: str, num_views: int, repeats: int) -> dict:
+def peak_gpu_mb(impl: str) -> float:
+    """The peak of the framework's GPU allocator in this process."""
+    if impl == "sdjax":
+        import jax
+
+        return jax.local_devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def worker(impl: str, num_views: int, repeats: int, gpu: bool, block_size: int | None) -> dict:
     features, labels = make_inputs(num_views)
-    run = make_impl(impl, labels)
+    to_device, run = make_impl(impl, labels, gpu, block_size)
+    features = to_device(features)
     start = time.perf_counter()
     run(features)  # compiles
     first_call = time.perf_counter() - start
@@ -145,18 +181,24 @@ def worker(impl: str, num_views: int, repeats: int) -> dict:
         "median_s": float(np.median(times)),
         "times_s": times,
         "first_call_s": first_call,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_memory_mb": peak_gpu_mb(impl) if gpu else peak_rss_mb(),
     }
 
 
-def check_agreement(num_views: int = 256) -> float:
+def check_agreement(gpu: bool, num_views: int = 256) -> float:
     """sdjax and the PyTorch reference agree in value and gradient before anything is timed."""
     features, labels = make_inputs(num_views, seed=1)
-    loss, grad = sdjax_value_and_grad(labels)(features)
-    torch_loss, torch_grad = torch_value_and_grad(labels, compiled=False)(features)
-    np.testing.assert_allclose(np.asarray(loss), torch_loss, rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(grad), torch_grad, rtol=1e-3, atol=1e-6)
-    return float(loss)
+    results = []
+    for to_device, run in (
+        sdjax_value_and_grad(labels, gpu),
+        torch_value_and_grad(labels, compiled=False, gpu=gpu),
+    ):
+        loss, grad = run(to_device(features))
+        results.append((float(loss), np.asarray(grad.cpu() if hasattr(grad, "cpu") else grad)))
+    (loss, grad), (torch_loss, torch_grad) = results
+    np.testing.assert_allclose(loss, torch_loss, rtol=1e-4)
+    np.testing.assert_allclose(grad, torch_grad, rtol=1e-3, atol=1e-6)
+    return loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,15 +206,17 @@ def check_agreement(num_views: int = 256) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def matmul_gflops(size: int = 4096) -> float:
+def matmul_gflops(gpu: bool) -> float:
     import jax
     import jax.numpy as jnp
 
+    use_gpu_float32(gpu)
+    size = 16384 if gpu else 4096
     a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)).astype(np.float32))
     matmul = jax.jit(lambda x: x @ x)
     jax.block_until_ready(matmul(a))
     times = []
-    for _ in range(3):
+    for _ in range(10 if gpu else 3):
         start = time.perf_counter()
         jax.block_until_ready(matmul(a))
         times.append(time.perf_counter() - start)
@@ -184,14 +228,17 @@ def estimated_dense_gb(num_views: int) -> float:
     return 12 * num_views**2 * 4 / 1e9
 
 
-def run_config(impl, num_views, repeats, timeout) -> dict:
+def run_config(impl, num_views, repeats, timeout, gpu, block_size) -> dict:
     command = [sys.executable, __file__, "--worker", impl, str(num_views), str(repeats)]
+    command += ["--gpu"] if gpu else []
+    command += ["--block-size", str(block_size)] if block_size else []
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"impl": impl, "n": num_views, "status": f"timeout after {timeout} s"}
     if done.returncode != 0:
-        killed = done.returncode in (-9, 137) or "MemoryError" in done.stderr
+        out_of_memory = ("MemoryError", "OutOfMemoryError", "RESOURCE_EXHAUSTED")
+        killed = done.returncode in (-9, 137) or any(t in done.stderr for t in out_of_memory)
         status = "OOM (killed)" if killed else f"failed: {done.stderr.strip()[-300:]}"
         return {"impl": impl, "n": num_views, "status": status}
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -210,12 +257,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def write_table(results, header, targets, path):
+def write_table(results, header, targets, path, memory_name):
     by_key = {(r["impl"], r["n"]): r for r in results}
     lines = [
         *header,
         "",
-        "| N | impl | median fwd+bwd (s) | peak RSS (MB) | GFLOP/s | sdjax / this |",
+        f"| N | impl | median fwd+bwd (s) | {memory_name} (MB) | GFLOP/s | sdjax / this |",
     ]
     lines.append("|---|---|---|---|---|---|")
     for r in results:
@@ -229,14 +276,14 @@ def write_table(results, header, targets, path):
             else ""
         )
         lines.append(
-            f"| {r['n']} | {r['impl']} | {r['median_s']:.3f} | {r['peak_rss_mb']:.0f} | "
+            f"| {r['n']} | {r['impl']} | {r['median_s']:.4f} | {r['peak_memory_mb']:.0f} | "
             f"{r['gflops']:.1f} | {ratio} |"
         )
     lines += ["", "Targets:", *[f"- {t}" for t in targets], ""]
     path.write_text("\n".join(lines))
 
 
-def check_targets(results) -> list[str]:
+def check_targets(results, memory_name) -> list[str]:
     ok = {(r["impl"], r["n"]): r for r in results if r["status"] == "ok"}
     targets = []
     ours, compiled = ok.get(("sdjax", 16384)), ok.get(("torch_compile", 16384))
@@ -246,9 +293,9 @@ def check_targets(results) -> list[str]:
         targets.append(f"N=16384: sdjax / torch.compile time = {ratio:.2f} (<= 0.75): {verdict}")
     for n, limit in ((16384, 1024), (65536, 2048)):
         if ("sdjax", n) in ok:
-            rss = ok[("sdjax", n)]["peak_rss_mb"]
-            verdict = "PASS" if rss <= limit else "FAIL"
-            targets.append(f"N={n}: sdjax peak RSS {rss:.0f} MB (<= {limit} MB): {verdict}")
+            peak = ok[("sdjax", n)]["peak_memory_mb"]
+            verdict = "PASS" if peak <= limit else "FAIL"
+            targets.append(f"N={n}: sdjax {memory_name} {peak:.0f} MB (<= {limit} MB): {verdict}")
     sizes = sorted(n for impl, n in ok if impl == "sdjax")
     for small, large in itertools.pairwise(sizes):
         growth = ok[("sdjax", large)]["median_s"] / ok[("sdjax", small)]["median_s"]
@@ -261,7 +308,7 @@ def check_targets(results) -> list[str]:
     return targets
 
 
-def plot(results, path, title):
+def plot(results, path, title, memory_name):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,7 +322,7 @@ def plot(results, path, title):
         if rows:
             sizes = [r["n"] for r in rows]
             ax_time.plot(sizes, [r["median_s"] for r in rows], "o-", label=impl)
-            ax_memory.plot(sizes, [r["peak_rss_mb"] for r in rows], "o-", label=impl)
+            ax_memory.plot(sizes, [r["peak_memory_mb"] for r in rows], "o-", label=impl)
     sdjax_rows = sorted(
         (r for r in results if r["impl"] == "sdjax" and r["status"] == "ok"), key=lambda r: r["n"]
     )
@@ -287,7 +334,7 @@ def plot(results, path, title):
         xscale="log", yscale="log", xlabel="N (views)", ylabel="fwd+bwd median (s)", title=title
     )
     ax_memory.set(
-        xscale="log", yscale="log", xlabel="N (views)", ylabel="peak RSS (MB)", title="memory"
+        xscale="log", yscale="log", xlabel="N (views)", ylabel=f"{memory_name} (MB)", title="memory"
     )
     for ax in (ax_time, ax_memory):
         ax.legend()
@@ -299,18 +346,22 @@ def plot(results, path, title):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="1024,4096,16384,65536")
+    parser.add_argument("--gpu", action="store_true", help="run both frameworks on the GPU")
+    parser.add_argument("--sizes", default="", help=f"default {CPU_SIZES}, with --gpu {GPU_SIZES}")
     parser.add_argument("--impls", default=",".join(IMPLS))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--block-size", type=int, default=0, help="sdjax's block_size (default: automatic)"
+    )
+    parser.add_argument("--repeats", type=int, default=0, help="default 3, with --gpu 10")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     parser.add_argument(
         "--memory-limit-gb",
         type=float,
-        default=20.0,
-        help="skip dense PyTorch runs estimated above this",
+        default=0.0,
+        help="skip dense PyTorch runs estimated above this (default: 20, or the GPU's memory)",
     )
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    parser.add_argument("--device-label", default="", help="e.g. the GPU's name")
+    parser.add_argument("--device-label", default="", help="default: the CPU's or GPU's name")
     parser.add_argument("--quick", action="store_true", help="sizes 1024,4096 only")
     parser.add_argument(
         "--worker", nargs=3, metavar=("IMPL", "N", "REPEATS"), help=argparse.SUPPRESS
@@ -318,31 +369,60 @@ def main():
     args = parser.parse_args()
     if args.worker:
         impl, n, repeats = args.worker
-        print(json.dumps(worker(impl, int(n), int(repeats))))
+        block_size = args.block_size or None
+        print(json.dumps(worker(impl, int(n), int(repeats), args.gpu, block_size)))
         return
 
-    sizes = [1024, 4096] if args.quick else [int(s) for s in args.sizes.split(",")]
+    if args.quick:
+        sizes = [1024, 4096]
+    elif args.sizes:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    else:
+        sizes = list(GPU_SIZES if args.gpu else CPU_SIZES)
+    repeats = args.repeats or (10 if args.gpu else 3)
     impls = [i for i in args.impls.split(",") if i]
     unknown = set(impls) - set(IMPLS)
     if unknown:
         parser.error(f"--impls: got {sorted(unknown)}, expected names from {IMPLS}")
     has_torch = torch_available()
     if has_torch:
-        print(f"agreement check: sdjax and PyTorch give {check_agreement():.6f}", flush=True)
-    gflops = matmul_gflops()
+        loss = check_agreement(args.gpu)
+        print(f"agreement check: sdjax and PyTorch give {loss:.6f}", flush=True)
+    gflops = matmul_gflops(args.gpu)
     import jax
 
     torch_version = __import__("torch").__version__ if has_torch else "not installed"
-    device = args.device_label or f"{cpu_model()}, {os.cpu_count()} cores (CPU)"
+    if args.gpu:
+        gpu_name = jax.devices()[0].device_kind
+        device = args.device_label or f"{gpu_name} (GPU)"
+        memory_name = "peak GPU memory"
+        memory_note = "peak GPU memory: the framework allocator's peak in the process"
+        memory_limit = args.memory_limit_gb or (
+            __import__("torch").cuda.get_device_properties(0).total_memory / 1e9
+        )
+        slow_calls = ""  # every call is fast enough to repeat
+    else:
+        device = args.device_label or f"{cpu_model()}, {os.cpu_count()} cores (CPU)"
+        memory_name = "peak RSS"
+        memory_note = "peak RSS: the process's VmHWM"
+        memory_limit = args.memory_limit_gb or 20.0
+        slow_calls = " (1 at N >= 65536)"
+    matmul_size = 16384 if args.gpu else 4096
     header = [
         f"# S-D loss fwd+bwd: sdjax vs dense PyTorch ({device})",
         "",
         f"- date: {datetime.date.today()}, jax {jax.__version__}, torch {torch_version}",
-        f"- matmul rate (jax, float32 4096x4096): {gflops:.1f} GFLOP/s",
+        f"- matmul rate (jax, float32 {matmul_size}x{matmul_size}): {gflops:.1f} GFLOP/s",
         f"- D={FEATURE_DIM}, C={NUM_CLASSES}, label density {LABEL_DENSITY}, one view per "
-        f"sample, τ={TEMPERATURE}; median of {args.repeats} calls (1 at N >= 65536) after a "
-        "compile call; GFLOP/s from "
-        "the dense floor 2·N²·(3D + C); each configuration in its own process (peak RSS).",
+        f"sample, τ={TEMPERATURE}; sdjax block_size {args.block_size or 'automatic'}; "
+        f"median of {repeats} calls{slow_calls} after a "
+        "compile call; inputs on the device before timing; GFLOP/s from "
+        f"the dense floor 2·N²·(3D + C); each configuration in its own process ({memory_note}).",
+        *(
+            ["- float32 matmuls in float32 in both frameworks (JAX precision 'highest', no TF32)"]
+            if args.gpu
+            else []
+        ),
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
     ]
     results = []
@@ -350,7 +430,7 @@ def main():
         for impl in impls:
             if impl != "sdjax" and not has_torch:
                 results.append({"impl": impl, "n": n, "status": "skipped (torch not installed)"})
-            elif impl != "sdjax" and estimated_dense_gb(n) > args.memory_limit_gb:
+            elif impl != "sdjax" and estimated_dense_gb(n) > memory_limit:
                 results.append(
                     {
                         "impl": impl,
@@ -360,24 +440,24 @@ def main():
                 )
             else:
                 print(f"N={n} {impl} ...", flush=True)
-                repeats = args.repeats if n < 65536 else 1  # one call there takes minutes
-                results.append(run_config(impl, n, repeats, args.timeout))
+                calls = 1 if slow_calls and n >= 65536 else repeats  # minutes a call on a CPU
+                results.append(run_config(impl, n, calls, args.timeout, args.gpu, args.block_size))
             r = results[-1]
             print(
                 f"  {r['status']}"
                 + (
-                    f": {r['median_s']:.3f} s, {r['peak_rss_mb']:.0f} MB"
+                    f": {r['median_s']:.4f} s, {r['peak_memory_mb']:.0f} MB"
                     if r["status"] == "ok"
                     else ""
                 ),
                 flush=True,
             )
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "bench_loss" + (f"_{args.device_label.split()[0].lower()}" if args.device_label else "")
-    targets = check_targets(results)
-    write_table(results, header, targets, args.out_dir / f"{stem}.md")
+    stem = "bench_loss_gpu" if args.gpu else "bench_loss"
+    targets = check_targets(results, memory_name)
+    write_table(results, header, targets, args.out_dir / f"{stem}.md", memory_name)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out_dir / f"{stem}.png", device)
+    plot(results, args.out_dir / f"{stem}.png", device, memory_name)
     print("\n".join(targets))
     print(f"wrote {args.out_dir / (stem + '.md')} and .png", flush=True)
 
