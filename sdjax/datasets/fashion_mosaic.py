@@ -92,7 +92,8 @@ def make_fashion_mosaic(
         np.arange(len(classes)),
         num_classes=NUM_CLASSES,
         num_examples=num_examples,
-        rng=np.random.default_rng((seed, mosaic.SPLIT_IDS[split])),
+        split=split,
+        seed=seed,
     )
 
 
@@ -101,10 +102,6 @@ class FashionMosaic(mosaic.MosaicBuilder):
 
     NUM_CLASSES = NUM_CLASSES
     CELL_SIZE = IMAGE_SIZE
-    BUILDER_CONFIGS = [  # noqa: RUF012 (tfds declares it as a list)
-        mosaic.MosaicConfig(name="default", num_train=10_000, num_test=2_000),
-        mosaic.MosaicConfig(name="tiny", num_train=256, num_test=256),
-    ]
 
     def make_split(self, split, num_examples, seed):
         return make_fashion_mosaic(

@@ -52,7 +52,8 @@ def make_mnist_mosaic(split: str, *, num_examples: int, seed: int = 0) -> dict[s
         source_indices(classes, split, seed),
         num_classes=NUM_CLASSES,
         num_examples=num_examples,
-        rng=np.random.default_rng((seed, mosaic.SPLIT_IDS[split])),
+        split=split,
+        seed=seed,
     )
 
 
@@ -61,10 +62,6 @@ class MnistMosaic(mosaic.MosaicBuilder):
 
     NUM_CLASSES = NUM_CLASSES
     CELL_SIZE = DIGIT_SIZE
-    BUILDER_CONFIGS = [  # noqa: RUF012 (tfds declares it as a list)
-        mosaic.MosaicConfig(name="default", num_train=10_000, num_test=2_000),
-        mosaic.MosaicConfig(name="tiny", num_train=256, num_test=256),
-    ]
 
     def make_split(self, split, num_examples, seed):
         return make_mnist_mosaic(split, num_examples=num_examples, seed=seed)

@@ -22,9 +22,12 @@ def compose_mosaics(
     *,
     num_classes: int,
     num_examples: int,
-    rng: np.random.Generator,
+    split: str,
+    seed: int,
 ) -> dict[str, np.ndarray]:
-    """`num_examples` mosaics whose cells come from the source images listed in `allowed`.
+    """`num_examples` mosaics of `split` whose cells come from the source images in `allowed`.
+
+    The draw is seeded by (seed, split), so train and test mosaics differ for one seed.
 
     Returns:
       {"image": uint8 [n, 2h, 2w, 1], "labels": float32 [n, num_classes] multi-hot,
@@ -32,6 +35,9 @@ def compose_mosaics(
     """
     if num_examples < 1:
         raise ValueError(f"`num_examples`: got {num_examples}, expected >= 1.")
+    if split not in SPLIT_IDS:
+        raise ValueError(f"`split`: got {split!r}, expected one of {sorted(SPLIT_IDS)}.")
+    rng = np.random.default_rng((seed, SPLIT_IDS[split]))
     height, width = source_images.shape[1:3]
     by_class = [allowed[source_classes[allowed] == c] for c in range(num_classes)]
     images = np.zeros((num_examples, 2 * height, 2 * width, 1), np.uint8)
@@ -66,6 +72,10 @@ class MosaicBuilder(LocalSourceBuilder, skip_registration=True):
 
     NUM_CLASSES: int
     CELL_SIZE: int
+    BUILDER_CONFIGS = [  # noqa: RUF012 (tfds declares it as a list)
+        MosaicConfig(name="default", num_train=10_000, num_test=2_000),
+        MosaicConfig(name="tiny", num_train=256, num_test=256),
+    ]
 
     def make_split(self, split: str, num_examples: int, seed: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
