@@ -32,23 +32,36 @@ class Dataset:
     loader: Callable[..., dict[str, np.ndarray]] | None = None
 
 
-def _load_debtags(split: str, *, data_dir: str, source_dir: str, options: dict) -> dict:
-    """Debtags token ids (SentencePiece trained on the train split) and multi-hot tags."""
-    from sdjax import tokenizer
+def debtags_corpus(data_dir: str = "", source_dir: str = "") -> tuple[dict, list[str]]:
+    """Debtags texts and multi-hot tags: ({split: (texts, float32 [N, C])}, the C tag names).
 
+    The columns are the sorted tags of both splits, so train and test share them.
+    """
+    data_dir = data_dir or default_data_dir()
     splits = {s: _read_tfds("debtags/default", s, data_dir, source_dir) for s in ("train", "test")}
     tag_lists = {s: [t.decode().split(", ") for t in splits[s]["tags"]] for s in splits}
     vocabulary = sorted({tag for tags in tag_lists["train"] + tag_lists["test"] for tag in tags})
     column = {tag: i for i, tag in enumerate(vocabulary)}
-    labels = np.zeros((len(tag_lists[split]), len(vocabulary)), np.float32)
-    for row, tags in enumerate(tag_lists[split]):
-        labels[row, [column[tag] for tag in tags]] = 1.0
+    corpus = {}
+    for split, rows in tag_lists.items():
+        labels = np.zeros((len(rows), len(vocabulary)), np.float32)
+        for row, tags in enumerate(rows):
+            labels[row, [column[tag] for tag in tags]] = 1.0
+        corpus[split] = ([t.decode() for t in splits[split]["text"]], labels)
+    return corpus, vocabulary
+
+
+def _load_debtags(split: str, *, data_dir: str, source_dir: str, options: dict) -> dict:
+    """Debtags token ids (SentencePiece trained on the train split) and multi-hot tags."""
+    from sdjax import tokenizer
+
+    corpus, vocabulary = debtags_corpus(data_dir, source_dir)
     model_path = tokenizer.cached_tokenizer(
-        [t.decode() for t in splits["train"]["text"]],
+        corpus["train"][0],
         vocab_size=options.get("vocab_size", 8000),
         cache_dir=Path(data_dir) / "sdjax_tokenizers",
     )
-    texts = [t.decode() for t in splits[split]["text"]]
+    texts, labels = corpus[split]
     inputs = tokenizer.encode(model_path, texts, max_length=options.get("max_length", 128))
     return {"inputs": inputs, "labels": labels, "label_names": np.array(vocabulary)}
 

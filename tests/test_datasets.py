@@ -244,6 +244,10 @@ def test_debtags_loads_token_ids_and_multi_hot_tags(apt_lists, tmp_path):
     np.testing.assert_array_equal(
         test["inputs"][0], tokenizer.encode(model_path, [text], max_length=12)[0]
     )
+    # The raw corpus (for non-neural references) has the same rows and tag columns.
+    corpus, tag_names = input_pipeline.debtags_corpus(str(tmp_path), str(apt_lists))
+    assert corpus["test"][0][0] == text and tag_names == kept
+    np.testing.assert_array_equal(corpus["test"][1], test["labels"])
     assert train["inputs"].max() < 64 and (train["inputs"] != tokenizer.PAD_ID).any(axis=1).all()
 
 
