@@ -79,6 +79,12 @@ def test_report_means_bold_and_paired_t_test(tmp_path):
     assert row in text
     p = stats.ttest_rel(sd, rival).pvalue
     assert f"mAP Δ = {np.mean(sd) - np.mean(rival):+.4f} (p = {p:.3f}, n = 3" in text
+    # The S-D-against-each table: yeast's cell for `any` (the table's second column).
+    other = [values[suite.Run("yeast", "any", s)] for s in suite.SEEDS]
+    p_any = stats.ttest_rel(sd, other).pvalue
+    yeast_row = next(line for line in text.splitlines() if line.startswith("| yeast | "))
+    cell = f"{np.mean(sd) - np.mean(other):+.4f}{'*' if p_any < 0.05 else ''} (p = {p_any:.2f})"
+    assert yeast_row.split(" | ")[2] == cell
     assert "On **debtags**" in text  # the most imbalanced labels
     for figure in ("temperature.png", "longtail.png", "tsne.png"):
         assert (tmp_path / figure).stat().st_size > 5000
