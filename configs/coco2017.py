@@ -1,4 +1,4 @@
-"""S-D pre-training of a ResNet on COCO 2017 (the set of 80 object categories per image).
+"""S-D pre-training of a ResNet-50 on COCO 2017 (the set of 80 object categories per image).
 
 tfds downloads `coco/2017` (about 25 GB) into the data dir on first use; train on "train",
 test on "validation". At 160 px the training images take about 9 GB of host memory. Settings
@@ -18,6 +18,7 @@ def get_config(profile: str = ""):
     config.dataset.name = "coco2017"
     if not profile:
         config.dataset.image_size = 160
+        config.model.encoder.update({"stage_sizes": (3, 4, 6, 3), "block": "bottleneck"})
         config.batch_size = 1024
         config.num_train_steps = 20_000
         config.optimizer.warmup_steps = 1_000

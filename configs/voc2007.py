@@ -20,7 +20,13 @@ def get_config(profile: str = ""):
     config.dataset.name = "voc2007"
     config.dataset.image_size = 224
     config.model.encoder = ml_collections.ConfigDict(
-        {"name": "resnet", "stage_sizes": (2, 2, 2, 2), "width": 64, "in_channels": 3}
+        {
+            "name": "resnet",
+            "stage_sizes": (2, 2, 2, 2),
+            "width": 64,
+            "in_channels": 3,
+            "block": "basic",
+        }
     )
     config.model.encoder.stem_stride = 4
     config.model.projection_hidden_dim = 2048

@@ -25,6 +25,31 @@ def test_resnet_family_shapes_and_determinism():
         np.testing.assert_array_equal(features, again)
 
 
+@pytest.mark.parametrize(
+    ("block", "stage_sizes", "torchvision_total", "fc", "shortcut_norms"),
+    [
+        ("basic", (2, 2, 2, 2), 11_689_512, 513_000, 2 * (128 + 256 + 512)),  # resnet18
+        ("basic", (3, 4, 6, 3), 21_797_672, 513_000, 2 * (128 + 256 + 512)),  # resnet34
+        ("bottleneck", (3, 4, 6, 3), 25_557_032, 2_049_000, 0),  # resnet50
+    ],
+)
+def test_resnet_parameter_counts_match_torchvision(
+    block, stage_sizes, torchvision_total, fc, shortcut_norms
+):
+    # torchvision's totals less its 1000-way classifier, with its 7x7x3x64 stem swapped for the
+    # 4x4 patchify stem; GroupNorm has BatchNorm's two parameters per channel. Basic blocks here
+    # have no norm on a projected shortcut, bottleneck blocks do (as torchvision's both do).
+    expected = torchvision_total - fc - 7 * 7 * 3 * 64 + 4 * 4 * 3 * 64 - shortcut_norms
+    config = encoder_config(
+        name="resnet", stage_sizes=stage_sizes, width=64, in_channels=3, block=block
+    )
+    encoder = models.create_encoder(config, rngs=nnx.Rngs(0))
+    count = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(encoder, nnx.Param)))
+    assert count == expected
+    assert encoder.features_dim == (2048 if block == "bottleneck" else 512)
+    assert encoder(jnp.ones((2, 32, 32, 3))).shape == (2, encoder.features_dim)
+
+
 def test_mlp_encoder_and_heads():
     config = encoder_config(name="mlp", in_features=103, hidden_sizes=[64, 32], dropout_rate=0.1)
     encoder = models.create_encoder(config, rngs=nnx.Rngs(0))
@@ -44,6 +69,10 @@ def test_mlp_encoder_and_heads():
     [
         (dict(name="vit"), "config.model.encoder.name: got 'vit'"),
         (dict(name="resnet", stage_sizes=[], width=8, in_channels=1), "stage_sizes: got"),
+        (
+            dict(name="resnet", stage_sizes=[1], width=8, in_channels=1, block="wide"),
+            r"block: got 'wide', expected one of \['basic', 'bottleneck'\]",
+        ),
         (dict(name="mlp", in_features=0, hidden_sizes=[4]), "in_features=0"),
     ],
 )

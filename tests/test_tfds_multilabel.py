@@ -187,3 +187,7 @@ def test_voc_config_trains_end_to_end_on_mock_data(tmp_path):
     coco = config_lib.load_config_file("coco2017")
     train.check_config(coco)  # the GPU/TPU settings are a valid config
     assert (coco.dataset.name, coco.model.encoder.in_channels) == ("coco2017", 3)
+    assert (coco.model.encoder.block, coco.model.encoder.stage_sizes) == (
+        "bottleneck",
+        (3, 4, 6, 3),
+    )

@@ -25,6 +25,7 @@ def create_encoder(config, *, rngs):
             width=config.width,
             in_channels=config.in_channels,
             stem_stride=config.get("stem_stride", 4),
+            block=config.get("block", "basic"),
             rngs=rngs,
         )
     if config.name == "mlp":

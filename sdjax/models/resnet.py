@@ -16,6 +16,8 @@ def _group_norm(channels: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
 class BasicBlock(nnx.Module):
     """Two 3x3 convolutions with a residual connection (projected when the shape changes)."""
 
+    EXPANSION = 1
+
     def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs):
         self.conv1 = nnx.Conv(
             in_channels, out_channels, (3, 3), strides=stride, use_bias=False, rngs=rngs
@@ -36,11 +38,47 @@ class BasicBlock(nnx.Module):
         return nnx.relu(y + residual)
 
 
+class BottleneckBlock(nnx.Module):
+    """1x1 reduce, 3x3 (strided, as in ResNet v1.5), 1x1 expand by 4, with a residual.
+
+    The projected shortcut has its own norm, as in the standard ResNet-50.
+    """
+
+    EXPANSION = 4
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs):
+        inner = out_channels // self.EXPANSION
+        self.conv1 = nnx.Conv(in_channels, inner, (1, 1), use_bias=False, rngs=rngs)
+        self.norm1 = _group_norm(inner, rngs)
+        self.conv2 = nnx.Conv(inner, inner, (3, 3), strides=stride, use_bias=False, rngs=rngs)
+        self.norm2 = _group_norm(inner, rngs)
+        self.conv3 = nnx.Conv(inner, out_channels, (1, 1), use_bias=False, rngs=rngs)
+        self.norm3 = _group_norm(out_channels, rngs)
+        self.shortcut = nnx.data(None)
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nnx.Conv(
+                in_channels, out_channels, (1, 1), strides=stride, use_bias=False, rngs=rngs
+            )
+            self.shortcut_norm = _group_norm(out_channels, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        residual = x if self.shortcut is None else self.shortcut_norm(self.shortcut(x))
+        y = nnx.relu(self.norm1(self.conv1(x)))
+        y = nnx.relu(self.norm2(self.conv2(y)))
+        y = self.norm3(self.conv3(y))
+        return nnx.relu(y + residual)
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
+
+
 class ResNetEncoder(nnx.Module):
     """[B, H, W, C] images -> [B, features_dim] features.
 
-    `stage_sizes` gives the blocks per stage (e.g. (2, 2, 2, 2) is the ResNet-18 shape); every
-    stage after the first halves the resolution and doubles the width. The stem is a
+    `stage_sizes` gives the blocks per stage and `block` their kind: (2, 2, 2, 2) with "basic"
+    is the ResNet-18 shape, (3, 4, 6, 3) with "basic" ResNet-34 and with "bottleneck" ResNet-50
+    (width 64). Every stage after the first halves the resolution and doubles the width; a
+    bottleneck stage's output is 4x its width. The stem is a
     `stem_stride` x `stem_stride` convolution with that stride (a patchify stem): 1 keeps full
     resolution, 4 makes the small networks fast on a CPU.
     """
@@ -51,9 +89,14 @@ class ResNetEncoder(nnx.Module):
         width: int = 16,
         in_channels: int = 1,
         stem_stride: int = 4,
+        block: str = "basic",
         *,
         rngs: nnx.Rngs,
     ):
+        if block not in BLOCKS:
+            raise ValueError(
+                f"config.model.encoder.block: got {block!r}, expected one of {sorted(BLOCKS)}."
+            )
         if not stage_sizes or any(int(n) < 1 for n in stage_sizes):
             raise ValueError(
                 f"config.model.encoder.stage_sizes: got {stage_sizes!r}, "
@@ -71,10 +114,10 @@ class ResNetEncoder(nnx.Module):
         self.stem_norm = _group_norm(width, rngs)
         blocks, channels = [], width
         for stage, num_blocks in enumerate(stage_sizes):
-            out_channels = width * 2**stage
-            for block in range(num_blocks):
-                stride = 2 if stage > 0 and block == 0 else 1
-                blocks.append(BasicBlock(channels, out_channels, stride, rngs=rngs))
+            out_channels = width * 2**stage * BLOCKS[block].EXPANSION
+            for index in range(num_blocks):
+                stride = 2 if stage > 0 and index == 0 else 1
+                blocks.append(BLOCKS[block](channels, out_channels, stride, rngs=rngs))
                 channels = out_channels
         self.blocks = nnx.List(blocks)
         self.features_dim = channels
