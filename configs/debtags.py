@@ -2,7 +2,7 @@
 
 Needs apt's lists with English descriptions, once: `apt-get update -o Acquire::Languages=en`
 (or `--config.dataset.source_dir=DIR` holding copies). The first run builds the dataset and a
-SentencePiece tokenizer into the data dir. About 6 minutes on a 2-core CPU.
+SentencePiece tokenizer into the data dir. About 3.5 minutes on a 2-core CPU, all included.
 
 COMMAND:
   python -m sdjax.main --config configs/debtags.py --workdir workdirs/debtags

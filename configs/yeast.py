@@ -1,6 +1,6 @@
 """S-D pre-training of an MLP on Yeast (MULAN: 103 features, 14 gene-function labels).
 
-The data ships inside the `river` wheel. About 1 minute on a 2-core CPU.
+The data ships inside the `river` wheel. About 40 seconds on a 2-core CPU.
 
 COMMAND:
   python -m sdjax.main --config configs/yeast.py --workdir workdirs/yeast

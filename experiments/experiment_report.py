@@ -192,7 +192,7 @@ def temperature_section(profile, results_dir, figure_path) -> list[str]:
         "### 3. Temperature",
         "",
         "Test mAP (mean ± std over seeds) against τ, for S-D and for the best contrastive",
-        "baseline of the comparison on that dataset.",
+        "baseline of the comparison on that dataset, with their paired t-test at each τ.",
         "",
     ]
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.5), squeeze=False)
@@ -202,14 +202,17 @@ def temperature_section(profile, results_dir, figure_path) -> list[str]:
         lines += [
             f"**{dataset}**",
             "",
-            "| τ | " + " | ".join(f"{m} mAP" for m in methods) + " |",
-            "|---" * (len(methods) + 1) + "|",
+            "| τ | " + " | ".join(f"{m} mAP" for m in methods) + " | sd − baseline (p) |",
+            "|---" * (len(methods) + 2) + "|",
         ]
         for temperature in TEMPERATURES:
-            cells = [
-                mean_std(seed_values(results_dir, dataset, m, "mAP", temperature)) for m in methods
-            ]
-            lines.append(f"| {temperature:g} | " + " | ".join(cells) + " |")
+            values = [seed_values(results_dir, dataset, m, "mAP", temperature) for m in methods]
+            difference = "–"
+            if baseline and values[0] and values[1]:
+                diff, p, _ = paired_test(*values)
+                difference = f"{diff:+.4f} (p = {p:.2f})"
+            cells = [mean_std(v) for v in values]
+            lines.append(f"| {temperature:g} | " + " | ".join(cells) + f" | {difference} |")
         lines.append("")
         for method in methods:
             points = [

@@ -3,7 +3,7 @@
 It answers "how good is good" for the suite's text results: the same train/test split, the same
 label columns and the same metric code (`sdjax.evaluation.multilabel_metrics`) as the linear
 probes of the experiment suite, with whole descriptions instead of 48 tokens. Writes
-`results/debtags_reference.json`. About 10 minutes on the 2-core CPU.
+`results/debtags_reference.json`. About 2 minutes on the 2-core CPU.
 
 COMMAND:
   python experiments/text_reference.py

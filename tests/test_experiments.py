@@ -79,6 +79,9 @@ def test_report_means_bold_and_paired_t_test(tmp_path):
     assert row in text
     p = stats.ttest_rel(sd, rival).pvalue
     assert f"mAP Δ = {np.mean(sd) - np.mean(rival):+.4f} (p = {p:.3f}, n = 3" in text
+    # The temperature table's τ = 0.1 row pairs sd with the best baseline (`all`) too.
+    tau_row = next(line for line in text.splitlines() if line.startswith("| 0.1 | "))
+    assert tau_row.endswith(f"| {np.mean(sd) - np.mean(rival):+.4f} (p = {p:.2f}) |")
     # The S-D-against-each table: yeast's cell for `any` (the table's second column).
     other = [values[suite.Run("yeast", "any", s)] for s in suite.SEEDS]
     p_any = stats.ttest_rel(sd, other).pvalue
