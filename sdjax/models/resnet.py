@@ -13,6 +13,13 @@ def _group_norm(channels: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
     return nnx.GroupNorm(channels, num_groups=min(8, channels), rngs=rngs)
 
 
+def _projection(in_channels: int, out_channels: int, stride: int, rngs: nnx.Rngs):
+    """The shortcut: a strided 1x1 convolution where a block changes shape, else None."""
+    if stride == 1 and in_channels == out_channels:
+        return nnx.data(None)
+    return nnx.Conv(in_channels, out_channels, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+
+
 class BasicBlock(nnx.Module):
     """Two 3x3 convolutions with a residual connection (projected when the shape changes)."""
 
@@ -25,11 +32,7 @@ class BasicBlock(nnx.Module):
         self.norm1 = _group_norm(out_channels, rngs)
         self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), use_bias=False, rngs=rngs)
         self.norm2 = _group_norm(out_channels, rngs)
-        self.shortcut = nnx.data(None)
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nnx.Conv(
-                in_channels, out_channels, (1, 1), strides=stride, use_bias=False, rngs=rngs
-            )
+        self.shortcut = _projection(in_channels, out_channels, stride, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         residual = x if self.shortcut is None else self.shortcut(x)
@@ -54,11 +57,8 @@ class BottleneckBlock(nnx.Module):
         self.norm2 = _group_norm(inner, rngs)
         self.conv3 = nnx.Conv(inner, out_channels, (1, 1), use_bias=False, rngs=rngs)
         self.norm3 = _group_norm(out_channels, rngs)
-        self.shortcut = nnx.data(None)
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nnx.Conv(
-                in_channels, out_channels, (1, 1), strides=stride, use_bias=False, rngs=rngs
-            )
+        self.shortcut = _projection(in_channels, out_channels, stride, rngs)
+        if self.shortcut is not None:
             self.shortcut_norm = _group_norm(out_channels, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
