@@ -7,7 +7,7 @@ for a GPU/TPU slice; the batch is global and split over every device of every ho
 COMMAND:
   python -m sdjax.main --config configs/coco2017.py --workdir workdirs/coco2017
   python -m sdjax.main --config configs/coco2017.py --workdir workdirs/coco2017 \
-      --config.distributed=True   # on each host of a multi-host slice
+      --config.multihost.enabled=True   # on each host of a multi-host slice
 """
 
 from sdjax import config_lib

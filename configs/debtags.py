@@ -22,8 +22,9 @@ def get_config(profile: str = ""):
     config.model.encoder = ml_collections.ConfigDict(
         {
             "name": "transformer",
-            "vocab_size": config.dataset.vocab_size,
-            "max_length": config.dataset.max_length,
+            # References: a profile or override of dataset.* changes the model's with it.
+            "vocab_size": config.dataset.get_ref("vocab_size"),
+            "max_length": config.dataset.get_ref("max_length"),
             "width": 64,
             "depth": 2,
             "num_heads": 4,
@@ -38,13 +39,19 @@ def get_config(profile: str = ""):
     config.eval_batch_size = 512
     config.log_every_steps = 50
     config.checkpoint_every_steps = 200
-    if profile == "tiny":
-        config.dataset.vocab_size = config.model.encoder.vocab_size = 256
-        config.dataset.max_length = config.model.encoder.max_length = 32
+
+    def tiny(config):
+        config.dataset.vocab_size = 256
+        config.dataset.max_length = 32
         config.model.encoder.update({"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64})
         config.dataset.train_examples = 512
         config.dataset.test_examples = 256
-        config_lib.shorten_to_smoke_test(config)
-    elif profile:
-        raise ValueError(f"profile: got {profile!r}, expected '' or 'tiny'.")
-    return config
+
+    quick = {
+        "num_train_steps": 80,
+        "optimizer.warmup_steps": 10,
+        "dataset.train_examples": 4000,
+        "dataset.test_examples": 2000,
+        "linear_eval.num_steps": 300,
+    }
+    return config_lib.apply_profile(config, profile, quick=quick, tiny=tiny)

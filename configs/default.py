@@ -7,12 +7,16 @@ COMMAND:
   # any field can be overridden, e.g. a baseline loss:
   python -m sdjax.main --config configs/default.py --workdir workdirs/any \
       --config.loss.positives=any
+  # the whole pipeline in seconds (tests, smoke checks):
+  python -m sdjax.main --config configs/default.py:tiny --workdir /tmp/sdjax_tiny
 """
 
 import ml_collections
 
+from sdjax import config_lib
 
-def get_config() -> ml_collections.ConfigDict:
+
+def get_config(profile: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     # "contrastive": stage 1 trains encoder + projection head with `loss`;
@@ -64,6 +68,31 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 25
     config.checkpoint_every_steps = 100
     config.max_checkpoints_to_keep = 3
-    # jax.distributed.initialize() before anything else (multi-host runs).
-    config.distributed = False
-    return config
+
+    # Multi-host runs (see sdjax/multihost.py): `enabled` alone suits managed clusters, which
+    # jax detects; plain hosts set the rest here or through SDJAX_* environment variables.
+    config.multihost = ml_collections.ConfigDict()
+    config.multihost.enabled = False
+    config.multihost.coordinator_address = ""  # host:port of process 0
+    config.multihost.num_processes = 0  # 0 = from the environment or the cluster
+    config.multihost.process_id = -1  # -1 = from the environment or the cluster
+    config.multihost.initialization_timeout_s = 0  # 0 = from the environment, else 300
+
+    def tiny(config):
+        config.dataset.name = "mnist_mosaic_tiny"
+        config.model.encoder.stage_sizes = (1,)
+        config.model.encoder.width = 8
+        config.model.projection_hidden_dim = 32
+        config.model.projection_dim = 16
+        config.optimizer.learning_rate = 1e-2
+
+    # The experiment suite's quick profile: fewer steps and examples, the same model.
+    quick = {
+        "num_train_steps": 60,
+        "batch_size": 128,
+        "optimizer.warmup_steps": 10,
+        "dataset.train_examples": 3000,
+        "dataset.test_examples": 1000,
+        "linear_eval.num_steps": 300,
+    }
+    return config_lib.apply_profile(config, profile, quick=quick, tiny=tiny)

@@ -2,7 +2,7 @@
 
 tfds downloads `voc/2007` (about 0.9 GB) into the data dir on first use. The batch is global:
 it is split over every device of every host, and the loss contrasts each view against the
-whole global batch. Multi-host: add `--config.distributed=True`.
+whole global batch. Multi-host: add `--config.multihost.enabled=True`.
 
 COMMAND:
   python -m sdjax.main --config configs/voc2007.py --workdir workdirs/voc2007
@@ -41,12 +41,11 @@ def get_config(profile: str = ""):
     config.eval_batch_size = 1024
     config.log_every_steps = 100
     config.checkpoint_every_steps = 1_000
-    if profile == "tiny":  # the pipeline in seconds, e.g. under tfds.testing.mock_data
+
+    def tiny(config):  # the pipeline in seconds, e.g. under tfds.testing.mock_data
         config.dataset.image_size = 32
         config.model.encoder.update({"stage_sizes": (1,), "width": 8})
         config.model.projection_hidden_dim = 32
         config.model.projection_dim = 16
-        config_lib.shorten_to_smoke_test(config)
-    elif profile:
-        raise ValueError(f"profile: got {profile!r}, expected '' or 'tiny'.")
-    return config
+
+    return config_lib.apply_profile(config, profile, tiny=tiny)

@@ -29,9 +29,9 @@ def get_config(profile: str = ""):
     config.eval_batch_size = 256
     config.log_every_steps = 50
     config.checkpoint_every_steps = 200
-    if profile == "tiny":
+
+    def tiny(config):
         config.model.encoder.hidden_sizes = (32,)
-        config_lib.shorten_to_smoke_test(config)
-    elif profile:
-        raise ValueError(f"profile: got {profile!r}, expected '' or 'tiny'.")
-    return config
+
+    quick = {"num_train_steps": 200, "linear_eval.num_steps": 500}
+    return config_lib.apply_profile(config, profile, quick=quick, tiny=tiny)

@@ -1,49 +1,267 @@
-"""Loading config files by path, the way `config_flags` does, for tests and experiment runners."""
+"""Config files, profiles, overrides and the checks every config passes before anything runs.
+
+A config file is `configs/NAME.py` with `get_config(profile="")`; `configs/NAME.py:PROFILE` on
+the command line (or `load_config_file("NAME", "PROFILE")`) picks a profile, one of the
+`PROFILES` that every config file accepts through `apply_profile`.
+"""
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import json
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
+# "": the file's own settings; "tiny": the whole pipeline in seconds (tests, smoke checks);
+# "quick": the experiment suite's quick profile (fewer steps and examples, same models).
+PROFILES = ("", "tiny", "quick")
 
-def load_config_file(path: str | Path, profile: str | None = None) -> ml_collections.ConfigDict:
-    """`get_config(profile)` of the config file at `path` (`configs/NAME.py` if just a name)."""
-    path = Path(path)
-    if path.suffix != ".py":
-        path = CONFIGS_DIR / f"{path}.py"
-    if not path.exists():
-        raise FileNotFoundError(f"`path`: got {str(path)!r}, no such config file.")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+# Fields that cannot change a run's results: a resumed run may change them.
+RESULT_NEUTRAL_FIELDS = (
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "max_checkpoints_to_keep",
+    "dataset.data_dir",
+    "dataset.source_dir",
+    "linear_eval.save_test_outputs",
+    "linear_eval.random_init_baseline",
+    "multihost.",  # a section: where the processes meet changes nothing they compute
+)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line that names the field."""
+
+
+def load_config_file(path: str | Path, profile: str = "") -> ml_collections.ConfigDict:
+    """`get_config(profile)` of `configs/NAME.py` (a name) or of a file path.
+
+    `path` may carry the profile itself, as on the command line: "configs/yeast.py:tiny".
+    """
+    path = str(path)
+    if ":" in path and not profile:
+        path, profile = path.rsplit(":", 1)
+    file = Path(path)
+    if file.suffix != ".py":
+        file = CONFIGS_DIR / f"{path}.py"
+    if not file.exists():
+        raise FileNotFoundError(f"`path`: got {str(file)!r}, no such config file.")
+    spec = importlib.util.spec_from_file_location(file.stem, file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config() if profile is None else module.get_config(profile)
+    return module.get_config(profile)
 
 
-def override(config: ml_collections.ConfigDict, **dotted: object) -> ml_collections.ConfigDict:
-    """Sets fields by dotted name, e.g. `override(config, **{"loss.positives": "any"})`."""
-    for key, value in dotted.items():
-        *parents, leaf = key.split(".")
-        target = config
-        for parent in parents:
-            target = target[parent]
-        if leaf not in target:
-            raise KeyError(f"config.{key}: no such field.")
-        target[leaf] = value
+def apply_profile(
+    config: ml_collections.ConfigDict,
+    profile: str,
+    *,
+    quick: Mapping[str, Any] | None = None,
+    tiny: Callable[[ml_collections.ConfigDict], None] | None = None,
+) -> ml_collections.ConfigDict:
+    """The one profile parser of every config file.
+
+    Args:
+      config: the file's full settings.
+      profile: "" (as is), "tiny" or "quick".
+      quick: the file's dotted overrides for the experiment suite's quick profile; None = the
+        file has no quick profile.
+      tiny: the file's model shrinking for "tiny", applied before the shared short run.
+
+    Returns:
+      `config`, changed in place.
+    """
+    if profile not in PROFILES:
+        raise ConfigError(f"profile: got {profile!r}, expected one of {PROFILES}.")
+    if profile == "tiny":
+        if tiny is not None:
+            tiny(config)
+        override(
+            config,
+            batch_size=64,
+            num_train_steps=24,
+            log_every_steps=4,
+            checkpoint_every_steps=8,
+            eval_batch_size=128,
+            **{
+                "optimizer.warmup_steps": 2,
+                "linear_eval.num_steps": 30,
+                "linear_eval.batch_size": 64,
+            },
+        )
+    elif profile == "quick":
+        if quick is None:
+            raise ConfigError(f"profile: got 'quick', but {config.dataset.name} has none.")
+        override(config, **quick)
     return config
 
 
-def shorten_to_smoke_test(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The run-length settings every `:tiny` profile shares: seconds, not minutes."""
-    config.batch_size = 64
-    config.num_train_steps = 24
-    config.optimizer.warmup_steps = 2
-    config.linear_eval.num_steps = 30
-    config.linear_eval.batch_size = 64
-    config.eval_batch_size = 128
-    config.log_every_steps = 4
-    config.checkpoint_every_steps = 8
+def override(config: ml_collections.ConfigDict, **dotted: Any) -> ml_collections.ConfigDict:
+    """Sets fields by dotted name, `override(config, **{"loss.positives": "any"})`.
+
+    Only existing fields, with their own types: a misspelt name is a `ConfigError` with a
+    suggestion, as on the command line.
+    """
+    for key in dotted:
+        _check_field_exists(config, key)
+    was_locked = config.is_locked
+    config.lock()
+    try:
+        config.update_from_flattened_dict(dotted)
+    except TypeError as error:
+        raise ConfigError(f"Bad override: {error}") from None
+    finally:
+        if not was_locked:
+            config.unlock()
     return config
+
+
+def _check_field_exists(config: ml_collections.ConfigDict, dotted: str) -> None:
+    node, walked = config, []
+    for key in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+            siblings = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            close = difflib.get_close_matches(key, siblings, n=1)
+            hint = f'; did you mean "{".".join([*walked, close[0]])}"?' if close else "."
+            raise ConfigError(f"config.{dotted}: no such field{hint}")
+        node, walked = node[key], [*walked, key]
+
+
+def flat_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{dotted name: value} of every leaf, JSON-comparable (tuples as lists)."""
+    flat = {}
+
+    def walk(node: Mapping, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(json.loads(config.to_json()), "")
+    return flat
+
+
+def result_changing_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The dotted fields, other than RESULT_NEUTRAL_FIELDS, whose values differ."""
+    fields = sorted(set(stored) | set(current))
+    return [
+        f"{name}: {stored.get(name, '<absent>')!r} -> {current.get(name, '<absent>')!r}"
+        for name in fields
+        if not _is_result_neutral(name) and stored.get(name) != current.get(name)
+    ]
+
+
+def _is_result_neutral(name: str) -> bool:
+    return any(
+        name == field or (field.endswith(".") and name.startswith(field))
+        for field in RESULT_NEUTRAL_FIELDS
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Checks: every setting that cannot work is one line, before data loads or anything compiles
+# --------------------------------------------------------------------------------------------
+
+_POSITIVE_INTS = (
+    "num_views",
+    "batch_size",
+    "eval_batch_size",
+    "num_train_steps",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "max_checkpoints_to_keep",
+    "linear_eval.num_steps",
+    "linear_eval.batch_size",
+    "model.projection_hidden_dim",
+    "model.projection_dim",
+)
+_NON_NEGATIVE_INTS = (
+    "seed",
+    "multihost.num_processes",
+    "multihost.initialization_timeout_s",
+    "optimizer.warmup_steps",
+    "loss.block_size",
+    "dataset.train_examples",
+    "dataset.test_examples",
+)
+_POSITIVE_FLOATS = ("optimizer.learning_rate", "linear_eval.learning_rate", "loss.temperature")
+_NON_NEGATIVE_FLOATS = ("optimizer.weight_decay", "linear_eval.weight_decay")
+_CHOICES = {
+    "method": ("contrastive", "bce"),
+    "model.encoder.name": ("resnet", "mlp", "transformer"),
+}
+
+
+def _fail(field: str, got: Any, expected: str) -> None:
+    raise ConfigError(f"config.{field}: got {got!r}, expected {expected}.")
+
+
+def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int):
+    """Raises ConfigError naming the first field that cannot work.
+
+    Args:
+      config: a full training config.
+      num_devices, num_processes: of the run, which the batches are split over.
+    """
+    from sdjax import input_pipeline, losses  # the dataset and loss registries
+
+    for field in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
+        value, low = config[field], 1 if field in _POSITIVE_INTS else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            _fail(field, value, f"an int >= {low}")
+    for field in _POSITIVE_FLOATS + _NON_NEGATIVE_FLOATS:
+        value = config[field]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            _fail(field, value, "a number")
+        if not math.isfinite(value) or value < 0 or (field in _POSITIVE_FLOATS and value == 0):
+            _fail(field, value, f"a finite number {'>' if field in _POSITIVE_FLOATS else '>='} 0")
+    for field, choices in {
+        **_CHOICES,
+        "loss.positives": losses.POSITIVES,
+        "dataset.name": tuple(sorted(input_pipeline.DATASETS)),
+    }.items():
+        if config[field] not in choices:
+            _fail(field, config[field], f"one of {choices}")
+    if not 0 < config.loss.jaccard_threshold <= 1:
+        _fail("loss.jaccard_threshold", config.loss.jaccard_threshold, "a number in (0, 1]")
+    if config.optimizer.warmup_steps > config.num_train_steps:
+        _fail("optimizer.warmup_steps", config.optimizer.warmup_steps, "<= num_train_steps")
+    for field in ("batch_size", "eval_batch_size"):  # both are split over devices and hosts
+        if config[field] % num_devices:
+            _fail(field, config[field], f"a multiple of the {num_devices} devices")
+        if config[field] % num_processes:
+            _fail(field, config[field], f"a multiple of the {num_processes} processes")
+    limit = config.dataset.train_examples
+    if limit and config.batch_size > limit:
+        _fail("batch_size", config.batch_size, f"<= dataset.train_examples = {limit}")
+
+
+def check_data_fits(config: ml_collections.ConfigDict, train: dict) -> None:
+    """Raises ConfigError when the batch or the encoder's input fields disagree with the data."""
+    inputs, num_examples = train["inputs"], len(train["labels"])
+    if config.batch_size > num_examples:
+        _fail("batch_size", config.batch_size, f"<= the {num_examples} training examples")
+    encoder = config.model.encoder
+    expected = {
+        "resnet": ("in_channels", inputs.shape[-1]),
+        "mlp": ("in_features", inputs.shape[-1]),
+        "transformer": ("max_length", inputs.shape[-1]),
+    }[encoder.name]
+    if encoder[expected[0]] != expected[1]:
+        raise ConfigError(
+            f"config.model.encoder.{expected[0]}: got {encoder[expected[0]]!r}, expected "
+            f"{expected[1]} for {config.dataset.name} inputs of shape {inputs.shape[1:]}."
+        )
+    if encoder.name == "transformer" and inputs.max() >= encoder.vocab_size:
+        raise ConfigError(
+            f"config.model.encoder.vocab_size: got {encoder.vocab_size}, expected > "
+            f"{inputs.max()}, the largest token id of {config.dataset.name}."
+        )

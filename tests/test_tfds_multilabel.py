@@ -185,7 +185,8 @@ def test_voc_config_trains_end_to_end_on_mock_data(tmp_path):
     assert np.isfinite(results["final_train_loss"])
     assert results["linear_eval"]["num_scored_classes"] > 0
     coco = config_lib.load_config_file("coco2017")
-    train.check_config(coco)  # the GPU/TPU settings are a valid config
+    # The GPU/TPU settings are a valid config.
+    config_lib.check_config(coco, num_devices=8, num_processes=1)
     assert (coco.dataset.name, coco.model.encoder.in_channels) == ("coco2017", 3)
     assert (coco.model.encoder.block, coco.model.encoder.stage_sizes) == (
         "bottleneck",

@@ -1,5 +1,7 @@
 """Flax NNX encoders and heads."""
 
+from flax import nnx
+
 from sdjax.models.contrastive import ContrastiveModel
 from sdjax.models.heads import LinearClassifier, ProjectionHead
 from sdjax.models.mlp import MLPEncoder
@@ -14,7 +16,24 @@ __all__ = [
     "ResNetEncoder",
     "TextTransformerEncoder",
     "create_encoder",
+    "create_model",
 ]
+
+
+def create_model(config, num_classes: int, seed: int) -> ContrastiveModel:
+    """Encoder plus the stage-1 head: projection (contrastive) or linear classifier (bce)."""
+    rngs = nnx.Rngs(seed)
+    encoder = create_encoder(config.model.encoder, rngs=rngs)
+    if config.method == "bce":
+        head = LinearClassifier(encoder.features_dim, num_classes, rngs=rngs)
+    else:
+        head = ProjectionHead(
+            encoder.features_dim,
+            config.model.projection_hidden_dim,
+            config.model.projection_dim,
+            rngs=rngs,
+        )
+    return ContrastiveModel(encoder, head)
 
 
 def create_encoder(config, *, rngs):

@@ -6,7 +6,12 @@ from flax import nnx
 
 
 class ProjectionHead(nnx.Module):
-    """[B, in_features] -> [B, embed_dim] unit vectors: Linear, ReLU, Linear, L2 normalise."""
+    """[B, in_features] -> [B, embed_dim] unit vectors: Linear, ReLU, Linear, L2 normalise.
+
+    The loss normalises again, but the head's output is the embedding users take away (cosine
+    retrieval, t-SNE), so it stays a unit vector; removing the step would also change every
+    committed result in its last bits.
+    """
 
     def __init__(self, in_features: int, hidden_dim: int, embed_dim: int, *, rngs: nnx.Rngs):
         self.hidden = nnx.Linear(in_features, hidden_dim, rngs=rngs)

@@ -1,0 +1,188 @@
+"""A workdir holds one run: a lock, and orbax checkpoints that carry the run's config.
+
+Each checkpoint has three items: `state` (model and optimiser), `config` (the run's flat config)
+and `history` (the logged training curve up to that step), so a restored run continues its
+curve without rewriting any file, and `python -m sdjax.evaluate` needs nothing but the workdir.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from sdjax import config_lib
+
+CHECKPOINTS = "checkpoints"
+UNREADABLE = "unreadable_checkpoints"  # where a checkpoint that fails to restore is moved
+
+
+class WorkdirInUse(RuntimeError):
+    """Another process holds this workdir."""
+
+
+class WorkdirLock:
+    """An exclusive lock per process index on `workdir`, released when the process ends."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / f".lock.process{jax.process_index()}"
+        self._file = None
+
+    def __enter__(self):
+        self._file = self.path.open("a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise WorkdirInUse(
+                f"workdir {self.path.parent} is in use by another run (pid {holder}); wait for "
+                "it to finish, or pass another --workdir."
+            ) from None
+        self._file.truncate(0)
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc_info):
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+
+
+def manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        (workdir / CHECKPOINTS).absolute(),
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=config.checkpoint_every_steps,
+            max_to_keep=config.max_checkpoints_to_keep,
+        ),
+    )
+
+
+def save_args(state, config: ml_collections.ConfigDict, history: list) -> ocp.args.Composite:
+    return ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(config_lib.flat_fields(config)),
+        history=ocp.args.JsonSave(history),
+    )
+
+
+def is_finite(tree) -> bool:
+    """Whether every float leaf of `tree` is finite (one device reduction, one host read)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in xs])))(leaves))
+
+
+def restore_latest(
+    workdir: Path, config: ml_collections.ConfigDict, state
+) -> tuple[ocp.CheckpointManager, int, object, list]:
+    """The newest checkpoint that restores, with its step, state and history.
+
+    A checkpoint that fails to restore (truncated, emptied, partly deleted) is logged, moved to
+    workdir/unreadable_checkpoints, and the next older one is tried. A checkpoint written with a
+    config that changes results stops the run.
+
+    Returns:
+      (a fresh manager, step (0 = none), the restored state or `state`, history).
+
+    Raises:
+      config_lib.ConfigError: the stored config differs in fields that change results.
+    """
+    checkpoints = manager(workdir, config)
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    unreadable = []
+    for step in sorted(checkpoints.all_steps(), reverse=True):
+        try:
+            restored = checkpoints.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target),
+                    config=ocp.args.JsonRestore(),
+                    history=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as error:  # orbax raises many kinds for damaged files
+            logging.warning(
+                "Checkpoint %d in %s does not restore (%s: %s); trying an older one.",
+                step,
+                workdir / CHECKPOINTS,
+                type(error).__name__,
+                str(error).splitlines()[0][:200] if str(error) else "",
+            )
+            unreadable.append(step)
+            continue
+        _check_same_run(restored["config"], config, workdir, step)
+        _set_aside(workdir, unreadable)
+        logging.info("Resumed from the checkpoint at step %d.", step)
+        return manager(workdir, config), step, restored["state"], list(restored["history"])
+    _set_aside(workdir, unreadable)
+    return manager(workdir, config) if unreadable else checkpoints, 0, state, []
+
+
+def _check_same_run(stored: dict, config: ml_collections.ConfigDict, workdir: Path, step: int):
+    differences = config_lib.result_changing_differences(stored, config_lib.flat_fields(config))
+    if differences:
+        raise config_lib.ConfigError(
+            f"workdir {workdir} holds a run with another config (checkpoint {step}): "
+            + "; ".join(differences)
+            + ". Use another --workdir, or the stored config."
+        )
+
+
+def _set_aside(workdir: Path, steps: list[int]) -> None:
+    """Moves unreadable checkpoints out of orbax's way, keeping them for inspection."""
+    if not steps:
+        return
+    multihost_utils.sync_global_devices("sdjax: checkpoints read")
+    if jax.process_index() == 0:
+        destination = workdir / UNREADABLE
+        destination.mkdir(exist_ok=True)
+        for step in steps:
+            target = destination / str(step)
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(str(workdir / CHECKPOINTS / str(step)), target)
+            logging.warning("Moved unreadable checkpoint %d to %s.", step, target)
+    multihost_utils.sync_global_devices("sdjax: unreadable checkpoints set aside")
+
+
+def restore_state(workdir: Path, step: int, state):
+    """The `state` item of checkpoint `step`, shaped and sharded like `state`."""
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    with ocp.CheckpointManager((Path(workdir) / CHECKPOINTS).absolute()) as checkpoints:
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        return checkpoints.restore(step, args=args)["state"]
+
+
+def stored_config(workdir: Path) -> tuple[ml_collections.ConfigDict, int]:
+    """The config of the newest checkpoint in `workdir`, as a locked ConfigDict, and its step."""
+    directory = (Path(workdir) / CHECKPOINTS).absolute()
+    with ocp.CheckpointManager(directory) as checkpoints:
+        for step in sorted(checkpoints.all_steps(), reverse=True):
+            try:
+                flat = checkpoints.restore(
+                    step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+                )["config"]
+            except Exception as error:
+                logging.warning("Checkpoint %d's config does not restore: %s", step, error)
+                continue
+            nested = {}
+            for name, value in flat.items():
+                *parents, leaf = name.split(".")
+                node = nested
+                for parent in parents:
+                    node = node.setdefault(parent, {})
+                node[leaf] = tuple(value) if isinstance(value, list) else value
+            config = ml_collections.ConfigDict(nested)
+            config.lock()
+            return config, step
+    raise FileNotFoundError(f"`workdir`: no restorable checkpoint in {directory}.")

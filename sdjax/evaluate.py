@@ -1,0 +1,126 @@
+"""Evaluation of a trained model, at the end of training or on any workdir's checkpoint.
+
+COMMAND:
+  python -m sdjax.evaluate --workdir workdirs/default   # the newest checkpoint, its own config
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from clu import metric_writers
+from flax import nnx
+
+from sdjax import checkpointing, input_pipeline, models, objectives
+from sdjax.evaluators import HeldoutLoss, LinearProbe, save_test_outputs
+from sdjax.sharding import data_parallel_mesh, replicate
+
+
+def evaluate(
+    config: ml_collections.ConfigDict, model, data: tuple[dict, dict], mesh, workdir: Path, writer
+) -> dict:
+    """Held-out stage-1 loss (initial and final), linear probes and, if asked, test outputs.
+
+    Returns:
+      {"heldout_stage1_loss": {"initial", "final"}, "linear_eval": metrics,
+      "random_init": metrics (if `linear_eval.random_init_baseline`), "stage2_seconds"}.
+    """
+    start = time.time()
+    train, test = data
+    initial_model = models.create_model(config, train["labels"].shape[1], config.seed)
+    nnx.update(initial_model, replicate(nnx.state(initial_model), mesh))
+    heldout = HeldoutLoss(config, mesh, test)
+    results = {"heldout_stage1_loss": {"initial": heldout(initial_model), "final": heldout(model)}}
+    probe = LinearProbe(config, mesh)
+    probed = {"linear_eval": model}
+    if config.linear_eval.random_init_baseline:
+        probed["random_init"] = initial_model
+    for name, probed_model in probed.items():
+        outcome = probe(probed_model, train, test)
+        results[name] = outcome.metrics
+        writer.write_scalars(
+            config.num_train_steps, {f"{name}/{k}": v for k, v in outcome.metrics.items()}
+        )
+        if (
+            name == "linear_eval"
+            and config.linear_eval.save_test_outputs
+            and jax.process_index() == 0
+        ):
+            save_test_outputs(workdir / "test_outputs.npz", outcome, train, test)
+    results["stage2_seconds"] = time.time() - start
+    return results
+
+
+def write_results(workdir: Path, results: dict) -> None:
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def plot_training_curve(config: ml_collections.ConfigDict, curve: list[dict], path: Path) -> None:
+    """The logged interval-mean loss and the learning rate against the step."""
+    if not curve:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    title = (
+        config.method
+        if config.method == "bce"
+        else f"{config.loss.positives} loss, τ={config.loss.temperature}"
+    )
+    steps = [entry["step"] for entry in curve]
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_loss.plot(steps, [entry["train/loss"] for entry in curve])
+    ax_loss.set(xlabel="step", ylabel="training loss (interval mean)", title=title)
+    ax_lr.plot(steps, [entry["train/learning_rate"] for entry in curve])
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="schedule")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_workdir(workdir: str | Path) -> dict:
+    """Restores the newest checkpoint of `workdir` with its stored config and evaluates it.
+
+    Writes results.json (with `evaluated_step`) and the TensorBoard scalars into `workdir`.
+    """
+    workdir = Path(workdir)
+    config, step = checkpointing.stored_config(workdir)
+    mesh = data_parallel_mesh()
+    train, test = input_pipeline.load_train_and_test(config.dataset)
+    model = models.create_model(config, train["labels"].shape[1], config.seed)
+    optimizer = objectives.create_optimizer(config, model)
+    state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+    nnx.update(model, checkpointing.restore_state(workdir, step, replicate(state, mesh))["model"])
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
+    results = {"evaluated_step": step, "config": config.to_dict()}
+    results |= evaluate(config, model, (train, test), mesh, workdir, writer)
+    writer.flush()
+    if jax.process_index() == 0:
+        write_results(workdir, results)
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        results = evaluate_workdir(flags.FLAGS.workdir)
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        return 2
+    logging.info("Evaluated checkpoint %d.", results["evaluated_step"])
+    print(json.dumps({k: results[k] for k in ("linear_eval", "random_init") if k in results}))
+    return 0
+
+
+if __name__ == "__main__":  # flags here: the trainer imports this module and has its own
+    flags.DEFINE_string("workdir", None, "A training workdir with checkpoints.", required=True)
+    app.run(main)

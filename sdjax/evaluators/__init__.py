@@ -1,0 +1,12 @@
+"""Evaluations of a trained (or any checkpointed) model, each built once and called per model.
+
+- `LinearProbe`: a linear multi-label classifier on frozen encoder features, test metrics.
+- `HeldoutLoss`: the stage-1 loss on a fixed held-out batch with fixed views.
+- `save_test_outputs`: test features, scores and labels to an npz, for later analyses.
+"""
+
+from sdjax.evaluators.heldout_loss import HeldoutLoss
+from sdjax.evaluators.linear_probe import LinearProbe, ProbeResult
+from sdjax.evaluators.test_outputs import save_test_outputs
+
+__all__ = ["HeldoutLoss", "LinearProbe", "ProbeResult", "save_test_outputs"]

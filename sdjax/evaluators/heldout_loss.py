@@ -1,0 +1,34 @@
+"""The stage-1 loss of a fixed held-out batch: comparable before and after training."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sdjax import input_pipeline, objectives
+from sdjax.sharding import shard_global_batch
+
+HELDOUT_STEP = -1  # the views' (seed, step) key: no training step uses it
+
+
+class HeldoutLoss:
+    """`heldout(model) -> float`: the loss on the first test examples, always with the same views.
+
+    The batch is the training batch size (or the test set, if smaller), cut to a multiple of the
+    devices, so the loss is the one training minimises.
+    """
+
+    def __init__(self, config, mesh, test: dict):
+        modality = input_pipeline.DATASETS[config.dataset.name].modality
+        size = min(
+            config.batch_size, len(test["labels"]) // jax.device_count() * jax.device_count()
+        )
+        self._batch = (
+            shard_global_batch(input_pipeline.model_inputs(modality, test["inputs"][:size]), mesh),
+            shard_global_batch(np.asarray(test["labels"][:size]), mesh),
+        )
+        self._loss = nnx.jit(objectives.make_stage1_loss(config, mesh))
+
+    def __call__(self, model) -> float:
+        return float(self._loss(model, *self._batch, HELDOUT_STEP))

@@ -1,0 +1,92 @@
+"""Linear evaluation: a sigmoid-BCE linear classifier on frozen encoder features."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from sdjax import evaluation, input_pipeline, models
+from sdjax.sharding import shard_global_batch
+
+
+class ProbeResult(NamedTuple):
+    metrics: dict  # sdjax.evaluation.multilabel_metrics of the test scores
+    scores: np.ndarray  # float32 [N_test, C], sigmoid outputs
+    test_features: np.ndarray  # float32 [N_test, F], the frozen encoder's
+
+
+@nnx.jit
+def _encode(model, inputs):
+    return model.encode(inputs)
+
+
+@nnx.jit
+def _fit_step(classifier, optimizer, features, labels):
+    def loss_fn(classifier):
+        return optax.sigmoid_binary_cross_entropy(classifier(features), labels).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(classifier)
+    optimizer.update(classifier, grads)
+    return loss
+
+
+class LinearProbe:
+    """`probe(model, train, test) -> ProbeResult`, with `config.linear_eval`'s settings.
+
+    Features are standardised with training statistics, which makes one learning rate fit every
+    encoder. Every host computes the same probe on the gathered features.
+    """
+
+    def __init__(self, config, mesh):
+        self._config = config
+        self._mesh = mesh
+        self._modality = input_pipeline.DATASETS[config.dataset.name].modality
+
+    def features(self, model, inputs: np.ndarray) -> np.ndarray:
+        """Frozen encoder features of every example, on every host (numpy in, numpy out)."""
+        batch_size = self._config.eval_batch_size
+        features = []
+        for start in range(0, len(inputs), batch_size):
+            chunk = input_pipeline.model_inputs(self._modality, inputs[start : start + batch_size])
+            pad = batch_size - len(chunk)
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            encoded = _encode(model, shard_global_batch(chunk, self._mesh))
+            gathered = multihost_utils.process_allgather(encoded, tiled=True)
+            features.append(gathered[: batch_size - pad])
+        return np.concatenate(features)
+
+    def __call__(self, model, train: dict, test: dict) -> ProbeResult:
+        train_features = self.features(model, train["inputs"])
+        test_features = self.features(model, test["inputs"])
+        scores = self.fit_and_score(train_features, train["labels"], test_features)
+        return ProbeResult(
+            evaluation.multilabel_metrics(scores, test["labels"]), scores, test_features
+        )
+
+    def fit_and_score(self, train_features, train_labels, test_features) -> np.ndarray:
+        """Fits the classifier on training features; returns its test scores [N, C]."""
+        config, settings = self._config, self._config.linear_eval
+        mean, std = train_features.mean(axis=0), train_features.std(axis=0) + 1e-6
+        train_x = jnp.asarray((train_features - mean) / std)
+        test_x = jnp.asarray((test_features - mean) / std)
+        train_y = jnp.asarray(train_labels)
+        classifier = models.LinearClassifier(
+            train_x.shape[1], train_y.shape[1], rngs=nnx.Rngs(config.seed + 1)
+        )
+        schedule = optax.cosine_decay_schedule(settings.learning_rate, settings.num_steps)
+        optimizer = nnx.Optimizer(
+            classifier, optax.adamw(schedule, weight_decay=settings.weight_decay), wrt=nnx.Param
+        )
+        batch_size = min(settings.batch_size, len(train_x))
+        for step in range(settings.num_steps):
+            indices = input_pipeline.batch_indices(
+                len(train_x), global_batch_size=batch_size, seed=config.seed + 1, step=step
+            )
+            _fit_step(classifier, optimizer, train_x[indices], train_y[indices])
+        return np.asarray(jax.nn.sigmoid(classifier(test_x)))
