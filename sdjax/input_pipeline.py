@@ -112,8 +112,10 @@ def _read_tfds(builder_name: str, split: str, data_dir: str, source_dir: str) ->
     import tensorflow_datasets as tfds
 
     import sdjax.datasets  # noqa: F401  (registers the local builders)
+    from sdjax.datasets.local_source import no_stray_tfds_temp_dirs
 
-    builder = tfds.builder(builder_name, data_dir=data_dir, source_dir=source_dir)
+    with no_stray_tfds_temp_dirs():
+        builder = tfds.builder(builder_name, data_dir=data_dir, source_dir=source_dir)
     if not builder.is_prepared():
         builder.download_and_prepare()
         logging.info("Built %s in %s.", builder_name, builder.data_dir)

@@ -16,6 +16,7 @@ from tensorflow_datasets.testing.mocking import RandomFakeGenerator
 
 from sdjax import config_lib, input_pipeline, train
 from sdjax.datasets import tfds_multilabel
+from sdjax.datasets.local_source import no_stray_tfds_temp_dirs
 
 NUM_EXAMPLES = 6
 IMAGE_SIZE = 32
@@ -29,7 +30,8 @@ EXPECTED = {
 
 def _raw_examples(tfds_name, tfds_split):
     """The examples tfds itself yields (call inside the mock_data context)."""
-    ds = tfds.load(tfds_name, split=tfds_split, data_dir="/unused")
+    with no_stray_tfds_temp_dirs():
+        ds = tfds.load(tfds_name, split=tfds_split, data_dir="/unused")
     return list(tfds.as_numpy(ds))
 
 

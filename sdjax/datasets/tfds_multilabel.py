@@ -25,6 +25,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from sdjax.datasets.local_source import no_stray_tfds_temp_dirs
+
 _BATCH_SIZE = 256
 
 
@@ -99,7 +101,8 @@ def load_tfds_multilabel(
 
     spec = TFDS_MULTILABEL[name]
     tfds_split = spec.train_split if split == "train" else spec.test_split
-    ds = tfds.load(spec.tfds_name, split=tfds_split, data_dir=data_dir, download=True)
+    with no_stray_tfds_temp_dirs():
+        ds = tfds.load(spec.tfds_name, split=tfds_split, data_dir=data_dir, download=True)
     if max_examples is not None:
         ds = ds.take(max_examples)
 
