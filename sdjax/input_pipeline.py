@@ -121,9 +121,8 @@ def _read_tfds(builder_name: str, split: str, data_dir: str, source_dir: str) ->
         logging.info("Built %s in %s.", builder_name, builder.data_dir)
     if split not in builder.info.splits:
         raise ValueError(f"`split`: got {split!r}, expected one of {list(builder.info.splits)}.")
-    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    order = np.argsort(arrays["index"]) if "index" in arrays else slice(None)
-    return {key: value[order] for key, value in arrays.items()}
+    # The local builders disable shuffling: files hold, and serve, their generation order.
+    return tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
 
 
 def load_split(
