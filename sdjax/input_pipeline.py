@@ -37,18 +37,20 @@ def debtags_corpus(data_dir: str = "", source_dir: str = "") -> tuple[dict, list
 
     The columns are the sorted tags of both splits, so train and test share them.
     """
+    from sklearn.preprocessing import MultiLabelBinarizer
+
     data_dir = data_dir or default_data_dir()
     splits = {s: _read_tfds("debtags/default", s, data_dir, source_dir) for s in ("train", "test")}
     tag_lists = {s: [t.decode().split(", ") for t in splits[s]["tags"]] for s in splits}
-    vocabulary = sorted({tag for tags in tag_lists["train"] + tag_lists["test"] for tag in tags})
-    column = {tag: i for i, tag in enumerate(vocabulary)}
-    corpus = {}
-    for split, rows in tag_lists.items():
-        labels = np.zeros((len(rows), len(vocabulary)), np.float32)
-        for row, tags in enumerate(rows):
-            labels[row, [column[tag] for tag in tags]] = 1.0
-        corpus[split] = ([t.decode() for t in splits[split]["text"]], labels)
-    return corpus, vocabulary
+    binarizer = MultiLabelBinarizer().fit(tag_lists["train"] + tag_lists["test"])  # sorts tags
+    corpus = {
+        split: (
+            [t.decode() for t in splits[split]["text"]],
+            binarizer.transform(tag_lists[split]).astype(np.float32),
+        )
+        for split in splits
+    }
+    return corpus, binarizer.classes_.tolist()
 
 
 def _load_debtags(split: str, *, data_dir: str, source_dir: str, options: dict) -> dict:
