@@ -37,18 +37,20 @@ def debtags_corpus(data_dir: str = "", source_dir: str = "") -> tuple[dict, list
 
     The columns are the sorted tags of both splits, so train and test share them.
     """
+    from sklearn.preprocessing import MultiLabelBinarizer
+
     data_dir = data_dir or default_data_dir()
     splits = {s: _read_tfds("debtags/default", s, data_dir, source_dir) for s in ("train", "test")}
     tag_lists = {s: [t.decode().split(", ") for t in splits[s]["tags"]] for s in splits}
-    vocabulary = sorted({tag for tags in tag_lists["train"] + tag_lists["test"] for tag in tags})
-    column = {tag: i for i, tag in enumerate(vocabulary)}
-    corpus = {}
-    for split, rows in tag_lists.items():
-        labels = np.zeros((len(rows), len(vocabulary)), np.float32)
-        for row, tags in enumerate(rows):
-            labels[row, [column[tag] for tag in tags]] = 1.0
-        corpus[split] = ([t.decode() for t in splits[split]["text"]], labels)
-    return corpus, vocabulary
+    binarizer = MultiLabelBinarizer().fit(tag_lists["train"] + tag_lists["test"])  # sorts tags
+    corpus = {
+        split: (
+            [t.decode() for t in splits[split]["text"]],
+            binarizer.transform(tag_lists[split]).astype(np.float32),
+        )
+        for split in splits
+    }
+    return corpus, binarizer.classes_.tolist()
 
 
 def _load_debtags(split: str, *, data_dir: str, source_dir: str, options: dict) -> dict:
@@ -112,16 +114,17 @@ def _read_tfds(builder_name: str, split: str, data_dir: str, source_dir: str) ->
     import tensorflow_datasets as tfds
 
     import sdjax.datasets  # noqa: F401  (registers the local builders)
+    from sdjax.datasets.local_source import no_stray_tfds_temp_dirs
 
-    builder = tfds.builder(builder_name, data_dir=data_dir, source_dir=source_dir)
+    with no_stray_tfds_temp_dirs():
+        builder = tfds.builder(builder_name, data_dir=data_dir, source_dir=source_dir)
     if not builder.is_prepared():
         builder.download_and_prepare()
         logging.info("Built %s in %s.", builder_name, builder.data_dir)
     if split not in builder.info.splits:
         raise ValueError(f"`split`: got {split!r}, expected one of {list(builder.info.splits)}.")
-    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    order = np.argsort(arrays["index"]) if "index" in arrays else slice(None)
-    return {key: value[order] for key, value in arrays.items()}
+    # The local builders disable shuffling: files hold, and serve, their generation order.
+    return tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
 
 
 def load_split(

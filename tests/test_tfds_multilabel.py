@@ -16,6 +16,7 @@ from tensorflow_datasets.testing.mocking import RandomFakeGenerator
 
 from sdjax import config_lib, input_pipeline, train
 from sdjax.datasets import tfds_multilabel
+from sdjax.datasets.local_source import no_stray_tfds_temp_dirs
 
 NUM_EXAMPLES = 6
 IMAGE_SIZE = 32
@@ -29,7 +30,8 @@ EXPECTED = {
 
 def _raw_examples(tfds_name, tfds_split):
     """The examples tfds itself yields (call inside the mock_data context)."""
-    ds = tfds.load(tfds_name, split=tfds_split, data_dir="/unused")
+    with no_stray_tfds_temp_dirs():
+        ds = tfds.load(tfds_name, split=tfds_split, data_dir="/unused")
     return list(tfds.as_numpy(ds))
 
 
@@ -44,6 +46,15 @@ def _expected_multi_hot(ids_per_example, num_classes):
     for row, ids in zip(rows, ids_per_example, strict=True):
         row[np.asarray(ids, np.int64)] = 1.0
     return rows
+
+
+@pytest.fixture(autouse=True)
+def network_up(monkeypatch):
+    """mock_data stands in for the download, so the offline check must not stop it here.
+
+    That check, with the network down, is tested in test_faults.py.
+    """
+    monkeypatch.setattr(tfds_multilabel, "_unreachable", lambda url: "")
 
 
 @pytest.fixture

@@ -178,9 +178,16 @@ def split_names(names: list[str], split: str, seed: int = SPLIT_SEED) -> list[st
     return [names[i] for i in np.sort(chosen)]
 
 
+RELEASE_NOTES = {
+    "1.1.0": "Examples are stored in name order (disable_shuffling); no `index` feature.",
+    "1.0.0": "Examples carry an `index` feature, their position in name order.",
+}
+
+
 class DebtagsConfig(tfds.core.BuilderConfig):
     def __init__(self, *, min_tag_count: int = MIN_TAG_COUNT, **kwargs):
-        kwargs.setdefault("version", tfds.core.Version("1.0.0"))
+        kwargs.setdefault("version", tfds.core.Version("1.1.0"))
+        kwargs.setdefault("release_notes", RELEASE_NOTES)
         super().__init__(**kwargs)
         self.min_tag_count = min_tag_count
 
@@ -188,8 +195,8 @@ class DebtagsConfig(tfds.core.BuilderConfig):
 class Debtags(LocalSourceBuilder):
     """tfds builder for Debtags from local apt lists (`source_dir`, default /var/lib/apt/lists).
 
-    Each example is {"text", "tags" (", "-joined, kept tags only), "package", "index"}; the tag
-    vocabulary is in `info.metadata["tags"]`.
+    Each example is {"text", "tags" (", "-joined, kept tags only), "package"}, in package name
+    order; the tag vocabulary is in `info.metadata["tags"]`.
     """
 
     BUILDER_CONFIGS = [DebtagsConfig(name="default")]  # noqa: RUF012 (tfds declares a list)
@@ -203,10 +210,10 @@ class Debtags(LocalSourceBuilder):
                     "text": tfds.features.Text(),
                     "tags": tfds.features.Text(),
                     "package": tfds.features.Text(),
-                    "index": np.int64,  # position in name order; restores it
                 }
             ),
             metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True,  # stored, hence read, in name order
         )
 
     def _split_generators(self, dl_manager):
@@ -224,6 +231,6 @@ class Debtags(LocalSourceBuilder):
         }
 
     def _generate_examples(self, names, by_name):
-        for index, name in enumerate(names):
+        for name in names:
             text, labels = by_name[name]
-            yield name, {"text": text, "tags": ", ".join(labels), "package": name, "index": index}
+            yield name, {"text": text, "tags": ", ".join(labels), "package": name}

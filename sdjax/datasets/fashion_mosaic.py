@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sdjax.datasets import mosaic
+from sdjax.datasets.local_source import no_stray_tfds_temp_dirs
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
@@ -27,18 +28,6 @@ IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-CLASS_NAMES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -67,7 +56,8 @@ def load_source_images(split: str, source_dir: str = "", data_dir: str = "") -> 
             images = read_idx(Path(directory) / images_file)
             return images, read_idx(Path(directory) / labels_file).astype(np.int64)
     try:
-        builder = tfds.builder("fashion_mnist", data_dir=data_dir or None)
+        with no_stray_tfds_temp_dirs():
+            builder = tfds.builder("fashion_mnist", data_dir=data_dir or None)
         arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
         return arrays["image"][..., 0], arrays["label"].astype(np.int64)
     except Exception as error:  # any tfds failure here means "not prepared"

@@ -60,9 +60,16 @@ def compose_mosaics(
     return {"image": images, "labels": labels, "source_index": sources}
 
 
+RELEASE_NOTES = {
+    "1.2.0": "Examples are stored in generation order (disable_shuffling); no `index` feature.",
+    "1.1.0": "Examples carry an `index` feature that restores their generation order.",
+}
+
+
 class MosaicConfig(tfds.core.BuilderConfig):
     def __init__(self, *, num_train: int, num_test: int, seed: int = 0, **kwargs):
-        kwargs.setdefault("version", tfds.core.Version("1.1.0"))
+        kwargs.setdefault("version", tfds.core.Version("1.2.0"))
+        kwargs.setdefault("release_notes", RELEASE_NOTES)
         super().__init__(**kwargs)
         self.num_train, self.num_test, self.seed = num_train, num_test, seed
 
@@ -89,11 +96,10 @@ class MosaicBuilder(LocalSourceBuilder, skip_registration=True):
                 {
                     "image": tfds.features.Image(shape=(side, side, 1)),
                     "labels": tfds.features.Tensor(shape=(self.NUM_CLASSES,), dtype=np.float32),
-                    # tfds shuffles examples on disk; the index restores generation order.
-                    "index": np.int64,
                 }
             ),
             supervised_keys=("image", "labels"),
+            disable_shuffling=True,  # stored, hence read, in generation order
         )
 
     def _split_generators(self, dl_manager):
@@ -107,4 +113,4 @@ class MosaicBuilder(LocalSourceBuilder, skip_registration=True):
     def _generate_examples(self, split, num_examples, seed):
         mosaics = self.make_split(split, num_examples, seed)
         for i in range(num_examples):
-            yield i, {"image": mosaics["image"][i], "labels": mosaics["labels"][i], "index": i}
+            yield i, {"image": mosaics["image"][i], "labels": mosaics["labels"][i]}

@@ -15,17 +15,28 @@ label the image still carries.
 
 Our split names are "train" and "test": VOC 2007 "train+validation" / "test", COCO 2017
 "train" / "validation" (the COCO 2017 test split has no labels).
+
+Offline: tfds downloads the source archives on first use. Without network, put them (the files
+the error message lists) in tfds's manual dir, ``DATA_DIR/downloads/manual``, and tfds builds
+from there; the loader checks this up front rather than letting tfds retry for minutes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import socket
+import urllib.parse
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import resource as tfds_resource
+
+from sdjax.datasets.local_source import no_stray_tfds_temp_dirs
 
 _BATCH_SIZE = 256
+_CONNECT_TIMEOUT_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +48,7 @@ class TfdsMultilabel:
     train_split: str
     test_split: str
     label_key: tuple[str, ...]  # Path to the int class-id sequence in a tfds example.
+    source_files: tuple[str, ...]  # The archives tfds downloads to build every split.
 
 
 TFDS_MULTILABEL = {
@@ -46,6 +58,7 @@ TFDS_MULTILABEL = {
         train_split="train+validation",
         test_split="test",
         label_key=("labels",),
+        source_files=("VOCtrainval_06-Nov-2007.tar", "VOCtest_06-Nov-2007.tar"),
     ),
     "coco2017": TfdsMultilabel(
         tfds_name="coco/2017",
@@ -53,6 +66,14 @@ TFDS_MULTILABEL = {
         train_split="train",
         test_split="validation",
         label_key=("objects", "label"),
+        # tfds builds the unlabelled test split too, so it needs the test archives.
+        source_files=(
+            "train2017.zip",
+            "val2017.zip",
+            "test2017.zip",
+            "annotations_trainval2017.zip",
+            "image_info_test2017.zip",
+        ),
     ),
 }
 
@@ -75,6 +96,63 @@ def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
+def _missing_sources(builder, spec: TfdsMultilabel, download_dir: Path) -> list:
+    """The `UrlInfo` and url of each source archive in neither the manual dir nor tfds's cache."""
+    by_filename = {info.filename: (url, info) for url, info in builder.url_infos.items()}
+    missing = []
+    for filename in spec.source_files:
+        url, info = by_filename[filename]
+        # Where tfds's DownloadManager caches a finished download (with and without the
+        # dataset-name folder of older tfds versions), or a file the user put by hand.
+        cached = [
+            folder / tfds_resource.get_dl_fname(url, info.checksum)
+            for folder in (download_dir / builder.name, download_dir)
+        ]
+        manual = download_dir / "manual" / filename
+        if not manual.exists() and not any(map(tfds_resource.is_locally_cached, cached)):
+            missing.append((url, info))
+    return missing
+
+
+def _unreachable(url: str) -> str:
+    """Why `url`'s host cannot be reached in one quick try; "" when it can."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=_CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        return f"{parts.hostname}:{port}: {error}"
+    return ""
+
+
+def check_sources_reachable(name: str, data_dir: str | None) -> None:
+    """Raises at once, saying which files to download and where, if tfds could not build `name`.
+
+    tfds retries an unreachable host for minutes before failing with a bare connection error.
+    Nothing is checked when the dataset is already prepared in `data_dir`, or when every
+    archive it still needs is on disk or its host answers.
+    """
+    spec = TFDS_MULTILABEL[name]
+    with no_stray_tfds_temp_dirs():
+        builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+    if builder.is_prepared():
+        return
+    download_dir = Path(builder.data_dir_root) / "downloads"
+    missing = _missing_sources(builder, spec, download_dir)
+    reasons = {reason for url, _ in missing if (reason := _unreachable(url))}
+    if not reasons:
+        return
+    files = "\n".join(f"  {url}  ({info.size / 1e9:.2f} GB)" for url, info in missing)
+    raise FileNotFoundError(
+        f"{name}: tfds `{spec.tfds_name}` is not prepared in {builder.data_dir_root} and its "
+        f"sources cannot be downloaded here ({'; '.join(sorted(reasons))}). On a machine with "
+        f"network, download\n{files}\nand put them in {download_dir / 'manual'} (tfds's "
+        "manual dir; it checks their sha256), or prepare the dataset elsewhere and copy its "
+        "tfds data dir. Set config.dataset.data_dir (or $TFDS_DATA_DIR) to use another "
+        "data dir."
+    )
+
+
 def load_tfds_multilabel(
     name: str,
     split: str,
@@ -85,8 +163,9 @@ def load_tfds_multilabel(
 ) -> dict[str, np.ndarray]:
     """Loads a split as {"inputs": uint8 [N, S, S, 3], "labels": float32 [N, C] multi-hot}.
 
-    Downloads and prepares the tfds dataset into `data_dir` if needed. Examples come in tfds file
-    order (no shuffling); `max_examples` keeps the first ones.
+    Downloads and prepares the tfds dataset into `data_dir` if needed; without network,
+    `check_sources_reachable` says at once what to download. Examples come in tfds file order
+    (no shuffling); `max_examples` keeps the first ones.
     """
     if name not in TFDS_MULTILABEL:
         raise ValueError(f"`name`: got {name!r}, expected one of {sorted(TFDS_MULTILABEL)}.")
@@ -99,7 +178,9 @@ def load_tfds_multilabel(
 
     spec = TFDS_MULTILABEL[name]
     tfds_split = spec.train_split if split == "train" else spec.test_split
-    ds = tfds.load(spec.tfds_name, split=tfds_split, data_dir=data_dir, download=True)
+    check_sources_reachable(name, data_dir)
+    with no_stray_tfds_temp_dirs():
+        ds = tfds.load(spec.tfds_name, split=tfds_split, data_dir=data_dir, download=True)
     if max_examples is not None:
         ds = ds.take(max_examples)
 

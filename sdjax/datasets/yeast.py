@@ -60,7 +60,11 @@ def make_split(split: str, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
 class Yeast(LocalSourceBuilder):
     """tfds builder for Yeast from river's copy; needs no network."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {  # noqa: RUF012 (tfds declares a dict)
+        "1.1.0": "Examples are stored in row order (disable_shuffling); no `index` feature.",
+        "1.0.0": "Examples carry an `index` feature, their row in the source file.",
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -70,10 +74,10 @@ class Yeast(LocalSourceBuilder):
                 {
                     "features": tfds.features.Tensor(shape=(NUM_FEATURES,), dtype=np.float32),
                     "labels": tfds.features.Tensor(shape=(NUM_CLASSES,), dtype=np.float32),
-                    "index": np.int64,  # row in the source file; restores its order
                 }
             ),
             supervised_keys=("features", "labels"),
+            disable_shuffling=True,  # stored, hence read, in row order
         )
 
     def _split_generators(self, dl_manager):
@@ -85,4 +89,4 @@ class Yeast(LocalSourceBuilder):
         for features, labels, row in zip(
             arrays["features"], arrays["labels"], arrays["row"], strict=True
         ):
-            yield int(row), {"features": features, "labels": labels, "index": row}
+            yield int(row), {"features": features, "labels": labels}
