@@ -462,4 +462,6 @@ def write_report(profile: str, results_dir: Path, readme: Path) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     readme.write_text(text)
-    (results_dir / "report.md").write_text("\n".join(body) + "\n")
+    # report.md lies in results_dir itself, so its links drop the results/{profile}/ prefix.
+    report = "\n".join(body).replace(f"(results/{profile}/", "(")
+    (results_dir / "report.md").write_text(report + "\n")
