@@ -170,7 +170,7 @@ def ablation_section(results_dir) -> list[str]:
         "### 2. Ablation: the two factors of S-D",
         "",
         "`sd_similarity_only` keeps K_s = |S∩T|/|S| and `sd_dissimilarity_only` keeps",
-        "K_d = 1/(1 + |T \\ S|); `sd` multiplies them (SPEC.md; S is the anchor's label set).",
+        "K_d = 1/(1 + |T \\ S|); `sd` multiplies them (docs/SPEC.md; S is the anchor's label set).",
         "",
     ]
     for dataset in DATASETS:
