@@ -86,7 +86,7 @@ def sdjax_value_and_grad(labels: np.ndarray, gpu: bool = False, block_size: int 
 
 
 def torch_sd_loss(features, labels, temperature=TEMPERATURE):
-    """SPEC.md's S-D loss, one view per sample, dense N x N: the usual PyTorch formulation."""
+    """docs/SPEC.md's S-D loss, one view per sample, dense N x N: the usual PyTorch formulation."""
     import torch
 
     z = torch.nn.functional.normalize(features, dim=1)

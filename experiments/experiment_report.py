@@ -170,7 +170,7 @@ def ablation_section(results_dir) -> list[str]:
         "### 2. Ablation: the two factors of S-D",
         "",
         "`sd_similarity_only` keeps K_s = |S∩T|/|S| and `sd_dissimilarity_only` keeps",
-        "K_d = 1/(1 + |T \\ S|); `sd` multiplies them (SPEC.md; S is the anchor's label set).",
+        "K_d = 1/(1 + |T \\ S|); `sd` multiplies them (docs/SPEC.md; S is the anchor's label set).",
         "",
     ]
     for dataset in DATASETS:
@@ -462,4 +462,6 @@ def write_report(profile: str, results_dir: Path, readme: Path) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     readme.write_text(text)
-    (results_dir / "report.md").write_text("\n".join(body) + "\n")
+    # report.md lies in results_dir itself, so its links drop the results/{profile}/ prefix.
+    report = "\n".join(body).replace(f"(results/{profile}/", "(")
+    (results_dir / "report.md").write_text(report + "\n")

@@ -1,7 +1,7 @@
 """The Similarity-Dissimilarity (S-D) loss family for multi-label supervised contrastive learning.
 
-Pure, jittable functions of jax and numpy only. The math is `shared/SPEC.md`; the README lists
-where the spec decides what the paper leaves open.
+Pure, jittable functions of jax and numpy only. The math is `docs/SPEC.md`, which also lists the
+points where it decides what the paper leaves open.
 
 Every loss of the family is one weighted-contrastive kernel (`_anchor_block`): logits against the
 contrast set, a log-softmax over it, and a weighted sum over positives. Only the pair weights change
@@ -56,7 +56,7 @@ _EXACT = jax.lax.Precision.HIGHEST
 
 
 class Relation(enum.IntEnum):
-    """How a candidate's label set T relates to an anchor's label set S (SPEC.md)."""
+    """How a candidate's label set T relates to an anchor's label set S (docs/SPEC.md)."""
 
     IDENTICAL = 0  # S = T, non-empty
     SUBSET = 1  # T strictly inside S
@@ -648,7 +648,7 @@ def multilabel_supcon_loss(
     Every view is an anchor; its contrast set is every other valid view in the (global) batch.
     The loss is the mean over anchors that have a positive of
     `-(1/|P(a)|) sum_{b in P(a)} w_ab log softmax_{c in A(a)}(s_ac)[b]`, with `s = z_a . z_b / tau`
-    on L2-normalised features. `positives` chooses P(a) and w (SPEC.md):
+    on L2-normalised features. `positives` chooses P(a) and w (docs/SPEC.md):
 
     * `"sd"`: shared label; w = K_s * K_d (the Similarity-Dissimilarity loss).
     * `"all"`: identical non-empty label sets; w = 1.

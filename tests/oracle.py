@@ -1,4 +1,4 @@
-"""A float64 loop oracle for the loss family, written plainly from SPEC.md.
+"""A float64 loop oracle for the loss family, written plainly from docs/SPEC.md.
 
 Every anchor, every candidate, sets as Python sets. Slow and obviously correct; shares no code
 with sdjax.
@@ -16,7 +16,7 @@ def size(labels, weights):
 
 
 def pair_weight(anchor, candidate, positives, weights, threshold):
-    """(is_positive, w) for two different samples' label sets, per SPEC.md's tables."""
+    """(is_positive, w) for two different samples' label sets, per docs/SPEC.md's tables."""
     shared = anchor & candidate
     if positives == "all":
         return (anchor == candidate and len(anchor) > 0), 1.0

@@ -1,4 +1,4 @@
-"""sdjax.losses against the float64 loop oracle of SPEC.md, and its contract at the edges."""
+"""sdjax.losses against the float64 loop oracle of docs/SPEC.md, and its contract at the edges."""
 
 import itertools
 import re
@@ -109,7 +109,7 @@ def test_blockwise_equals_dense(positives, block_size):
 
 
 WORKED_WEIGHTS = [
-    # anchor, other, relation, K_s, K_d, w (SPEC.md's table; labels 1..5 as columns 0..4)
+    # anchor, other, relation, K_s, K_d, w (docs/SPEC.md's table; labels 1..5 as columns 0..4)
     ({1, 2, 3}, {1, 2, 3}, losses.Relation.IDENTICAL, 1, 1, 1),
     ({1, 2, 3}, {1, 2}, losses.Relation.SUBSET, 2 / 3, 1, 2 / 3),
     ({1, 2}, {1, 2, 3}, losses.Relation.SUPERSET, 1, 1 / 2, 1 / 2),
