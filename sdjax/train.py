@@ -14,7 +14,6 @@ model state is checkpointed, so a run resumed from any checkpoint ends with the 
 an uninterrupted one.
 """
 
-
 import math
 import os
 import signal

@@ -1,9 +1,11 @@
 """One test per fault of issue 13: each asserts what a user gets, not the absence of a crash."""
 
+import contextlib
 import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,22 +14,13 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
 from loopback import clean_environment, free_port, start_two_hosts, wait_for_all
 
-from sdjax import checkpointing, config_lib, multihost, train
+from sdjax import checkpointing, config_lib, input_pipeline, multihost, train
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_train_worker.py"
-
-import contextlib
-import signal
-import socket
-import time
-
-import pytest
-import tensorflow_datasets as tfds
-
-from sdjax import input_pipeline
 
 # --------------------------------------------------------------------------------------------
 # Trainer: workdir, checkpoints, config errors, multi-host
@@ -36,8 +29,6 @@ from sdjax import input_pipeline
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from sdjax import input_pipeline
-
     path = tmp_path_factory.mktemp("tfds")
     input_pipeline.load_split("mnist_mosaic_tiny", "train", data_dir=str(path))  # build once
     return str(path)
