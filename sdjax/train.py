@@ -17,6 +17,7 @@ an uninterrupted one.
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,9 @@ from flax import nnx
 
 from sdjax import checkpointing, config_lib, evaluate, input_pipeline, models, objectives
 from sdjax.sharding import data_parallel_mesh, replicate, shard_host_batch
+
+
+STOPPED_BEFORE_TRAINING = "SIGTERM before the first training step: stopped; rerun to resume."
 
 
 class Preempted(Exception):
@@ -101,9 +105,10 @@ class _CurveWriter(metric_writers.MetricWriter):
 
 
 class _Sigterm:
-    """SIGTERM before this process has taken a training step stops at once: nothing unsaved
-    would be lost, and set-up or the first compilation can take minutes. Later, the loop saves
-    and stops at the end of the step."""
+    """SIGTERM before this process has taken a training step ends it at once: nothing unsaved
+    would be lost, and set-up or the first compilation can take minutes. (It exits rather than
+    raises: an exception thrown into arbitrary library code, an import say, can be swallowed.)
+    Later, the loop saves at the end of the step and raises `Preempted`."""
 
     def __init__(self):
         self.requested = False
@@ -112,7 +117,8 @@ class _Sigterm:
     def __call__(self, signum, frame):
         self.requested = True
         if self.stop_at_once:
-            raise Preempted("SIGTERM before the first training step: stopped; rerun to resume.")
+            print(STOPPED_BEFORE_TRAINING, file=sys.stderr, flush=True)
+            os._exit(0)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
