@@ -2,15 +2,17 @@
 and the embedding picture, on every embedded dataset.
 
 Every run is one `sdjax.train.train_and_evaluate` call; its result goes to one JSON file under
-experiments/results/<profile>/runs/, and a run whose file exists is skipped, so an interrupted
-suite continues where it stopped. The report (tables, significance, figures) is rebuilt from the
-result files and written into experiments/README.md.
+<results_dir>/<profile>/runs/, and a run whose file exists is skipped, so an interrupted suite
+continues where it stopped. When a call finishes the last missing run of the profile, the report
+(tables, significance, figures) is built from the result files into <results_dir>/<profile>/;
+after a subset (`--sections`, `--datasets`) nothing is reported. experiments/README.md changes
+only through experiment_report.py.
 
 COMMAND:
   python experiments/run_experiments.py --profile=quick   # the whole suite, <= 60 min on 2 CPUs
   python experiments/run_experiments.py --profile=full    # the committed numbers; resumable
-  python experiments/run_experiments.py --profile=full --report_only   # tables from the files
   python experiments/run_experiments.py --profile=quick --dry_run      # list the runs
+  python experiments/experiment_report.py --profiles=full   # the README's tables from the files
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from suite import (  # noqa: E402
     TSNE_METHODS,
     TSNE_POINTS,
     Run,
+    missing_runs,
     plan,
     result_path,
 )
@@ -49,7 +52,6 @@ flags.DEFINE_enum("profile", "quick", ["quick", "full"], "Which budget to run.")
 flags.DEFINE_string("results_dir", str(EXPERIMENTS / "results"), "Where result files go.")
 flags.DEFINE_string("workdir", str(EXPERIMENTS / "workdirs"), "Scratch space for checkpoints.")
 flags.DEFINE_string("data_dir", "", "tfds data dir; '' = $TFDS_DATA_DIR or the sdjax cache.")
-flags.DEFINE_bool("report_only", False, "Only rebuild the report from existing result files.")
 flags.DEFINE_bool("dry_run", False, "Only list the planned runs.")
 flags.DEFINE_list("sections", [], "Run only these sections (default: all).")
 flags.DEFINE_list("datasets", [], "Run only these datasets (default: all).")
@@ -125,30 +127,38 @@ def main(argv):
     # Runs that differ only in the loss share the probe's and the encoder's compiled programs.
     jax.config.update("jax_compilation_cache_dir", str(Path(FLAGS.workdir) / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    if not FLAGS.report_only:
-        # Two passes: the temperature sweep is planned once the comparison has picked a baseline.
-        for _ in range(2):
-            runs = plan(FLAGS.profile, results_dir, FLAGS.sections, FLAGS.datasets)
-            pending = [r for r in runs if not result_path(results_dir, r).exists()]
-            print(f"{len(runs)} runs planned, {len(pending)} to do.", flush=True)
-            if FLAGS.dry_run:
-                print("\n".join(r.name for r in pending))
-                return
-            suite_start = time.time()
-            for i, run in enumerate(pending):
-                record = execute(
-                    FLAGS.profile, run, results_dir, Path(FLAGS.workdir), FLAGS.data_dir
-                )
-                elapsed = time.time() - suite_start
-                eta = elapsed / (i + 1) * (len(pending) - i - 1)
-                print(
-                    f"[{i + 1}/{len(pending)}] {run.name}: mAP "
-                    f"{record['linear_eval']['mAP']:.4f} in {record['wall_seconds']:.0f} s; "
-                    f"ETA {eta / 60:.0f} min",
-                    flush=True,
-                )
-    logging.set_verbosity(logging.WARNING)
-    experiment_report.write_report(FLAGS.profile, results_dir, EXPERIMENTS / "README.md")
+    # Two passes: the temperature sweep is planned once the comparison has picked a baseline.
+    finished = 0
+    for _ in range(2):
+        runs = plan(FLAGS.profile, results_dir, FLAGS.sections, FLAGS.datasets)
+        pending = [r for r in runs if not result_path(results_dir, r).exists()]
+        print(f"{len(runs)} runs planned, {len(pending)} to do.", flush=True)
+        if FLAGS.dry_run:
+            print("\n".join(r.name for r in pending))
+            return
+        suite_start = time.time()
+        for i, run in enumerate(pending):
+            record = execute(FLAGS.profile, run, results_dir, Path(FLAGS.workdir), FLAGS.data_dir)
+            finished += 1
+            elapsed = time.time() - suite_start
+            eta = elapsed / (i + 1) * (len(pending) - i - 1)
+            print(
+                f"[{i + 1}/{len(pending)}] {run.name}: mAP "
+                f"{record['linear_eval']['mAP']:.4f} in {record['wall_seconds']:.0f} s; "
+                f"ETA {eta / 60:.0f} min",
+                flush=True,
+            )
+    missing = missing_runs(FLAGS.profile, results_dir)
+    if missing:
+        print(experiment_report.incomplete_profile_message(FLAGS.profile, results_dir, missing))
+    elif finished:  # a report of results that this call completed; otherwise it is as it was
+        logging.set_verbosity(logging.WARNING)
+        experiment_report.write_report(FLAGS.profile, results_dir)
+        print(
+            f"wrote {results_dir / 'report.md'}; `python experiments/experiment_report.py "
+            f"--profiles={FLAGS.profile} --results_dir={results_dir.parent}` rebuilds it.",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

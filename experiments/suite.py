@@ -129,3 +129,12 @@ def plan(
     if datasets:
         runs = [run for run in runs if run.dataset in datasets]
     return list(dict.fromkeys(runs))
+
+
+def missing_runs(profile: str, results_dir: Path) -> list[Run]:
+    """The runs of the whole profile (every section and dataset) that have no result file.
+
+    A report is only built from a complete profile: a table from some seeds or datasets reads
+    like a finished result.
+    """
+    return [r for r in plan(profile, results_dir, []) if not result_path(results_dir, r).exists()]
