@@ -52,7 +52,7 @@ flags.DEFINE_enum("profile", "quick", ["quick", "full"], "Which budget to run.")
 flags.DEFINE_string("results_dir", str(EXPERIMENTS / "results"), "Where result files go.")
 flags.DEFINE_string("workdir", str(EXPERIMENTS / "workdirs"), "Scratch space for checkpoints.")
 flags.DEFINE_string("data_dir", "", "tfds data dir; '' = $TFDS_DATA_DIR or the sdjax cache.")
-flags.DEFINE_bool("dry_run", False, "Only list the planned runs.")
+flags.DEFINE_bool("dry_run", False, "Only list the planned runs, each as done or to do.")
 flags.DEFINE_list("sections", [], "Run only these sections (default: all).")
 flags.DEFINE_list("datasets", [], "Run only these datasets (default: all).")
 
@@ -134,7 +134,7 @@ def main(argv):
         pending = [r for r in runs if not result_path(results_dir, r).exists()]
         print(f"{len(runs)} runs planned, {len(pending)} to do.", flush=True)
         if FLAGS.dry_run:
-            print("\n".join(r.name for r in pending))
+            print("\n".join(f"{'to do' if r in pending else 'done':6} {r.name}" for r in runs))
             return
         suite_start = time.time()
         for i, run in enumerate(pending):

@@ -147,6 +147,31 @@ def test_report_command_needs_a_complete_profile_and_the_committed_dir_for_the_r
     assert (copy / "README.md").read_text() == head + begin + report[:-1] + end + tail
 
 
+def test_dry_run_lists_finished_runs_as_done(tmp_path):
+    copy = experiments_copy(tmp_path)
+    results_dir = tmp_path / "results"
+    finished = [suite.Run("yeast", "sd", seed) for seed in suite.SEEDS]
+    for run in finished:
+        write(results_dir / "quick", run, 0.5)
+    files = sorted(results_dir.rglob("*"))
+    done = run_entry_point(
+        copy,
+        "run_experiments",
+        "--profile=quick",
+        f"--results_dir={results_dir}",
+        f"--workdir={tmp_path / 'work'}",
+        "--datasets=yeast",
+        "--dry_run",
+    )
+    assert done.returncode == 0, done.stderr
+    planned = suite.plan("quick", results_dir / "quick", [], ["yeast"])
+    assert done.stdout.splitlines() == [
+        f"{len(planned)} runs planned, {len(planned) - len(finished)} to do.",
+        *(f"{'done' if r in finished else 'to do':6} {r.name}" for r in planned),
+    ]
+    assert sorted(results_dir.rglob("*")) == files  # a dry run writes nothing
+
+
 # --------------------------------------------------------------------------------------------
 # Loss edge inputs
 # --------------------------------------------------------------------------------------------
