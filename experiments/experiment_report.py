@@ -1,5 +1,9 @@
 """Tables, significance tests and figures from the suite's result files, into the README.
 
+COMMAND:
+  python -m experiments.experiment_report                  # both profiles, README included
+  python -m experiments.experiment_report --profiles=full --results_dir=/tmp/suite
+
 The report of a profile is built only from a complete profile (every run has its result file).
 It goes into the results directory it was built from (report.md, runs.md, figures); the
 profile's block in experiments/README.md is rewritten only from the committed results
@@ -21,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 from scipy import stats
-from suite import (
+
+from experiments.suite import (
     ABLATIONS,
     BASELINES,
     COMPARED,
@@ -489,7 +494,7 @@ def incomplete_profile_message(profile: str, results_dir: Path, missing: list[Ru
     return (
         f"The {profile} profile in {results_dir} is incomplete: {len(missing)} of {len(planned)} "
         f"runs have no result file (e.g. {missing[0].name}). A report is only built from a "
-        "complete profile; finish it with `python experiments/run_experiments.py "
+        "complete profile; finish it with `python -m experiments.run_experiments "
         f"--profile={profile} --results_dir={results_dir.parent}`."
     )
 

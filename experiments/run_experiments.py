@@ -6,13 +6,15 @@ Every run is one `sdjax.train.train_and_evaluate` call; its result goes to one J
 continues where it stopped. When a call finishes the last missing run of the profile, the report
 (tables, significance, figures) is built from the result files into <results_dir>/<profile>/;
 after a subset (`--sections`, `--datasets`) nothing is reported. experiments/README.md changes
-only through experiment_report.py.
+only through `python -m experiments.experiment_report`.
 
 COMMAND:
-  python experiments/run_experiments.py --profile=quick   # the whole suite, <= 60 min on 2 CPUs
-  python experiments/run_experiments.py --profile=full    # the committed numbers; resumable
-  python experiments/run_experiments.py --profile=quick --dry_run      # list the runs
-  python experiments/experiment_report.py --profiles=full   # the README's tables from the files
+  python -m experiments.run_experiments --profile=quick --results_dir=/tmp/suite  # <= 60 min
+  python -m experiments.run_experiments --profile=full --results_dir=/tmp/suite   # resumable
+  python -m experiments.run_experiments --profile=quick --dry_run   # list the runs, done or to do
+  python -m experiments.experiment_report --profiles=full   # the README's tables from the files
+
+The default --results_dir holds the committed results, which are complete: nothing runs there.
 """
 
 from __future__ import annotations
@@ -22,18 +24,14 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags, logging
 
-EXPERIMENTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(EXPERIMENTS))
-
-import experiment_report  # noqa: E402  (next to this file)
-from suite import (  # noqa: E402
+from experiments import experiment_report
+from experiments.suite import (
     COMMON_OVERRIDES,
     CONFIG_FILES,
     DEFAULT_TEMPERATURE,
@@ -46,6 +44,8 @@ from suite import (  # noqa: E402
     plan,
     result_path,
 )
+
+EXPERIMENTS = Path(__file__).resolve().parent
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("profile", "quick", ["quick", "full"], "Which budget to run.")
@@ -155,7 +155,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
         experiment_report.write_report(FLAGS.profile, results_dir)
         print(
-            f"wrote {results_dir / 'report.md'}; `python experiments/experiment_report.py "
+            f"wrote {results_dir / 'report.md'}; `python -m experiments.experiment_report "
             f"--profiles={FLAGS.profile} --results_dir={results_dir.parent}` rebuilds it.",
             flush=True,
         )

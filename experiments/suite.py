@@ -1,6 +1,7 @@
 """What the experiment suite runs: datasets, methods, seeds, profiles, and where results live.
 
-Shared by run_experiments.py (which runs it) and experiment_report.py (which reports it).
+Shared by `experiments.run_experiments` (which runs it) and `experiments.experiment_report`
+(which reports it).
 """
 
 from __future__ import annotations

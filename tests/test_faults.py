@@ -24,9 +24,9 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 RUN_WITH_FAKE_TRAINING = """
 import sys
 from absl import app
-sys.path[:0] = [sys.argv.pop(1), sys.argv.pop(1)]  # the experiments copy, tests/
-import run_experiments
-from test_experiments import suite, write
+sys.path.insert(1, sys.argv.pop(1))  # tests/, after the working directory (the copy's parent)
+from experiments import run_experiments
+from test_experiments import write
 
 def execute(profile, run, results_dir, workdir_root, data_dir):
     write(results_dir, run, 0.5)
@@ -38,8 +38,9 @@ app.run(run_experiments.main)
 
 
 def experiments_copy(tmp_path) -> Path:
-    """experiments/ with its README and the committed quick report, to run the entry points in:
-    whatever they write next to themselves lands in the copy, never in the checkout."""
+    """The experiments package with its README and the committed quick report, to run the entry
+    points in (from its parent): what they write next to themselves lands in the copy, never in
+    the checkout."""
     copy = tmp_path / "experiments"
     (copy / "results" / "quick").mkdir(parents=True)
     for path in [*EXPERIMENTS.glob("*.py"), EXPERIMENTS / "README.md"]:
@@ -50,9 +51,9 @@ def experiments_copy(tmp_path) -> Path:
 
 def run_entry_point(copy, name, *args, fake_training=False):
     if fake_training:
-        command = ["-c", RUN_WITH_FAKE_TRAINING, str(copy), str(Path(__file__).parent)]
+        command = ["-c", RUN_WITH_FAKE_TRAINING, str(Path(__file__).parent)]
     else:
-        command = [str(copy / f"{name}.py")]
+        command = ["-m", f"experiments.{name}"]
     return subprocess.run(
         [sys.executable, *command, *args],
         capture_output=True,
