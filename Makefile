@@ -29,7 +29,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) experiments/bench_loss.py
+	$(PY) -m experiments.bench_loss
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -5,15 +5,14 @@ process's peak RSS on the CPU, the framework allocator's peak on the GPU. Inputs
 the device before the timed calls, and outputs stay there. Writes
 `experiments/results/bench_loss.md` and `bench_loss.png` (`bench_loss_gpu.*` with `--gpu`).
 
-COMMAND:
+COMMAND (from the repository root):
   make bench                         # installs torch==2.13.0 into .venv, then runs this
-  .venv/bin/python experiments/bench_loss.py [--sizes 1024,4096] [--impls sdjax,torch_eager]
-  python experiments/bench_loss.py --gpu   # both frameworks on the GPU, float32 matmuls
+  .venv/bin/python -m experiments.bench_loss [--sizes=1024,4096] [--impls=sdjax,torch_eager]
+  python -m experiments.bench_loss --gpu   # both frameworks on the GPU, float32 matmuls
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import itertools
 import json
@@ -26,15 +25,32 @@ import time
 from pathlib import Path
 
 import numpy as np
+from absl import app, flags
 
 FEATURE_DIM = 128
 NUM_CLASSES = 80
 LABEL_DENSITY = 0.04
 TEMPERATURE = 0.07
 IMPLS = ("sdjax", "torch_eager", "torch_compile")
-RESULTS = Path(__file__).resolve().parent / "results"
+REPOSITORY = Path(__file__).resolve().parents[1]
+RESULTS = REPOSITORY / "experiments" / "results"
 CPU_SIZES = (1024, 4096, 16384, 65536)
 GPU_SIZES = (1024, 4096, 16384, 32768, 65536, 262144)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("gpu", False, "Run both frameworks on the GPU.")
+flags.DEFINE_list("sizes", [], f"Numbers of views N; default {CPU_SIZES}, with --gpu {GPU_SIZES}.")
+flags.DEFINE_list("impls", list(IMPLS), f"Implementations to time, from {IMPLS}.")
+flags.DEFINE_integer("block_size", 0, "sdjax's block_size (0: automatic).")
+flags.DEFINE_integer("repeats", 0, "Timed calls per configuration; 0: 3, with --gpu 10.")
+flags.DEFINE_integer("timeout", 900, "Seconds per configuration.")
+flags.DEFINE_float(
+    "memory_limit_gb", 0.0, "Skip dense PyTorch runs estimated above this; 0: 20, or the GPU's."
+)
+flags.DEFINE_string("out_dir", str(RESULTS), "Where the table, JSON and figure go.")
+flags.DEFINE_string("device_label", "", "The machine's name in the table; '': the CPU's or GPU's.")
+flags.DEFINE_bool("quick", False, "Sizes 1024 and 4096 only.")
+flags.DEFINE_list("worker", [], "Internal: IMPL,N,REPEATS, one configuration in this process.")
 
 
 def make_inputs(num_views: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -229,11 +245,18 @@ def estimated_dense_gb(num_views: int) -> float:
 
 
 def run_config(impl, num_views, repeats, timeout, gpu, block_size) -> dict:
-    command = [sys.executable, __file__, "--worker", impl, str(num_views), str(repeats)]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.bench_loss",
+        f"--worker={impl},{num_views},{repeats}",
+    ]
     command += ["--gpu"] if gpu else []
-    command += ["--block-size", str(block_size)] if block_size else []
+    command += [f"--block_size={block_size}"] if block_size else []
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, cwd=REPOSITORY
+        )
     except subprocess.TimeoutExpired:
         return {"impl": impl, "n": num_views, "status": f"timeout after {timeout} s"}
     if done.returncode != 0:
@@ -344,86 +367,66 @@ def plot(results, path, title, memory_name):
     plt.close(fig)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpu", action="store_true", help="run both frameworks on the GPU")
-    parser.add_argument("--sizes", default="", help=f"default {CPU_SIZES}, with --gpu {GPU_SIZES}")
-    parser.add_argument("--impls", default=",".join(IMPLS))
-    parser.add_argument(
-        "--block-size", type=int, default=0, help="sdjax's block_size (default: automatic)"
-    )
-    parser.add_argument("--repeats", type=int, default=0, help="default 3, with --gpu 10")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
-    parser.add_argument(
-        "--memory-limit-gb",
-        type=float,
-        default=0.0,
-        help="skip dense PyTorch runs estimated above this (default: 20, or the GPU's memory)",
-    )
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    parser.add_argument("--device-label", default="", help="default: the CPU's or GPU's name")
-    parser.add_argument("--quick", action="store_true", help="sizes 1024,4096 only")
-    parser.add_argument(
-        "--worker", nargs=3, metavar=("IMPL", "N", "REPEATS"), help=argparse.SUPPRESS
-    )
-    args = parser.parse_args()
-    if args.worker:
-        impl, n, repeats = args.worker
-        block_size = args.block_size or None
-        print(json.dumps(worker(impl, int(n), int(repeats), args.gpu, block_size)))
+def main(argv):
+    del argv
+    if FLAGS.worker:
+        impl, n, repeats = FLAGS.worker
+        block_size = FLAGS.block_size or None
+        print(json.dumps(worker(impl, int(n), int(repeats), FLAGS.gpu, block_size)))
         return
 
-    if args.quick:
+    if FLAGS.quick:
         sizes = [1024, 4096]
-    elif args.sizes:
-        sizes = [int(s) for s in args.sizes.split(",")]
+    elif FLAGS.sizes:
+        sizes = [int(s) for s in FLAGS.sizes]
     else:
-        sizes = list(GPU_SIZES if args.gpu else CPU_SIZES)
-    repeats = args.repeats or (10 if args.gpu else 3)
-    impls = [i for i in args.impls.split(",") if i]
+        sizes = list(GPU_SIZES if FLAGS.gpu else CPU_SIZES)
+    repeats = FLAGS.repeats or (10 if FLAGS.gpu else 3)
+    impls = FLAGS.impls
     unknown = set(impls) - set(IMPLS)
     if unknown:
-        parser.error(f"--impls: got {sorted(unknown)}, expected names from {IMPLS}")
+        raise app.UsageError(f"--impls: got {sorted(unknown)}, expected names from {IMPLS}")
     has_torch = torch_available()
     if has_torch:
-        loss = check_agreement(args.gpu)
+        loss = check_agreement(FLAGS.gpu)
         print(f"agreement check: sdjax and PyTorch give {loss:.6f}", flush=True)
-    gflops = matmul_gflops(args.gpu)
+    gflops = matmul_gflops(FLAGS.gpu)
     import jax
 
     torch_version = __import__("torch").__version__ if has_torch else "not installed"
-    if args.gpu:
+    if FLAGS.gpu:
         gpu_name = jax.devices()[0].device_kind
-        device = args.device_label or f"{gpu_name} (GPU)"
+        device = FLAGS.device_label or f"{gpu_name} (GPU)"
         memory_name = "peak GPU memory"
         memory_note = "peak GPU memory: the framework allocator's peak in the process"
-        memory_limit = args.memory_limit_gb or (
+        memory_limit = FLAGS.memory_limit_gb or (
             __import__("torch").cuda.get_device_properties(0).total_memory / 1e9
         )
         slow_calls = ""  # every call is fast enough to repeat
     else:
-        device = args.device_label or f"{cpu_model()}, {os.cpu_count()} cores (CPU)"
+        device = FLAGS.device_label or f"{cpu_model()}, {os.cpu_count()} cores (CPU)"
         memory_name = "peak RSS"
         memory_note = "peak RSS: the process's VmHWM"
-        memory_limit = args.memory_limit_gb or 20.0
+        memory_limit = FLAGS.memory_limit_gb or 20.0
         slow_calls = " (1 at N >= 65536)"
-    matmul_size = 16384 if args.gpu else 4096
+    matmul_size = 16384 if FLAGS.gpu else 4096
+    python = Path(sys.executable).name
     header = [
         f"# S-D loss fwd+bwd: sdjax vs dense PyTorch ({device})",
         "",
         f"- date: {datetime.date.today()}, jax {jax.__version__}, torch {torch_version}",
         f"- matmul rate (jax, float32 {matmul_size}x{matmul_size}): {gflops:.1f} GFLOP/s",
         f"- D={FEATURE_DIM}, C={NUM_CLASSES}, label density {LABEL_DENSITY}, one view per "
-        f"sample, τ={TEMPERATURE}; sdjax block_size {args.block_size or 'automatic'}; "
+        f"sample, τ={TEMPERATURE}; sdjax block_size {FLAGS.block_size or 'automatic'}; "
         f"median of {repeats} calls{slow_calls} after a "
         "compile call; inputs on the device before timing; GFLOP/s from "
         f"the dense floor 2·N²·(3D + C); each configuration in its own process ({memory_note}).",
         *(
             ["- float32 matmuls in float32 in both frameworks (JAX precision 'highest', no TF32)"]
-            if args.gpu
+            if FLAGS.gpu
             else []
         ),
-        f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
+        f"- command: `{' '.join([python, '-m', 'experiments.bench_loss', *sys.argv[1:]])}`",
     ]
     results = []
     for n in sizes:
@@ -441,7 +444,9 @@ def main():
             else:
                 print(f"N={n} {impl} ...", flush=True)
                 calls = 1 if slow_calls and n >= 65536 else repeats  # minutes a call on a CPU
-                results.append(run_config(impl, n, calls, args.timeout, args.gpu, args.block_size))
+                results.append(
+                    run_config(impl, n, calls, FLAGS.timeout, FLAGS.gpu, FLAGS.block_size)
+                )
             r = results[-1]
             print(
                 f"  {r['status']}"
@@ -452,15 +457,16 @@ def main():
                 ),
                 flush=True,
             )
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "bench_loss_gpu" if args.gpu else "bench_loss"
+    out_dir = Path(FLAGS.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "bench_loss_gpu" if FLAGS.gpu else "bench_loss"
     targets = check_targets(results, memory_name)
-    write_table(results, header, targets, args.out_dir / f"{stem}.md", memory_name)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out_dir / f"{stem}.png", device, memory_name)
+    write_table(results, header, targets, out_dir / f"{stem}.md", memory_name)
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    plot(results, out_dir / f"{stem}.png", device, memory_name)
     print("\n".join(targets))
-    print(f"wrote {args.out_dir / (stem + '.md')} and .png", flush=True)
+    print(f"wrote {out_dir / (stem + '.md')} and .png", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

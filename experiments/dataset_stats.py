@@ -4,24 +4,26 @@ Writes experiments/results/datasets.md (the table in the README) and datasets.pn
 label-frequency histogram of each training split).
 
 COMMAND:
-  python experiments/dataset_stats.py
+  python -m experiments.dataset_stats
 """
 
 from pathlib import Path
 
 import matplotlib
 import numpy as np
+from absl import app
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from suite import CONFIG_FILES
 
+from experiments.suite import CONFIG_FILES
 from sdjax import config_lib, input_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def main():
+def main(argv):
+    del argv
     lines = [
         "| dataset | modality | inputs | train | test | labels | cardinality (train) "
         "| label counts in train: min / median / max |",
@@ -52,4 +54,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

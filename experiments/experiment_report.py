@@ -1,5 +1,14 @@
 """Tables, significance tests and figures from the suite's result files, into the README.
 
+COMMAND:
+  python -m experiments.experiment_report                  # both profiles, README included
+  python -m experiments.experiment_report --profiles=full --results_dir=/tmp/suite
+
+The report of a profile is built only from a complete profile (every run has its result file).
+It goes into the results directory it was built from (report.md, runs.md, figures); the
+profile's block in experiments/README.md is rewritten only from the committed results
+(experiments/results/<profile>), whose paths the README links to.
+
 Significance: S-D against a baseline is a paired t-test over seeds (runs with the same seed share
 the data order), scipy.stats.ttest_rel. Long-tail intervals are percentile bootstrap intervals
 over test examples, with the replicates averaged over seeds; a difference is called significant
@@ -10,11 +19,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
+from absl import app, flags
 from scipy import stats
-from suite import (
+
+from experiments.suite import (
     ABLATIONS,
     BASELINES,
     COMPARED,
@@ -28,7 +40,13 @@ from suite import (
     Run,
     best_baseline,
     load_result,
+    missing_runs,
+    plan,
 )
+
+EXPERIMENTS = Path(__file__).resolve().parent
+COMMITTED_RESULTS = EXPERIMENTS / "results"
+README = EXPERIMENTS / "README.md"
 
 METRICS = ("micro_f1", "macro_f1", "mAP", "micro_auc", "macro_auc")
 METRIC_NAMES = {
@@ -431,8 +449,9 @@ def runs_table(results_dir) -> tuple[list[str], list[dict]]:
     return lines, records
 
 
-def write_report(profile: str, results_dir: Path, readme: Path) -> None:
-    """Rebuilds the report of `profile` and puts it between its markers in `readme`."""
+def write_report(profile: str, results_dir: Path, readme: Path | None = None) -> None:
+    """Rebuilds the report of `profile` in `results_dir`, and puts it between its markers in
+    `readme` if one is given."""
     results_dir.mkdir(parents=True, exist_ok=True)
     runs, records = runs_table(results_dir)
     total_seconds = sum(r["wall_seconds"] for r in records)
@@ -454,6 +473,11 @@ def write_report(profile: str, results_dir: Path, readme: Path) -> None:
         *tsne_section(results_dir, results_dir / "tsne.png"),
     ]
     body = [re.sub(r"\(([a-z]+\.png)\)", rf"(results/{profile}/\1)", line) for line in body]
+    # report.md lies in results_dir itself, so its links drop the results/{profile}/ prefix.
+    report = "\n".join(body).replace(f"(results/{profile}/", "(")
+    (results_dir / "report.md").write_text(report + "\n")
+    if readme is None:
+        return
     text = readme.read_text() if readme.exists() else ""
     begin, end = f"<!-- report:{profile}:begin -->", f"<!-- report:{profile}:end -->"
     block = f"{begin}\n" + "\n".join(body) + f"\n{end}"
@@ -462,6 +486,45 @@ def write_report(profile: str, results_dir: Path, readme: Path) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     readme.write_text(text)
-    # report.md lies in results_dir itself, so its links drop the results/{profile}/ prefix.
-    report = "\n".join(body).replace(f"(results/{profile}/", "(")
-    (results_dir / "report.md").write_text(report + "\n")
+
+
+FLAGS = flags.FLAGS
+
+
+def incomplete_profile_message(profile: str, results_dir: Path, missing: list[Run]) -> str:
+    planned = plan(profile, results_dir, [])
+    return (
+        f"The {profile} profile in {results_dir} is incomplete: {len(missing)} of {len(planned)} "
+        f"runs have no result file (e.g. {missing[0].name}). A report is only built from a "
+        "complete profile; finish it with `python -m experiments.run_experiments "
+        f"--profile={profile} --results_dir={results_dir.parent}`."
+    )
+
+
+def main(argv):
+    del argv
+    unknown = set(FLAGS.profiles) - set(PROFILES)
+    if unknown:
+        raise app.UsageError(
+            f"--profiles: got {sorted(unknown)}, expected some of {list(PROFILES)}"
+        )
+    results_root = Path(FLAGS.results_dir).resolve()
+    for profile in FLAGS.profiles:  # all complete, or nothing is written
+        missing = missing_runs(profile, results_root / profile)
+        if missing:
+            sys.exit(incomplete_profile_message(profile, results_root / profile, missing))
+    committed = results_root == COMMITTED_RESULTS.resolve()
+    for profile in FLAGS.profiles:
+        write_report(profile, results_root / profile, README if committed else None)
+        print(f"wrote {results_root / profile / 'report.md'}", flush=True)
+    if committed:
+        print(f"wrote the {', '.join(FLAGS.profiles)} report(s) into {README}")
+    else:
+        print(f"{README} is not changed: it shows the committed results in {COMMITTED_RESULTS}.")
+
+
+if __name__ == "__main__":
+    # Defined here, not on import: run_experiments imports this module and has its own flags.
+    flags.DEFINE_list("profiles", list(PROFILES), "The profiles whose report to rebuild.")
+    flags.DEFINE_string("results_dir", str(COMMITTED_RESULTS), "Holds one directory per profile.")
+    app.run(main)

@@ -2,15 +2,19 @@
 and the embedding picture, on every embedded dataset.
 
 Every run is one `sdjax.train.train_and_evaluate` call; its result goes to one JSON file under
-experiments/results/<profile>/runs/, and a run whose file exists is skipped, so an interrupted
-suite continues where it stopped. The report (tables, significance, figures) is rebuilt from the
-result files and written into experiments/README.md.
+<results_dir>/<profile>/runs/, and a run whose file exists is skipped, so an interrupted suite
+continues where it stopped. When a call finishes the last missing run of the profile, the report
+(tables, significance, figures) is built from the result files into <results_dir>/<profile>/;
+after a subset (`--sections`, `--datasets`) nothing is reported. experiments/README.md changes
+only through `python -m experiments.experiment_report`.
 
 COMMAND:
-  python experiments/run_experiments.py --profile=quick   # the whole suite, <= 60 min on 2 CPUs
-  python experiments/run_experiments.py --profile=full    # the committed numbers; resumable
-  python experiments/run_experiments.py --profile=full --report_only   # tables from the files
-  python experiments/run_experiments.py --profile=quick --dry_run      # list the runs
+  python -m experiments.run_experiments --profile=quick --results_dir=/tmp/suite  # <= 60 min
+  python -m experiments.run_experiments --profile=full --results_dir=/tmp/suite   # resumable
+  python -m experiments.run_experiments --profile=quick --dry_run   # list the runs, done or to do
+  python -m experiments.experiment_report --profiles=full   # the README's tables from the files
+
+The default --results_dir holds the committed results, which are complete: nothing runs there.
 """
 
 from __future__ import annotations
@@ -20,18 +24,14 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags, logging
 
-EXPERIMENTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(EXPERIMENTS))
-
-import experiment_report  # noqa: E402  (next to this file)
-from suite import (  # noqa: E402
+from experiments import experiment_report
+from experiments.suite import (
     COMMON_OVERRIDES,
     CONFIG_FILES,
     DEFAULT_TEMPERATURE,
@@ -40,17 +40,19 @@ from suite import (  # noqa: E402
     TSNE_METHODS,
     TSNE_POINTS,
     Run,
+    missing_runs,
     plan,
     result_path,
 )
+
+EXPERIMENTS = Path(__file__).resolve().parent
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("profile", "quick", ["quick", "full"], "Which budget to run.")
 flags.DEFINE_string("results_dir", str(EXPERIMENTS / "results"), "Where result files go.")
 flags.DEFINE_string("workdir", str(EXPERIMENTS / "workdirs"), "Scratch space for checkpoints.")
 flags.DEFINE_string("data_dir", "", "tfds data dir; '' = $TFDS_DATA_DIR or the sdjax cache.")
-flags.DEFINE_bool("report_only", False, "Only rebuild the report from existing result files.")
-flags.DEFINE_bool("dry_run", False, "Only list the planned runs.")
+flags.DEFINE_bool("dry_run", False, "Only list the planned runs, each as done or to do.")
 flags.DEFINE_list("sections", [], "Run only these sections (default: all).")
 flags.DEFINE_list("datasets", [], "Run only these datasets (default: all).")
 
@@ -58,10 +60,10 @@ flags.DEFINE_list("datasets", [], "Run only these datasets (default: all).")
 def run_config(profile: str, run: Run, data_dir: str):
     from sdjax import config_lib
 
-    config = config_lib.load_config_file(CONFIG_FILES[run.dataset])
+    config_profile = PROFILES[profile]["config_profile"]
+    config = config_lib.load_config_file(CONFIG_FILES[run.dataset], config_profile)
     overrides = {
         **COMMON_OVERRIDES,
-        **PROFILES[profile]["datasets"][run.dataset],
         "seed": run.seed,
         "dataset.data_dir": data_dir,
     }
@@ -97,7 +99,7 @@ def execute(profile: str, run: Run, results_dir: Path, workdir_root: Path, data_
         "group_bootstrap": evaluation.bootstrap_group_metrics(scores, labels, groups),
         "wall_seconds": time.time() - start,
         "hardware": f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores, {platform.machine()}",
-        "config_overrides": PROFILES[profile]["datasets"][run.dataset],
+        "config": f"configs/{CONFIG_FILES[run.dataset]}.py:{PROFILES[profile]['config_profile']}",
     }
     if run.dataset == TSNE_DATASET and run.method in TSNE_METHODS and run.seed == 0:
         if run.temperature == DEFAULT_TEMPERATURE:
@@ -125,30 +127,38 @@ def main(argv):
     # Runs that differ only in the loss share the probe's and the encoder's compiled programs.
     jax.config.update("jax_compilation_cache_dir", str(Path(FLAGS.workdir) / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    if not FLAGS.report_only:
-        # Two passes: the temperature sweep is planned once the comparison has picked a baseline.
-        for _ in range(2):
-            runs = plan(FLAGS.profile, results_dir, FLAGS.sections, FLAGS.datasets)
-            pending = [r for r in runs if not result_path(results_dir, r).exists()]
-            print(f"{len(runs)} runs planned, {len(pending)} to do.", flush=True)
-            if FLAGS.dry_run:
-                print("\n".join(r.name for r in pending))
-                return
-            suite_start = time.time()
-            for i, run in enumerate(pending):
-                record = execute(
-                    FLAGS.profile, run, results_dir, Path(FLAGS.workdir), FLAGS.data_dir
-                )
-                elapsed = time.time() - suite_start
-                eta = elapsed / (i + 1) * (len(pending) - i - 1)
-                print(
-                    f"[{i + 1}/{len(pending)}] {run.name}: mAP "
-                    f"{record['linear_eval']['mAP']:.4f} in {record['wall_seconds']:.0f} s; "
-                    f"ETA {eta / 60:.0f} min",
-                    flush=True,
-                )
-    logging.set_verbosity(logging.WARNING)
-    experiment_report.write_report(FLAGS.profile, results_dir, EXPERIMENTS / "README.md")
+    # Two passes: the temperature sweep is planned once the comparison has picked a baseline.
+    finished = 0
+    for _ in range(2):
+        runs = plan(FLAGS.profile, results_dir, FLAGS.sections, FLAGS.datasets)
+        pending = [r for r in runs if not result_path(results_dir, r).exists()]
+        print(f"{len(runs)} runs planned, {len(pending)} to do.", flush=True)
+        if FLAGS.dry_run:
+            print("\n".join(f"{'to do' if r in pending else 'done':6} {r.name}" for r in runs))
+            return
+        suite_start = time.time()
+        for i, run in enumerate(pending):
+            record = execute(FLAGS.profile, run, results_dir, Path(FLAGS.workdir), FLAGS.data_dir)
+            finished += 1
+            elapsed = time.time() - suite_start
+            eta = elapsed / (i + 1) * (len(pending) - i - 1)
+            print(
+                f"[{i + 1}/{len(pending)}] {run.name}: mAP "
+                f"{record['linear_eval']['mAP']:.4f} in {record['wall_seconds']:.0f} s; "
+                f"ETA {eta / 60:.0f} min",
+                flush=True,
+            )
+    missing = missing_runs(FLAGS.profile, results_dir)
+    if missing:
+        print(experiment_report.incomplete_profile_message(FLAGS.profile, results_dir, missing))
+    elif finished:  # a report of results that this call completed; otherwise it is as it was
+        logging.set_verbosity(logging.WARNING)
+        experiment_report.write_report(FLAGS.profile, results_dir)
+        print(
+            f"wrote {results_dir / 'report.md'}; `python -m experiments.experiment_report "
+            f"--profiles={FLAGS.profile} --results_dir={results_dir.parent}` rebuilds it.",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What the experiment suite runs: datasets, methods, seeds, profiles, and where results live.
 
-Shared by run_experiments.py (which runs it) and experiment_report.py (which reports it).
+Shared by `experiments.run_experiments` (which runs it) and `experiments.experiment_report`
+(which reports it).
 """
 
 from __future__ import annotations
@@ -28,35 +29,11 @@ TSNE_DATASET = "mnist_mosaic"
 TSNE_METHODS = ("sd", "any")
 TSNE_POINTS = 1500
 
-QUICK_MOSAIC = {
-    "num_train_steps": 60,
-    "batch_size": 128,
-    "optimizer.warmup_steps": 10,
-    "dataset.train_examples": 3000,
-    "dataset.test_examples": 1000,
-    "linear_eval.num_steps": 300,
-}
-# Per-dataset config overrides. Quick: fewer steps and examples, the same models and protocol.
+# Each profile is a profile of the config files (configs/<file>.py:quick holds the quick
+# profile's steps and examples: the same models and protocol on a smaller budget).
 PROFILES = {
-    "quick": {
-        "datasets": {
-            "mnist_mosaic": QUICK_MOSAIC,
-            "fashion_mosaic": QUICK_MOSAIC,
-            "yeast": {"num_train_steps": 200, "linear_eval.num_steps": 500},
-            "debtags": {
-                "num_train_steps": 80,
-                "optimizer.warmup_steps": 10,
-                "dataset.train_examples": 4000,
-                "dataset.test_examples": 2000,
-                "linear_eval.num_steps": 300,
-            },
-        },
-        "temperature_datasets": ("yeast",),
-    },
-    "full": {
-        "datasets": {name: {} for name in DATASETS},
-        "temperature_datasets": ("yeast", "mnist_mosaic"),
-    },
+    "quick": {"config_profile": "quick", "temperature_datasets": ("yeast",)},
+    "full": {"config_profile": "", "temperature_datasets": ("yeast", "mnist_mosaic")},
 }
 COMMON_OVERRIDES = {
     "linear_eval.random_init_baseline": False,
@@ -129,3 +106,12 @@ def plan(
     if datasets:
         runs = [run for run in runs if run.dataset in datasets]
     return list(dict.fromkeys(runs))
+
+
+def missing_runs(profile: str, results_dir: Path) -> list[Run]:
+    """The runs of the whole profile (every section and dataset) that have no result file.
+
+    A report is only built from a complete profile: a table from some seeds or datasets reads
+    like a finished result.
+    """
+    return [r for r in plan(profile, results_dir, []) if not result_path(results_dir, r).exists()]

@@ -6,7 +6,7 @@ probes of the experiment suite, with whole descriptions instead of 48 tokens. Wr
 `results/debtags_reference.json`. About 2 minutes on the 2-core CPU.
 
 COMMAND:
-  python experiments/text_reference.py
+  python -m experiments.text_reference
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ from flax import nnx
 from sdjax import checkpointing, config_lib, evaluate, input_pipeline, models, objectives
 from sdjax.sharding import data_parallel_mesh, replicate, shard_host_batch
 
-
 STOPPED_BEFORE_TRAINING = "SIGTERM before the first training step: stopped; rerun to resume."
 
 

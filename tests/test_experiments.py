@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+# The repository root, where the `experiments` package is, for a bare `pytest` too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import experiment_report
-import suite
+from experiments import experiment_report, suite
 
 
 def fake_record(run, value):
