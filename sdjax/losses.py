@@ -71,7 +71,8 @@ class PerAnchorLosses(NamedTuple):
     """Per-anchor results, shaped like the views: [N, V] (or [N_local, V] with `axis_name`).
 
     The loss is `sum(anchor_weights * losses) / max(sum(anchor_weights), 1)`
-    (see `reduce_per_anchor`). `anchor_weights` is `has_positive` as float, except for
+    (see `reduce_per_anchor`). `anchor_weights` is how much an anchor counts in that mean (the
+    one name for it, here and inside the kernel): `has_positive` as float, except for
     `positives="mulsupcon"`, where it counts the anchor's label rows (a, k) that have a positive
     and `losses` is the mean over those rows.
     """
@@ -158,7 +159,10 @@ def _check_temperature(temperature: Any) -> None:
     if isinstance(temperature, (jax.Array, np.ndarray, np.generic)) and not isinstance(
         temperature, np.bool_
     ):
-        if np.ndim(temperature) != 0 or not jnp.issubdtype(temperature.dtype, jnp.floating):
+        real = jnp.issubdtype(temperature.dtype, jnp.floating) or jnp.issubdtype(
+            temperature.dtype, jnp.integer
+        )
+        if np.ndim(temperature) != 0 or not real:
             raise _dtype_error(
                 "temperature",
                 f"an array of shape {np.shape(temperature)} and dtype {temperature.dtype}",
