@@ -49,6 +49,9 @@ POSITIVES = (
 
 # Feature norms are clamped below by this, as torch.nn.functional.normalize does.
 _NORM_EPS = 1e-12
+# Features with an entry above this are divided by their largest entry before squaring: D * 1e30
+# stays finite in float32 for any D < 1e8.
+_RESCALE_ABOVE = 1e15
 # Automatic row blocks hold this many logits: [block, N] float32 near 16 MiB on a CPU (cache
 # sized), 256 MiB on a GPU/TPU, where small blocks leave the chip idle (measured on an H100:
 # experiments/README.md). Working memory is a few such matrices, whatever N is.
@@ -564,7 +567,8 @@ def _normalize(features: jax.Array, dtype: Any) -> jax.Array:
     their largest entry (which cancels exactly), so that squaring them cannot overflow."""
     features = features.astype(dtype)
     largest = jnp.max(jnp.abs(features), axis=-1, keepdims=True)
-    scale = jax.lax.stop_gradient(jnp.maximum(largest, 1.0))
+    # Only norms whose squares could overflow are rescaled: others keep their exact rounding.
+    scale = jax.lax.stop_gradient(jnp.where(largest > _RESCALE_ABOVE, largest, 1.0))
     scaled = features / scale
     squared_norm = jnp.sum(scaled * scaled, axis=-1, keepdims=True)
     # When scale > 1 the scaled norm is >= 1, so the clamp (eps / scale)^2 may underflow to 0.
@@ -651,6 +655,8 @@ def _scan_blocks(anchors, keys, temperature, options, with_gradient):
         view_ids=_pad_rows(anchors.view_ids, pad, -1),
     )
 
+    inv_temperature = 1.0 / temperature
+
     def block(carry, block_index):
         start = block_index * block_size
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, block_size)
@@ -664,10 +670,10 @@ def _scan_blocks(anchors, keys, temperature, options, with_gradient):
         if not with_gradient:
             return carry, outputs
         losses, anchor_weights, gradients = outputs
-        anchor_grad = jnp.dot(gradients.dlogits, contrast.z) / temperature
+        anchor_grad = jnp.dot(gradients.dlogits, contrast.z) * inv_temperature
         contrast_grad, logit_moment = carry
         carry = (
-            contrast_grad + jnp.dot(gradients.dlogits.T, block_anchors.z) / temperature,
+            contrast_grad + jnp.dot(gradients.dlogits.T, block_anchors.z) * inv_temperature,
             logit_moment + gradients.logit_moment,
         )
         return carry, (losses, anchor_weights, anchor_grad)
