@@ -5,8 +5,9 @@ points where it decides what the paper leaves open.
 
 Every loss of the family is one weighted-contrastive kernel (`_anchor_block`): logits against the
 contrast set, a log-softmax over it, and a weighted sum over positives. Only the pair weights change
-with `positives`. The kernel runs over row blocks of anchors against the full contrast set, which is
-the global batch when `axis_name` is given, so memory stays O(block * N + N * D).
+with `positives`. The contrast set is the batch's views, or the keys of the query/key form
+(`contrast_features`). The kernel runs over row blocks of anchors against the full contrast set,
+gathered over `axis_name` when given, so memory stays O(block * M + M * D) for M candidates.
 """
 
 from __future__ import annotations
@@ -43,10 +44,14 @@ POSITIVES = (
     "mulsupcon",
     "sd_similarity_only",
     "sd_dissimilarity_only",
+    "sd_swapped",
 )
 
 # Feature norms are clamped below by this, as torch.nn.functional.normalize does.
 _NORM_EPS = 1e-12
+# Features with an entry above this are divided by their largest entry before squaring: D * 1e30
+# stays finite in float32 for any D < 1e8.
+_RESCALE_ABOVE = 1e15
 # Automatic row blocks hold this many logits: [block, N] float32 near 16 MiB on a CPU (cache
 # sized), 256 MiB on a GPU/TPU, where small blocks leave the chip idle (measured on an H100:
 # experiments/README.md). Working memory is a few such matrices, whatever N is.
@@ -69,7 +74,8 @@ class PerAnchorLosses(NamedTuple):
     """Per-anchor results, shaped like the views: [N, V] (or [N_local, V] with `axis_name`).
 
     The loss is `sum(anchor_weights * losses) / max(sum(anchor_weights), 1)`
-    (see `reduce_per_anchor`). `anchor_weights` is `has_positive` as float, except for
+    (see `reduce_per_anchor`). `anchor_weights` is how much an anchor counts in that mean (the
+    one name for it, here and inside the kernel): `has_positive` as float, except for
     `positives="mulsupcon"`, where it counts the anchor's label rows (a, k) that have a positive
     and `losses` is the mean over those rows.
     """
@@ -80,20 +86,18 @@ class PerAnchorLosses(NamedTuple):
 
 
 class _Labels(NamedTuple):
-    """Labels of a set of views: multi-hot [M, C] float32, or class ids [M] int32 (-1 = none)."""
+    """Labels of a set of views: multi-hot [M, C] in the compute dtype, or class ids [M] int32
+    (-1 = none)."""
 
     values: jax.Array
-    class_weights: jax.Array | None  # [C] float32, or None for unit weights
+    class_weights: jax.Array | None  # [C] in the compute dtype, or None for unit weights
 
     @property
     def are_ids(self) -> bool:
         return self.values.ndim == 1
 
-    def take(self, start: jax.Array | int, size: int) -> _Labels:
-        return self._replace(values=jax.lax.dynamic_slice_in_dim(self.values, start, size))
-
     def cardinality(self, weighted: bool) -> jax.Array:
-        """|y| for every view: [M] float32."""
+        """|y| for every view: [M] floats."""
         if self.are_ids:
             present = self.values >= 0
             if weighted and self.class_weights is not None:
@@ -105,7 +109,7 @@ class _Labels(NamedTuple):
         return jnp.sum(self.values, axis=-1)
 
     def intersection(self, other: _Labels, weighted: bool) -> jax.Array:
-        """|y_a ∩ y_b| for every anchor a in self and candidate b in other: [Ma, Mb] float32."""
+        """|y_a ∩ y_b| for every anchor a in self and candidate b in other: [Ma, Mb] floats."""
         if self.are_ids:
             shared = (self.values[:, None] == other.values[None, :]) & (self.values[:, None] >= 0)
             return shared * self.cardinality(weighted)[:, None]
@@ -119,11 +123,11 @@ class _Options(NamedTuple):
     """The static (hashable) settings of one loss call."""
 
     positives: str
-    temperature: float
     jaccard_threshold: float
     num_views: int
     axis_name: Hashable | None
     block_size: int
+    has_keys: bool  # the contrast set is `contrast_features`, not the anchors' views
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,19 +139,118 @@ def _shape_error(name: str, got: Any, expected: str) -> ValueError:
     return ValueError(f"`{name}`: got {got}, expected {expected}.")
 
 
-def _check_options(positives: str, temperature: Any, jaccard_threshold: Any) -> None:
-    if positives not in POSITIVES:
-        raise ValueError(f"`positives`: got {positives!r}, expected one of {POSITIVES}.")
-    if isinstance(temperature, jax.Array) or not np.isscalar(temperature):
-        raise ValueError(
-            f"`temperature`: got {type(temperature).__name__} {temperature!r}, expected a "
-            "Python number > 0 (it is static: the loss is compiled per temperature)."
+def _dtype_error(name: str, got: Any, expected: str) -> TypeError:
+    return TypeError(f"`{name}`: got {got}, expected {expected}.")
+
+
+def _as_array_like(x: Any) -> Any:
+    """Python (nested) lists and tuples become numpy arrays; arrays and tracers pass through."""
+    return np.asarray(x) if isinstance(x, (list, tuple)) else x
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    """A Python or numpy integer >= minimum (not a bool), as a Python int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise _dtype_error(name, f"{type(value).__name__} {value!r}", f"an int >= {minimum}")
+    if value < minimum:
+        raise ValueError(f"`{name}`: got {value!r}, expected an int >= {minimum}.")
+    return int(value)
+
+
+def _check_temperature(temperature: Any) -> None:
+    """A real number or a 0-d float array > 0; traced values are checked for type only."""
+    if isinstance(temperature, (jax.Array, np.ndarray, np.generic)) and not isinstance(
+        temperature, np.bool_
+    ):
+        real = jnp.issubdtype(temperature.dtype, jnp.floating) or jnp.issubdtype(
+            temperature.dtype, jnp.integer
+        )
+        if np.ndim(temperature) != 0 or not real:
+            raise _dtype_error(
+                "temperature",
+                f"an array of shape {np.shape(temperature)} and dtype {temperature.dtype}",
+                "a number or a 0-d float array",
+            )
+        if isinstance(temperature, jax.core.Tracer):
+            return  # a schedule or a learned temperature: its value is the caller's
+    elif isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise _dtype_error(
+            "temperature",
+            f"{type(temperature).__name__} {temperature!r}",
+            "a number or a 0-d float array",
         )
     if not math.isfinite(float(temperature)) or float(temperature) <= 0:
         raise ValueError(f"`temperature`: got {temperature!r}, expected a finite number > 0.")
-    if not np.isscalar(jaccard_threshold) or not 0 < float(jaccard_threshold) <= 1:
+
+
+def _check_options(positives: str, temperature: Any, jaccard_threshold: Any) -> None:
+    if positives not in POSITIVES:
+        raise ValueError(f"`positives`: got {positives!r}, expected one of {POSITIVES}.")
+    _check_temperature(temperature)
+    if (
+        isinstance(jaccard_threshold, bool)
+        or not np.isscalar(jaccard_threshold)
+        or not 0 < float(jaccard_threshold) <= 1
+    ):
         raise ValueError(
             f"`jaccard_threshold`: got {jaccard_threshold!r}, expected a number in (0, 1]."
+        )
+
+
+def _check_axis_name(axis_name: Hashable | None) -> int:
+    """The size of the mapped axis (1 without one); a clear error outside a mapped context."""
+    if axis_name is None:
+        return 1
+    try:
+        return jax.lax.axis_size(axis_name)
+    except NameError as error:
+        raise ValueError(
+            f"`axis_name`: got {axis_name!r}, which is not a mapped axis here; expected the "
+            "axis of an enclosing `jax.shard_map` or `jax.pmap` (or None on one device). "
+            "`make_sharded_loss` does the wrapping."
+        ) from error
+
+
+def _check_features(name: str, features: Any, ranks: tuple[int, ...], expected: str):
+    """Checks a feature array's rank, dtype kind and sizes; returns its shape."""
+    shape = np.shape(features)
+    if len(shape) not in ranks:
+        raise _shape_error(name, f"shape {shape}", expected)
+    if not jnp.issubdtype(jnp.result_type(features), jnp.floating):
+        raise _dtype_error(name, f"dtype {jnp.result_type(features)}", "a real float dtype")
+    if min(shape) < 1:
+        raise _shape_error(name, f"shape {shape}", f"{expected} with every size >= 1")
+    return shape
+
+
+def _check_labels(name: str, labels: Any, num_rows: int, rows_from: str) -> tuple[int, ...]:
+    shape, dtype = np.shape(labels), jnp.result_type(labels)
+    if len(shape) not in (1, 2) or shape[0] != num_rows:
+        raise _shape_error(
+            name,
+            f"shape {shape}",
+            f"[{rows_from[0]}, C] multi-hot or [{rows_from[0]}] class ids with "
+            f"{rows_from[0]} = {num_rows} (from `{rows_from[1]}`)",
+        )
+    if len(shape) == 1 and not jnp.issubdtype(dtype, jnp.integer):
+        raise _dtype_error(name, f"1-D labels of dtype {dtype}", "integer class ids")
+    if not (
+        jnp.issubdtype(dtype, jnp.integer)
+        or jnp.issubdtype(dtype, jnp.floating)
+        or dtype == jnp.bool_
+    ):
+        raise _dtype_error(name, f"dtype {dtype}", "bool, integer or float 0/1 values")
+    return shape
+
+
+def _check_mask(name: str, mask: Any, num_rows: int, rows_from: str) -> None:
+    if mask is None:
+        return
+    if np.shape(mask) != (num_rows,):
+        raise _shape_error(name, f"shape {np.shape(mask)}", f"[{num_rows}] (from `{rows_from}`)")
+    if jnp.result_type(mask) != jnp.bool_:
+        raise _dtype_error(
+            name, f"dtype {jnp.result_type(mask)}", "bool (True = real, False = padding)"
         )
 
 
@@ -155,37 +258,11 @@ def _check_arrays(
     features: Any, labels: Any, sample_mask: Any, label_weights: Any
 ) -> tuple[int, int, int]:
     """Checks ranks, shapes and dtype kinds at trace time; returns (N, V, D)."""
-    features_shape = np.shape(features)
-    if len(features_shape) not in (2, 3):
-        raise _shape_error("features", f"shape {features_shape}", "[N, D] or [N, V, D]")
-    if not jnp.issubdtype(jnp.result_type(features), jnp.floating):
-        raise _shape_error("features", f"dtype {jnp.result_type(features)}", "a real float dtype")
-    num_samples, feature_dim = features_shape[0], features_shape[-1]
-    num_views = features_shape[1] if len(features_shape) == 3 else 1
-    if num_views < 1 or feature_dim < 1:
-        raise _shape_error("features", f"shape {features_shape}", "V >= 1 views and D >= 1")
-
-    labels_shape, labels_dtype = np.shape(labels), jnp.result_type(labels)
-    if len(labels_shape) not in (1, 2) or labels_shape[0] != num_samples:
-        raise _shape_error(
-            "labels",
-            f"shape {labels_shape}",
-            f"[N, C] multi-hot or [N] class ids with N = {num_samples} (from `features`)",
-        )
-    if len(labels_shape) == 1 and not jnp.issubdtype(labels_dtype, jnp.integer):
-        raise _shape_error("labels", f"1-D labels of dtype {labels_dtype}", "integer class ids")
-    if not (
-        jnp.issubdtype(labels_dtype, jnp.integer)
-        or jnp.issubdtype(labels_dtype, jnp.floating)
-        or labels_dtype == jnp.bool_
-    ):
-        raise _shape_error("labels", f"dtype {labels_dtype}", "bool, integer or float 0/1 values")
-
-    if sample_mask is not None and np.shape(sample_mask) != (num_samples,):
-        raise _shape_error(
-            "sample_mask", f"shape {np.shape(sample_mask)}", f"[N] = ({num_samples},)"
-        )
-
+    shape = _check_features("features", features, (2, 3), "[N, D] or [N, V, D]")
+    num_samples, feature_dim = shape[0], shape[-1]
+    num_views = shape[1] if len(shape) == 3 else 1
+    labels_shape = _check_labels("labels", labels, num_samples, ("N", "features"))
+    _check_mask("sample_mask", sample_mask, num_samples, "features")
     if label_weights is not None:
         weights_shape = np.shape(label_weights)
         if len(labels_shape) == 2 and weights_shape != (labels_shape[1],):
@@ -197,41 +274,85 @@ def _check_arrays(
         if len(weights_shape) != 1:
             raise _shape_error("label_weights", f"shape {weights_shape}", "[C]")
         if not jnp.issubdtype(jnp.result_type(label_weights), jnp.floating):
-            raise _shape_error(
+            raise _dtype_error(
                 "label_weights", f"dtype {jnp.result_type(label_weights)}", "positive floats"
             )
     return num_samples, num_views, feature_dim
 
 
-def validate_inputs(features, labels, *, sample_mask=None, label_weights=None) -> None:
+def validate_inputs(
+    features,
+    labels,
+    *,
+    sample_mask=None,
+    label_weights=None,
+    contrast_features=None,
+    contrast_labels=None,
+    contrast_mask=None,
+    contrast_sample_ids=None,
+) -> None:
     """Checks the values that `jit` cannot check. Call it eagerly, outside `jit`.
 
     The losses check shapes and dtypes while tracing; this checks values: multi-hot labels in
-    {0, 1}, class ids >= -1, finite features and label weights > 0.
+    {0, 1}, class ids >= -1, finite features and label weights > 0, and the same for the keys,
+    whose `contrast_sample_ids` must lie in [-1, N). (Masks must be bool: the losses reject
+    other dtypes, so 0/1 needs no value check.)
 
     Args:
       features: [N, D] or [N, V, D] floats.
       labels: [N, C] multi-hot or [N] integer class ids (-1 = no label).
       sample_mask: optional [N] bool.
       label_weights: optional [C] positive floats.
+      contrast_features, contrast_labels, contrast_mask, contrast_sample_ids: the optional keys
+        of the query/key form (see `multilabel_supcon_loss`), for one device's whole batch.
 
     Raises:
       ValueError: naming the argument and the first offending entry.
+      TypeError: for a wrong dtype kind, as the losses do.
     """
-    _check_arrays(features, labels, sample_mask, label_weights)
-    features = np.asarray(jnp.asarray(features, jnp.float32))
+    features, labels, sample_mask, label_weights = map(
+        _as_array_like, (features, labels, sample_mask, label_weights)
+    )
+    contrast_features, contrast_labels, contrast_mask, contrast_sample_ids = map(
+        _as_array_like, (contrast_features, contrast_labels, contrast_mask, contrast_sample_ids)
+    )
+    num_samples, _, feature_dim = _check_arrays(features, labels, sample_mask, label_weights)
+    _check_contrast(
+        contrast_features, contrast_labels, contrast_mask, contrast_sample_ids, labels, feature_dim
+    )
+    _check_values("features", "labels", features, labels, label_weights)
+    if contrast_features is not None:
+        _check_values(
+            "contrast_features",
+            "contrast_labels",
+            contrast_features,
+            contrast_labels,
+            label_weights,
+        )
+    if contrast_sample_ids is not None:
+        ids = np.asarray(contrast_sample_ids)
+        bad = np.argwhere((ids < -1) | (ids >= num_samples))
+        if bad.size:
+            raise ValueError(
+                f"`contrast_sample_ids`: got {ids[bad[0][0]]} at index {bad[0][0]}, expected "
+                f"the index of an anchor sample in [0, {num_samples}), or -1 for none."
+            )
+
+
+def _check_values(features_name, labels_name, features, labels, label_weights) -> None:
+    features = np.asarray(jnp.asarray(features, jnp.result_type(jnp.float32, features)))
     bad = np.argwhere(~np.isfinite(features))
     if bad.size:
         raise ValueError(
-            f"`features`: got a non-finite value {features[tuple(bad[0])].item()} at index "
-            f"{tuple(bad[0].tolist())}, expected finite values."
+            f"`{features_name}`: got a non-finite value {features[tuple(bad[0])].item()} at "
+            f"index {tuple(bad[0].tolist())}, expected finite values."
         )
     labels = np.asarray(labels)
     if labels.ndim == 2:
         bad = np.argwhere((labels != 0) & (labels != 1))
         if bad.size:
             raise ValueError(
-                f"`labels`: got {labels[tuple(bad[0])].item()!r} at index "
+                f"`{labels_name}`: got {labels[tuple(bad[0])].item()!r} at index "
                 f"{tuple(bad[0].tolist())}, "
                 "expected multi-hot values in {0, 1}."
             )
@@ -239,7 +360,7 @@ def validate_inputs(features, labels, *, sample_mask=None, label_weights=None) -
         bad = np.argwhere(labels < -1)
         if bad.size:
             raise ValueError(
-                f"`labels`: got class id {labels[tuple(bad[0])]} at index {bad[0][0]}, "
+                f"`{labels_name}`: got class id {labels[tuple(bad[0])]} at index {bad[0][0]}, "
                 "expected ids >= 0, or -1 for a sample without a label."
             )
     if label_weights is not None:
@@ -252,8 +373,8 @@ def validate_inputs(features, labels, *, sample_mask=None, label_weights=None) -
             )
         if labels.ndim == 1 and labels.size and labels.max() >= weights.shape[0]:
             raise ValueError(
-                f"`labels`: got class id {labels.max()}, expected ids < {weights.shape[0]} "
-                "(the length of `label_weights`)."
+                f"`{labels_name}`: got class id {labels.max()}, expected ids < "
+                f"{weights.shape[0]} (the length of `label_weights`)."
             )
 
 
@@ -262,23 +383,42 @@ def validate_inputs(features, labels, *, sample_mask=None, label_weights=None) -
 # --------------------------------------------------------------------------------------------
 
 
+class _Anchors(NamedTuple):
+    """Anchor views: the local batch, or one row block of it."""
+
+    z: jax.Array  # [B, D] L2-normalised, in the compute dtype
+    labels: _Labels
+    valid: jax.Array  # [B] bool
+    view_ids: jax.Array  # [B] int32: global view index n * V + v
+
+
+class _ContrastSet(NamedTuple):
+    """The candidates every anchor is scored against: the batch's views or the keys.
+
+    Built locally, then gathered over `axis_name` (`_gather_contrast`), so that its ids are
+    global: `sample_ids` names the global anchor sample a candidate is a view of (-1: none), and
+    `view_ids` is the candidate's global view index when the candidates are the anchors
+    themselves (-1 for keys, which are never the anchor itself).
+    """
+
+    z: jax.Array  # [M, D] L2-normalised
+    labels: _Labels
+    valid: jax.Array  # [M] bool
+    sample_ids: jax.Array  # [M] int32
+    view_ids: jax.Array  # [M] int32
+    label_totals: jax.Array | None = None  # mulsupcon, multi-hot: valid candidates per class
+
+
 def _label_weight_block(
-    anchors: _Labels,
-    candidates: _Labels,
-    options: _Options,
-    contrast: jax.Array,
-    label_totals: jax.Array | None,
-    anchor_valid: jax.Array,
+    anchors: _Anchors, contrast: _ContrastSet, in_contrast: jax.Array, options: _Options
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pair weights from labels alone, for a block of anchors against all candidates.
 
     Args:
-      anchors, candidates: labels of the block's anchor views and of all candidate views.
+      anchors: the block's anchor views.
+      contrast: the gathered candidates.
+      in_contrast: [B, M] bool, the contrast set A(a).
       options: the static settings.
-      contrast: [B, M] bool, the contrast set A(a).
-      label_totals: mulsupcon only: per-class counts of valid candidate views, [C] (multi-hot) or
-        None (class ids, counted from `contrast`).
-      anchor_valid: [B] bool.
 
     Returns:
       (weights [B, M], positive [B, M] bool, norm [B]). The anchor's loss is
@@ -286,42 +426,57 @@ def _label_weight_block(
       the anchor's label rows with a positive.
     """
     positives = options.positives
+    dtype = anchors.z.dtype
+    anchor_labels, candidate_labels = anchors.labels, contrast.labels
     if positives == "mulsupcon":
-        if anchors.are_ids:
-            same_class = anchors.intersection(candidates, weighted=False) * contrast
+        if anchor_labels.are_ids:
+            same_class = anchor_labels.intersection(candidate_labels, weighted=False) * in_contrast
             per_class_positives = jnp.sum(same_class, axis=1)  # |P_k(a)| for k = y_a
             has_rows = per_class_positives > 0
             weights = same_class / jnp.where(has_rows, per_class_positives, 1.0)[:, None]
-            return weights, weights > 0, has_rows.astype(jnp.float32)
-        # |P_k(a)|: valid views with label k, minus the anchor itself.
-        per_class_positives = label_totals[None, :] - anchors.values * anchor_valid[:, None]
+            return weights, weights > 0, has_rows.astype(dtype)
+        # |P_k(a)|: valid candidates with label k, less the anchor itself when it is one of them.
+        per_class_positives = contrast.label_totals[None, :]
+        if not options.has_keys:
+            per_class_positives = (
+                per_class_positives - anchor_labels.values * anchors.valid[:, None]
+            )
         row_scale = jnp.where(
-            per_class_positives > 0, anchors.values / jnp.maximum(per_class_positives, 1.0), 0.0
+            per_class_positives > 0,
+            anchor_labels.values / jnp.maximum(per_class_positives, 1.0),
+            0.0,
         )
-        weights = jnp.dot(row_scale, candidates.values.T, precision=_EXACT) * contrast
-        # Padding anchors have no rows: their weights are already masked by `contrast`.
-        num_rows = jnp.sum(anchors.values * (per_class_positives > 0), axis=1) * anchor_valid
-        return weights, weights > 0, num_rows
+        weights = jnp.dot(row_scale, candidate_labels.values.T, precision=_EXACT) * in_contrast
+        # Padding anchors have no rows: their weights are already masked by `in_contrast`.
+        num_rows = jnp.sum(anchor_labels.values * (per_class_positives > 0), axis=1)
+        return weights, weights > 0, num_rows * anchors.valid
 
-    shared = anchors.intersection(candidates, weighted=False)
+    shared = anchor_labels.intersection(candidate_labels, weighted=False)
     positive = shared > 0
     if positives == "any":
-        weights = positive.astype(jnp.float32)
+        weights = positive.astype(dtype)
     elif positives == "all":
         positive = (
             positive
-            & (shared == anchors.cardinality(False)[:, None])
-            & (shared == candidates.cardinality(False)[None, :])
+            & (shared == anchor_labels.cardinality(False)[:, None])
+            & (shared == candidate_labels.cardinality(False)[None, :])
         )
-        weights = positive.astype(jnp.float32)
+        weights = positive.astype(dtype)
     else:
-        weighted = anchors.class_weights is not None
-        shared_w = anchors.intersection(candidates, weighted=True) if weighted else shared
-        anchor_size = anchors.cardinality(True)[:, None]
-        candidate_size = candidates.cardinality(True)[None, :]
-        similarity = shared_w / jnp.maximum(anchor_size, 1e-30)  # K_s
-        dissimilarity = 1.0 / (1.0 + candidate_size - shared_w)  # K_d
-        if positives == "sd":
+        weighted = anchor_labels.class_weights is not None
+        shared_w = (
+            anchor_labels.intersection(candidate_labels, weighted=True) if weighted else shared
+        )
+        anchor_size = anchor_labels.cardinality(True)[:, None]
+        candidate_size = candidate_labels.cardinality(True)[None, :]
+        tiny = jnp.finfo(dtype).tiny  # the sizes are 0 only where there is no positive
+        if positives == "sd_swapped":  # the factors' roles swapped, as ws-MulSupCon computes
+            similarity = shared_w / jnp.maximum(candidate_size, tiny)
+            dissimilarity = 1.0 / (1.0 + anchor_size - shared_w)
+        else:
+            similarity = shared_w / jnp.maximum(anchor_size, tiny)  # K_s
+            dissimilarity = 1.0 / (1.0 + candidate_size - shared_w)  # K_d
+        if positives in ("sd", "sd_swapped"):
             weights = similarity * dissimilarity
         elif positives == "sd_similarity_only":
             weights = similarity
@@ -329,51 +484,36 @@ def _label_weight_block(
             weights = dissimilarity
         else:  # jaccard
             union = anchor_size + candidate_size - shared_w
-            jaccard = shared_w / jnp.maximum(union, 1e-30)
+            jaccard = shared_w / jnp.maximum(union, tiny)
             positive = positive & (jaccard >= options.jaccard_threshold)
             weights = jaccard
         weights = jnp.where(positive, weights, 0.0)
-    positive = positive & contrast
-    weights = weights * contrast
-    return weights, positive, positive.sum(axis=1).astype(jnp.float32)
+    positive = positive & in_contrast
+    weights = weights * in_contrast
+    return weights, positive, positive.sum(axis=1).astype(dtype)
 
 
 def _block_weights(
-    row_start: jax.Array,
-    block_size: int,
-    anchors: _Labels,
-    anchor_valid: jax.Array,
-    candidates: _Labels,
-    candidate_valid: jax.Array,
-    label_totals: jax.Array | None,
-    options: _Options,
+    anchors: _Anchors, contrast: _ContrastSet, options: _Options
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Weights, contrast mask, per-anchor normaliser and per-anchor reduction weight of a block.
+    """Weights, contrast mask, per-anchor normaliser and `anchor_weights` of a block of anchors.
 
-    `row_start` is the block's first view in the global (gathered) view order, so that the
-    anchor itself (b = a) and the anchor's other views (same(a, b)) can be recognised.
+    The ids recognise the anchor itself (b = a, excluded) and the other views of the anchor's
+    sample (same(a, b): positive, weight 1).
     """
-    num_candidates = candidate_valid.shape[0]
-    anchor_index = row_start + jnp.arange(block_size)
-    candidate_index = jnp.arange(num_candidates)
-    not_self = anchor_index[:, None] != candidate_index[None, :]
-    contrast = not_self & candidate_valid[None, :] & anchor_valid[:, None]
-    weights, positive, norm = _label_weight_block(
-        anchors, candidates, options, contrast, label_totals, anchor_valid
-    )
-    if options.num_views > 1 and options.positives != "mulsupcon":
-        same_sample = contrast & (
-            anchor_index[:, None] // options.num_views
-            == candidate_index[None, :] // options.num_views
-        )
+    not_self = anchors.view_ids[:, None] != contrast.view_ids[None, :]
+    in_contrast = not_self & contrast.valid[None, :] & anchors.valid[:, None]
+    weights, positive, norm = _label_weight_block(anchors, contrast, in_contrast, options)
+    if options.positives != "mulsupcon" and (options.has_keys or options.num_views > 1):
+        anchor_samples = anchors.view_ids // options.num_views
+        same_sample = in_contrast & (anchor_samples[:, None] == contrast.sample_ids[None, :])
         norm = norm + jnp.sum(same_sample & ~positive, axis=1)
         weights = jnp.where(same_sample, 1.0, weights)
-    has_positive = norm > 0
     if options.positives == "mulsupcon":
-        reduction_weight = norm
+        anchor_weights = norm  # the anchor's label rows that have a positive
     else:
-        reduction_weight = has_positive.astype(jnp.float32)
-    return weights, contrast, jnp.maximum(norm, 1.0), reduction_weight
+        anchor_weights = (norm > 0).astype(norm.dtype)
+    return weights, in_contrast, jnp.maximum(norm, 1.0), anchor_weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,58 +521,58 @@ def _block_weights(
 # --------------------------------------------------------------------------------------------
 
 
+class _BlockGradients(NamedTuple):
+    """What the fused backward pass needs from one block (all of sum_a anchor_weights_a * l_a)."""
+
+    dlogits: jax.Array  # [B, M] gradient w.r.t. the logits s_ab
+    logit_moment: jax.Array  # scalar sum_ab dlogits_ab * s_ab, for the temperature gradient
+
+
 def _anchor_block(
-    row_start: jax.Array,
-    anchor_z: jax.Array,
-    anchors: _Labels,
-    anchor_valid: jax.Array,
-    candidate_z: jax.Array,
-    candidates: _Labels,
-    candidate_valid: jax.Array,
-    label_totals: jax.Array | None,
+    anchors: _Anchors,
+    contrast: _ContrastSet,
+    temperature: jax.Array,
     options: _Options,
     with_gradient: bool,
 ):
     """Loss terms of a block of anchors against every candidate.
 
-    Returns per-anchor losses [B] and reduction weights [B]; with `with_gradient`, also
-    dlogits [B, M], the gradient of sum_a reduction_weight_a * loss_a w.r.t. the logits.
+    Returns per-anchor losses [B] and `anchor_weights` [B]; with `with_gradient`, also the
+    block's `_BlockGradients`.
     """
-    block_size = anchor_z.shape[0]
-    weights, contrast, norm, reduction_weight = _block_weights(
-        row_start,
-        block_size,
-        anchors,
-        anchor_valid,
-        candidates,
-        candidate_valid,
-        label_totals,
-        options,
-    )
-    logits = jnp.dot(anchor_z, candidate_z.T) / options.temperature
-    masked = jnp.where(contrast, logits, -jnp.inf)
+    weights, in_contrast, norm, anchor_weights = _block_weights(anchors, contrast, options)
+    logits = jnp.dot(anchors.z, contrast.z.T) / temperature
+    masked = jnp.where(in_contrast, logits, -jnp.inf)
     # The shift only keeps exp in range; it cancels in value and gradient.
     shift = jax.lax.stop_gradient(jnp.max(masked, axis=1, keepdims=True))
     shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
     # exp(-inf) = 0 outside the contrast set keeps the diagonal from overflowing (and NaN grads).
-    exp_logits = jnp.exp(jnp.where(contrast, logits - shift, -jnp.inf))
+    exp_logits = jnp.exp(jnp.where(in_contrast, logits - shift, -jnp.inf))
     sum_exp = jnp.maximum(jnp.sum(exp_logits, axis=1, keepdims=True), 1e-30)
     log_normaliser = shift + jnp.log(sum_exp)
     total_weight = jnp.sum(weights, axis=1, keepdims=True)
     # -sum_b w_ab (s_ab - log sum_c exp s_ac): written so that masked logits never meet a weight.
-    weighted_logits = jnp.sum(weights * jnp.where(contrast, logits, 0.0), axis=1, keepdims=True)
+    in_contrast_logits = jnp.where(in_contrast, logits, 0.0)
+    weighted_logits = jnp.sum(weights * in_contrast_logits, axis=1, keepdims=True)
     losses = ((total_weight * log_normaliser - weighted_logits) / norm[:, None])[:, 0]
     if not with_gradient:
-        return losses, reduction_weight
-    scale = (reduction_weight / norm)[:, None]
+        return losses, anchor_weights
+    scale = (anchor_weights / norm)[:, None]
     dlogits = scale * (total_weight * exp_logits / sum_exp - weights)
-    return losses, reduction_weight, dlogits
+    return losses, anchor_weights, _BlockGradients(dlogits, jnp.sum(dlogits * in_contrast_logits))
 
 
-def _normalize(features: jax.Array) -> jax.Array:
-    features = features.astype(jnp.float32)
-    squared_norm = jnp.sum(features * features, axis=-1, keepdims=True)
-    return features * jax.lax.rsqrt(jnp.maximum(squared_norm, _NORM_EPS**2))
+def _normalize(features: jax.Array, dtype: Any) -> jax.Array:
+    """x / max(||x||, eps), in `dtype`, for any finite norm: large vectors are first divided by
+    their largest entry (which cancels exactly), so that squaring them cannot overflow."""
+    features = features.astype(dtype)
+    largest = jnp.max(jnp.abs(features), axis=-1, keepdims=True)
+    # Only norms whose squares could overflow are rescaled: others keep their exact rounding.
+    scale = jax.lax.stop_gradient(jnp.where(largest > _RESCALE_ABOVE, largest, 1.0))
+    scaled = features / scale
+    squared_norm = jnp.sum(scaled * scaled, axis=-1, keepdims=True)
+    # When scale > 1 the scaled norm is >= 1, so the clamp (eps / scale)^2 may underflow to 0.
+    return scaled * jax.lax.rsqrt(jnp.maximum(squared_norm, (_NORM_EPS / scale) ** 2))
 
 
 def _gather(x: jax.Array, axis_name: Hashable | None) -> jax.Array:
@@ -447,14 +587,33 @@ def _global_offset(num_local: int, axis_name: Hashable | None) -> jax.Array | in
     return jax.lax.axis_index(axis_name) * num_local
 
 
-def _prepare(anchor_labels: _Labels, anchor_valid: jax.Array, options: _Options):
-    """Gathers the contrast set's labels and validity, and mulsupcon's per-class counts."""
-    candidates = anchor_labels._replace(values=_gather(anchor_labels.values, options.axis_name))
-    candidate_valid = _gather(anchor_valid, options.axis_name)
-    label_totals = None
-    if options.positives == "mulsupcon" and not candidates.are_ids:
-        label_totals = jnp.sum(candidates.values * candidate_valid[:, None], axis=0)
-    return candidates, candidate_valid, label_totals
+def _gather_contrast(local: _ContrastSet, options: _Options) -> _ContrastSet:
+    """The global contrast set, and mulsupcon's per-class counts of its valid candidates."""
+    gather = lambda x: _gather(x, options.axis_name)
+    gathered = local._replace(
+        z=gather(local.z),
+        labels=local.labels._replace(values=gather(local.labels.values)),  # not class_weights
+        valid=gather(local.valid),
+        sample_ids=gather(local.sample_ids),
+        view_ids=gather(local.view_ids),
+    )
+    if options.positives == "mulsupcon" and not gathered.labels.are_ids:
+        label_totals = jnp.sum(gathered.labels.values * gathered.valid[:, None], axis=0)
+        gathered = gathered._replace(label_totals=label_totals)
+    return gathered
+
+
+def _local_contrast(anchors: _Anchors, keys: _ContrastSet | None, options: _Options):
+    """This device's part of the contrast set: its keys, or else its anchor views."""
+    if keys is not None:
+        return keys
+    return _ContrastSet(
+        z=anchors.z,
+        labels=anchors.labels,
+        valid=anchors.valid,
+        sample_ids=anchors.view_ids // options.num_views,
+        view_ids=anchors.view_ids,
+    )
 
 
 def _padded_blocks(num_rows: int, block_size: int) -> tuple[int, int]:
@@ -469,49 +628,60 @@ def _pad_rows(x: jax.Array, pad: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _scan_blocks(z, labels, valid, options, with_gradient):
+class _KernelGradients(NamedTuple):
+    """Gradients of sum_a anchor_weights_a * l_a (over this device's anchors)."""
+
+    anchor_z: jax.Array  # [M_local, D]: as anchors, plus as candidates without keys
+    key_z: jax.Array | None  # [M_keys_local, D] with keys
+    temperature: jax.Array  # scalar: this device's anchors' share
+
+
+def _scan_blocks(anchors, keys, temperature, options, with_gradient):
     """Runs the kernel over row blocks of the local anchors against the gathered contrast set.
 
-    Returns (losses [M_local], reduction weights [M_local]) and, with `with_gradient`, the
-    gradient of sum_a reduction_weight_a * loss_a w.r.t. the local z: [M_local, D].
+    Returns (losses [M_local], anchor_weights [M_local]) and, with `with_gradient`, the
+    `_KernelGradients`.
     """
-    num_local = z.shape[0]
+    num_local = anchors.z.shape[0]
     block_size = options.block_size
     num_blocks, pad = _padded_blocks(num_local, block_size)
-    candidate_z = _gather(z, options.axis_name)
-    candidates, candidate_valid, label_totals = _prepare(labels, valid, options)
-    offset = _global_offset(num_local, options.axis_name)
-
-    padded_z = _pad_rows(z, pad)
-    padded_labels = labels._replace(
-        values=_pad_rows(labels.values, pad, -1 if labels.are_ids else 0)
+    contrast = _gather_contrast(_local_contrast(anchors, keys, options), options)
+    padded = _Anchors(
+        z=_pad_rows(anchors.z, pad),
+        labels=anchors.labels._replace(
+            values=_pad_rows(anchors.labels.values, pad, -1 if anchors.labels.are_ids else 0)
+        ),
+        valid=_pad_rows(anchors.valid, pad, False),
+        view_ids=_pad_rows(anchors.view_ids, pad, -1),
     )
-    padded_valid = _pad_rows(valid, pad, False)
+
+    inv_temperature = 1.0 / temperature
 
     def block(carry, block_index):
         start = block_index * block_size
-        anchor_z = jax.lax.dynamic_slice_in_dim(padded_z, start, block_size)
-        outputs = _anchor_block(
-            offset + start,
-            anchor_z,
-            padded_labels.take(start, block_size),
-            jax.lax.dynamic_slice_in_dim(padded_valid, start, block_size),
-            candidate_z,
-            candidates,
-            candidate_valid,
-            label_totals,
-            options,
-            with_gradient,
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, block_size)
+        block_anchors = _Anchors(
+            z=take(padded.z),
+            labels=padded.labels._replace(values=take(padded.labels.values)),
+            valid=take(padded.valid),
+            view_ids=take(padded.view_ids),
         )
+        outputs = _anchor_block(block_anchors, contrast, temperature, options, with_gradient)
         if not with_gradient:
             return carry, outputs
-        losses, reduction_weight, dlogits = outputs
-        inv_temperature = 1.0 / options.temperature
-        anchor_grad = jnp.dot(dlogits, candidate_z) * inv_temperature
-        carry = carry + jnp.dot(dlogits.T, anchor_z) * inv_temperature
-        return carry, (losses, reduction_weight, anchor_grad)
+        losses, anchor_weights, gradients = outputs
+        anchor_grad = jnp.dot(gradients.dlogits, contrast.z) * inv_temperature
+        contrast_grad, logit_moment = carry
+        carry = (
+            contrast_grad + jnp.dot(gradients.dlogits.T, block_anchors.z) * inv_temperature,
+            logit_moment + gradients.logit_moment,
+        )
+        return carry, (losses, anchor_weights, anchor_grad)
 
-    init = jnp.zeros_like(candidate_z) if with_gradient else None
+    init = None
+    if with_gradient:
+        # Zeros shaped like what they accumulate, so that they vary over `axis_name` as it does.
+        init = (jnp.zeros_like(contrast.z), jnp.zeros_like(anchors.z[0, 0]))
     if num_blocks == 1:
         carry, stacked = block(init, 0)
         stacked = jax.tree.map(lambda x: x[None], stacked)
@@ -521,55 +691,63 @@ def _scan_blocks(z, labels, valid, options, with_gradient):
     stacked = jax.tree.map(lambda x: x[:num_local], stacked)
     if not with_gradient:
         return stacked
-    losses, reduction_weight, anchor_grad = stacked
-    candidate_grad = carry
+    losses, anchor_weights, anchor_grad = stacked
+    contrast_grad, logit_moment = carry
     if options.axis_name is not None:
         # Every device scored its own anchors against everyone's candidates: send each
         # candidate's share of the gradient back to the device that owns it.
-        candidate_grad = jax.lax.psum_scatter(candidate_grad, options.axis_name, tiled=True)
-    return losses, reduction_weight, anchor_grad + candidate_grad
+        contrast_grad = jax.lax.psum_scatter(contrast_grad, options.axis_name, tiled=True)
+    # L depends on tau only through s = z.z'/tau, so dL/dtau = -(1/tau) sum_ab dL/ds_ab s_ab.
+    temperature_grad = -logit_moment / temperature
+    if keys is None:
+        gradients = _KernelGradients(anchor_grad + contrast_grad, None, temperature_grad)
+    else:
+        gradients = _KernelGradients(anchor_grad, contrast_grad, temperature_grad)
+    return losses, anchor_weights, gradients
 
 
 def _psum(x, axis_name):
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def _mean_over_anchors(losses, reduction_weight, axis_name):
-    total = _psum(jnp.sum(reduction_weight * losses), axis_name)
-    count = _psum(jnp.sum(reduction_weight), axis_name)
+def _mean_over_anchors(losses, anchor_weights, axis_name):
+    total = _psum(jnp.sum(anchor_weights * losses), axis_name)
+    count = _psum(jnp.sum(anchor_weights), axis_name)
     return total / jnp.maximum(count, 1.0), count
 
 
-def _fused_loss_primal(z, label_values, valid, class_weights, options):
-    labels = _Labels(label_values, class_weights)
-    losses, reduction_weight = _scan_blocks(z, labels, valid, options, with_gradient=False)
-    return _mean_over_anchors(losses, reduction_weight, options.axis_name)[0]
+def _fused_loss_primal(anchors, keys, temperature, options):
+    losses, anchor_weights = _scan_blocks(anchors, keys, temperature, options, False)
+    return _mean_over_anchors(losses, anchor_weights, options.axis_name)[0]
 
 
-def _fused_loss_fwd(z, label_values, valid, class_weights, options):
-    # One pass yields the loss and dloss/dz, so the backward pass recomputes nothing.
-    labels = _Labels(label_values, class_weights)
-    losses, reduction_weight, grad = _scan_blocks(z, labels, valid, options, with_gradient=True)
-    loss, count = _mean_over_anchors(losses, reduction_weight, options.axis_name)
-    grad = grad / jnp.maximum(count, 1.0)
-    zeros = jax.tree.map(_zero_cotangent, (label_values, valid, class_weights))
-    return loss, (grad, zeros)
+def _fused_loss_fwd(anchors, keys, temperature, options):
+    # One pass yields the loss and its gradients, so the backward pass recomputes nothing.
+    losses, anchor_weights, gradients = _scan_blocks(anchors, keys, temperature, options, True)
+    loss, count = _mean_over_anchors(losses, anchor_weights, options.axis_name)
+    gradients = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), gradients)
+    return loss, (gradients, _zero_cotangents((anchors, keys)))
 
 
 def _fused_loss_bwd(options, residuals, cotangent):
-    grad, zeros = residuals
-    return (cotangent * grad, *zeros)
+    gradients, (anchors, keys) = residuals
+    scaled = jax.tree.map(lambda g: cotangent * g, gradients)
+    anchors = anchors._replace(z=scaled.anchor_z)
+    if keys is not None:
+        keys = keys._replace(z=scaled.key_z)
+    return anchors, keys, scaled.temperature
 
 
-def _zero_cotangent(x):
-    if x is None:
-        return None
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.zeros_like(x)
-    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+def _zero_cotangents(tree):
+    def zero(x):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.zeros_like(x)
+        return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+    return jax.tree.map(zero, tree)
 
 
-_fused_loss = jax.custom_vjp(_fused_loss_primal, nondiff_argnums=(4,))
+_fused_loss = jax.custom_vjp(_fused_loss_primal, nondiff_argnums=(3,))
 _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
 
 
@@ -578,7 +756,65 @@ _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
 # --------------------------------------------------------------------------------------------
 
 
-def _as_views(
+def _check_contrast(
+    contrast_features, contrast_labels, contrast_mask, contrast_sample_ids, labels, feature_dim
+) -> None:
+    """Checks the keys of the query/key form against the anchors' labels and feature size."""
+    if contrast_features is None:
+        for name, value in (
+            ("contrast_labels", contrast_labels),
+            ("contrast_mask", contrast_mask),
+            ("contrast_sample_ids", contrast_sample_ids),
+        ):
+            if value is not None:
+                raise ValueError(f"`{name}`: given without `contrast_features`.")
+        return
+    if contrast_labels is None:
+        raise ValueError(
+            "`contrast_labels`: None, expected the keys' labels with `contrast_features`."
+        )
+    shape = _check_features("contrast_features", contrast_features, (2,), "[M, D]")
+    num_keys = shape[0]
+    if shape[1] != feature_dim:
+        raise _shape_error(
+            "contrast_features",
+            f"shape {shape}",
+            f"[M, D] with D = {feature_dim} (from `features`)",
+        )
+    labels_shape = np.shape(labels)
+    key_labels_shape = _check_labels(
+        "contrast_labels", contrast_labels, num_keys, ("M", "contrast_features")
+    )
+    if len(key_labels_shape) != len(labels_shape) or key_labels_shape[1:] != labels_shape[1:]:
+        expected = "[M] class ids" if len(labels_shape) == 1 else f"[M, {labels_shape[1]}]"
+        raise _shape_error(
+            "contrast_labels", f"shape {key_labels_shape}", f"{expected}, the form of `labels`"
+        )
+    _check_mask("contrast_mask", contrast_mask, num_keys, "contrast_features")
+    if contrast_sample_ids is not None:
+        if np.shape(contrast_sample_ids) != (num_keys,):
+            raise _shape_error(
+                "contrast_sample_ids",
+                f"shape {np.shape(contrast_sample_ids)}",
+                f"[{num_keys}] (from `contrast_features`)",
+            )
+        if not jnp.issubdtype(jnp.result_type(contrast_sample_ids), jnp.integer):
+            raise _dtype_error(
+                "contrast_sample_ids",
+                f"dtype {jnp.result_type(contrast_sample_ids)}",
+                "integer sample indices (-1 = a view of no anchor sample)",
+            )
+
+
+def _label_values(labels: Any, num_views: int, dtype: Any) -> jax.Array:
+    """Per-view label values: int32 class ids, or multi-hot in the compute dtype."""
+    labels = jnp.asarray(labels)
+    if labels.ndim == 1:
+        return jnp.repeat(labels.astype(jnp.int32), num_views)
+    return jnp.repeat(labels.astype(dtype), num_views, axis=0)
+
+
+def _prepare(
     features,
     labels,
     sample_mask,
@@ -589,46 +825,92 @@ def _as_views(
     jaccard_threshold,
     axis_name,
     block_size,
+    contrast_features=None,
+    contrast_labels=None,
+    contrast_mask=None,
+    contrast_sample_ids=None,
 ):
-    """Checks the inputs and flattens samples to sample-major views: view m = n * V + v."""
+    """Checks the inputs and builds the kernel's operands: sample-major anchor views
+    (view m = n * V + v), the local keys (or None), the temperature and the static options."""
+    features, labels, sample_mask, label_weights = map(
+        _as_array_like, (features, labels, sample_mask, label_weights)
+    )
+    contrast_features, contrast_labels, contrast_mask, contrast_sample_ids = map(
+        _as_array_like, (contrast_features, contrast_labels, contrast_mask, contrast_sample_ids)
+    )
     _check_options(positives, temperature, jaccard_threshold)
     num_samples, num_views, feature_dim = _check_arrays(
         features, labels, sample_mask, label_weights
     )
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"`block_size`: got {block_size!r}, expected None or an int >= 1.")
-    num_local_views = num_samples * num_views
-    z = _normalize(jnp.reshape(features, (num_local_views, feature_dim)))
-    labels = jnp.asarray(labels)
-    if labels.ndim == 1:
-        values = jnp.repeat(labels.astype(jnp.int32), num_views)
-    else:
-        values = jnp.repeat(labels.astype(jnp.float32), num_views, axis=0)
+    _check_contrast(
+        contrast_features, contrast_labels, contrast_mask, contrast_sample_ids, labels, feature_dim
+    )
+    if block_size is not None:
+        block_size = _check_int("block_size", block_size, 1)
+    num_shards = _check_axis_name(axis_name)
+    has_keys = contrast_features is not None
+
+    # float32 is the floor (bf16/f16 compute in float32); float64 stays float64 under x64.
+    dtypes = [jnp.result_type(features)]
+    if has_keys:
+        dtypes.append(jnp.result_type(contrast_features))
+    dtype = jnp.result_type(jnp.float32, *dtypes)
     if label_weights is not None:
-        label_weights = jnp.asarray(label_weights, jnp.float32)
-    if sample_mask is None:
-        valid = jnp.ones((num_local_views,), bool)
-    else:
-        valid = jnp.repeat(jnp.asarray(sample_mask).astype(bool), num_views)
+        label_weights = jnp.asarray(label_weights, dtype)
+
+    num_local_views = num_samples * num_views
+    valid = jnp.ones((num_local_views,), bool)
+    if sample_mask is not None:
+        valid = jnp.repeat(jnp.asarray(sample_mask), num_views)
+    anchors = _Anchors(
+        z=_normalize(jnp.reshape(features, (num_local_views, feature_dim)), dtype),
+        labels=_Labels(_label_values(labels, num_views, dtype), label_weights),
+        valid=valid,
+        view_ids=_global_offset(num_local_views, axis_name)
+        + jnp.arange(num_local_views, dtype=jnp.int32),
+    )
+    keys = None
+    num_candidates = num_local_views * num_shards
+    if has_keys:
+        num_keys = np.shape(contrast_features)[0]
+        num_candidates = num_keys * num_shards
+        keys = _ContrastSet(
+            z=_normalize(contrast_features, dtype),
+            labels=_Labels(_label_values(contrast_labels, 1, dtype), label_weights),
+            valid=(
+                jnp.ones((num_keys,), bool) if contrast_mask is None else jnp.asarray(contrast_mask)
+            ),
+            sample_ids=(
+                jnp.full((num_keys,), -1, jnp.int32)
+                if contrast_sample_ids is None
+                else jnp.asarray(contrast_sample_ids).astype(jnp.int32)
+            ),
+            view_ids=jnp.full((num_keys,), -1, jnp.int32),
+        )
     if block_size is None:
-        num_global_views = num_local_views * _axis_size(axis_name)
         budget = _AUTO_BLOCK_ELEMENTS["cpu" if jax.default_backend() == "cpu" else "accelerator"]
-        block_size = max(8, budget // max(num_global_views, 1))
+        block_size = max(8, budget // max(num_candidates, 1))
     options = _Options(
         positives=positives,
-        temperature=float(temperature),
         jaccard_threshold=float(jaccard_threshold),
         num_views=num_views,
         axis_name=axis_name,
         block_size=min(block_size, num_local_views),
+        has_keys=has_keys,
     )
-    return z, _Labels(values, label_weights), valid, options, (num_samples, num_views)
+    temperature = jnp.asarray(temperature, dtype)
+    if axis_name is not None:
+        # A varying temperature makes each device's dL/dtau its own anchors' share, which the
+        # transpose of this cast sums over devices (a replicated parameter's rule).
+        temperature = _varying(temperature, axis_name)
+    return anchors, keys, temperature, options, (num_samples, num_views)
 
 
-def _axis_size(axis_name: Hashable | None) -> int:
-    if axis_name is None:
-        return 1
-    return jax.lax.axis_size(axis_name)
+def _varying(x: jax.Array, axis_name: Hashable) -> jax.Array:
+    try:
+        return jax.lax.pcast(x, axis_name, to="varying")
+    except ValueError:  # already varying
+        return x
 
 
 def multilabel_supcon_loss(
@@ -636,26 +918,34 @@ def multilabel_supcon_loss(
     labels: jax.Array,
     *,
     positives: str = "sd",
-    temperature: float = 0.07,
+    temperature: float | jax.Array = 0.07,
     sample_mask: jax.Array | None = None,
     label_weights: jax.Array | None = None,
     jaccard_threshold: float = 0.5,
     axis_name: Hashable | None = None,
     block_size: int | None = None,
+    contrast_features: jax.Array | None = None,
+    contrast_labels: jax.Array | None = None,
+    contrast_mask: jax.Array | None = None,
+    contrast_sample_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Multi-label supervised contrastive loss with a choice of positives and pair weights.
 
-    Every view is an anchor; its contrast set is every other valid view in the (global) batch.
-    The loss is the mean over anchors that have a positive of
+    Every view is an anchor; its contrast set is every other valid view in the (global) batch,
+    or, in the query/key form, the valid keys `contrast_features`. The loss is the mean over
+    anchors that have a positive of
     `-(1/|P(a)|) sum_{b in P(a)} w_ab log softmax_{c in A(a)}(s_ac)[b]`, with `s = z_a . z_b / tau`
     on L2-normalised features. `positives` chooses P(a) and w (docs/SPEC.md):
 
-    * `"sd"`: shared label; w = K_s * K_d (the Similarity-Dissimilarity loss).
+    * `"sd"`: shared label; w = K_s * K_d (the Similarity-Dissimilarity loss), with
+      K_s = |y_a ∩ y_b| / |y_a| and K_d = 1 / (1 + |y_b \\ y_a|).
     * `"all"`: identical non-empty label sets; w = 1.
     * `"any"`: shared label; w = 1.
     * `"jaccard"`: Jaccard index >= `jaccard_threshold`; w = Jaccard index.
     * `"mulsupcon"`: one row per (anchor, anchor label k); positives carry k; mean over rows.
     * `"sd_similarity_only"` / `"sd_dissimilarity_only"`: ablations, w = K_s / w = K_d.
+    * `"sd_swapped"`: shared label; the factors' roles swapped, w = |y_a ∩ y_b| / |y_b| *
+      1 / (1 + |y_a \\ y_b|), which is what ws-MulSupCon computes.
 
     Two views of one sample are always positives of weight 1 (mulsupcon: through their labels).
 
@@ -663,35 +953,55 @@ def multilabel_supcon_loss(
       features: [N, D] or [N, V, D] embeddings (any float dtype). Normalised here.
       labels: [N, C] multi-hot (bool, int or float 0/1) or [N] integer class ids, where -1 means
         no label. Class ids are single-label, and "sd", "all" and "any" then equal SupCon.
+        Arrays or (nested) Python lists.
       positives: one of `POSITIVES`.
-      temperature: a Python number > 0.
+      temperature: a number > 0, or a 0-d float JAX array (it may be traced: a schedule, or a
+        learned temperature, which gets its gradient dL/dtau).
       sample_mask: [N] bool; False marks padding, which is neither anchor nor candidate.
       label_weights: [C] positive floats: |S| = sum of the weights of S's labels. Used by "sd",
-        its ablations and "jaccard"; the other choices do not use cardinalities.
+        its ablations, "sd_swapped" and "jaccard"; the other choices use no cardinalities.
       jaccard_threshold: in (0, 1]; used by "jaccard".
       axis_name: inside `jax.shard_map` or `jax.pmap`, the axis over which the batch is split.
-        The local samples are the anchors, the contrast set is the global batch, and the result
-        is the global loss on every device. Its gradient w.r.t. the local features is the
-        matching slice of the single-device gradient. Easiest: `make_sharded_loss`, with
-        `jax.grad` taken outside. Inside `shard_map`, the gradient of a replicated (P())
-        parameter already arrives summed over devices: do not psum it again. Inside `pmap`,
-        each device gets its samples' share: `jax.lax.psum` it (pmean would be 1/N too small).
-      block_size: anchor views per row block. None (default) picks blocks of about 4M logits
-        on a CPU and 64M on a GPU or TPU, so memory is O(block * N + N * D) at any batch size.
-        Any value gives the same result.
-
+        The local samples are the anchors, the contrast set is the global batch (or all keys),
+        and the result is the global loss on every device. Its gradient w.r.t. the local
+        features is the matching slice of the single-device gradient. Easiest:
+        `make_sharded_loss`, with `jax.grad` taken outside. Inside `shard_map`, the gradient of
+        a replicated (P()) parameter already arrives summed over devices: do not psum it again.
+        Inside `pmap`, each device gets its samples' share: `jax.lax.psum` it (pmean would be
+        1/N too small). The same holds for a learned temperature.
+      block_size: anchor views per row block (an int, numpy ints included). None (default)
+        picks blocks of about 4M logits on a CPU and 64M on a GPU or TPU, so memory is
+        O(block * M + M * D) at any batch size, M the number of candidates. Any value gives the
+        same result.
+      contrast_features: optional [M, D] keys (the query/key form, as in MoCo and MulSupCon's
+        trainer). When given, the anchors are the views of `features` and the contrast set is
+        these M keys only: the anchors themselves are not candidates. Normalised here, and
+        differentiable (apply `jax.lax.stop_gradient` yourself for momentum-encoder keys).
+      contrast_labels: [M, C] multi-hot (or [M] class ids when `labels` are ids): the keys'
+        labels. Required with `contrast_features`.
+      contrast_mask: optional [M] bool; False marks padding keys, which are never candidates.
+      contrast_sample_ids: optional [M] integer: the index of the anchor sample each key is a
+        view of, -1 for none (queue entries, the default for every key). A key of the anchor's
+        own sample is a positive of weight 1 (mulsupcon: through its labels, as in-batch). With
+        `axis_name` the keys are sharded like the batch and gathered, and the ids count samples
+        in the global batch (device d's local sample n is d * N_local + n).
     Returns:
-      A float32 scalar. 0 (with zero gradient) when no anchor has a positive.
+      A scalar in the compute dtype: float32, or float64 for float64 inputs under
+      `jax_enable_x64`. 0 (with zero gradient) when no anchor has a positive.
 
     Raises:
-      ValueError: at trace time, for a wrong shape, rank or dtype kind, `temperature <= 0`, an
-        unknown `positives`, `jaccard_threshold` outside (0, 1], or `label_weights` of the wrong
-        length. Value checks that `jit` cannot do are in `validate_inputs`.
+      ValueError: at trace time, for a wrong shape or rank, zero samples, `temperature <= 0`,
+        an unknown `positives`, `jaccard_threshold` outside (0, 1], `label_weights` of the wrong
+        length, or an `axis_name` that is not a mapped axis here. Value checks that `jit`
+        cannot do are in `validate_inputs`.
+      TypeError: for a wrong dtype kind (integer features, float class ids, a non-bool mask,
+        non-float label weights, a bool or string temperature), as optax does.
 
     References:
       Huang, Long, Luo, "Similarity-Dissimilarity Loss for Multi-label Supervised Contrastive
       Learning", arXiv:2410.13439. Khosla et al., "Supervised Contrastive Learning", 2020.
       Zhang and Wu, "Multi-Label Supervised Contrastive Learning", AAAI 2024.
+      He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", 2020.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -700,8 +1010,15 @@ def multilabel_supcon_loss(
       >>> labels = jnp.array([[1, 1, 0], [1, 0, 0], [0, 0, 1]])
       >>> round(float(multilabel_supcon_loss(features, labels, positives="any")), 4)
       0.0279
+      >>> keys = jnp.array([[0.9, 0.1], [0.0, 1.0]])  # e.g. a momentum encoder's, or a queue
+      >>> key_labels = jnp.array([[1, 0, 0], [0, 0, 1]])
+      >>> loss = multilabel_supcon_loss(
+      ...     features, labels, contrast_features=keys, contrast_labels=key_labels,
+      ...     contrast_sample_ids=jnp.array([1, -1]))  # key 0 is a view of sample 1
+      >>> round(float(loss), 4)
+      0.0079
     """
-    z, labels, valid, options, _ = _as_views(
+    anchors, keys, temperature, options, _ = _prepare(
         features,
         labels,
         sample_mask,
@@ -711,19 +1028,27 @@ def multilabel_supcon_loss(
         jaccard_threshold=jaccard_threshold,
         axis_name=axis_name,
         block_size=block_size,
+        contrast_features=contrast_features,
+        contrast_labels=contrast_labels,
+        contrast_mask=contrast_mask,
+        contrast_sample_ids=contrast_sample_ids,
     )
-    return _fused_loss(z, labels.values, valid, labels.class_weights, options)
+    return _fused_loss(anchors, keys, temperature, options)
 
 
 def similarity_dissimilarity_loss(
     features: jax.Array,
     labels: jax.Array,
     *,
-    temperature: float = 0.07,
+    temperature: float | jax.Array = 0.07,
     sample_mask: jax.Array | None = None,
     label_weights: jax.Array | None = None,
     axis_name: Hashable | None = None,
     block_size: int | None = None,
+    contrast_features: jax.Array | None = None,
+    contrast_labels: jax.Array | None = None,
+    contrast_mask: jax.Array | None = None,
+    contrast_sample_ids: jax.Array | None = None,
 ) -> jax.Array:
     """The Similarity-Dissimilarity (S-D) loss: `multilabel_supcon_loss(positives="sd")`.
 
@@ -733,14 +1058,16 @@ def similarity_dissimilarity_loss(
     Args:
       features: [N, D] or [N, V, D] embeddings (normalised here).
       labels: [N, C] multi-hot or [N] integer class ids (-1 = no label).
-      temperature: a Python number > 0.
+      temperature: a number > 0 or a 0-d float array (may be traced).
       sample_mask: [N] bool; False marks padding.
       label_weights: [C] positive floats for weighted cardinalities.
       axis_name: the mapped axis to gather the contrast set over (see `multilabel_supcon_loss`).
       block_size: anchor views per row block; None picks one.
+      contrast_features, contrast_labels, contrast_mask, contrast_sample_ids: the optional keys
+        of the query/key form (see `multilabel_supcon_loss`).
 
     Returns:
-      A float32 scalar.
+      A scalar (float32, or float64 for float64 inputs under x64).
 
     References:
       Huang, Long, Luo, arXiv:2410.13439.
@@ -762,6 +1089,10 @@ def similarity_dissimilarity_loss(
         label_weights=label_weights,
         axis_name=axis_name,
         block_size=block_size,
+        contrast_features=contrast_features,
+        contrast_labels=contrast_labels,
+        contrast_mask=contrast_mask,
+        contrast_sample_ids=contrast_sample_ids,
     )
 
 
@@ -770,11 +1101,15 @@ def per_anchor_losses(
     labels: jax.Array,
     *,
     positives: str = "sd",
-    temperature: float = 0.07,
+    temperature: float | jax.Array = 0.07,
     sample_mask: jax.Array | None = None,
     label_weights: jax.Array | None = None,
     jaccard_threshold: float = 0.5,
     axis_name: Hashable | None = None,
+    contrast_features: jax.Array | None = None,
+    contrast_labels: jax.Array | None = None,
+    contrast_mask: jax.Array | None = None,
+    contrast_sample_ids: jax.Array | None = None,
 ) -> PerAnchorLosses:
     """Per-anchor losses and has-positive masks, for users who reduce the loss themselves.
 
@@ -796,7 +1131,7 @@ def per_anchor_losses(
       >>> round(float(reduce_per_anchor(result)), 4)
       0.014
     """
-    z, labels, valid, options, (num_samples, num_views) = _as_views(
+    anchors, keys, temperature, options, shape = _prepare(
         features,
         labels,
         sample_mask,
@@ -806,14 +1141,17 @@ def per_anchor_losses(
         jaccard_threshold=jaccard_threshold,
         axis_name=axis_name,
         block_size=None,
+        contrast_features=contrast_features,
+        contrast_labels=contrast_labels,
+        contrast_mask=contrast_mask,
+        contrast_sample_ids=contrast_sample_ids,
     )
-    options = options._replace(block_size=z.shape[0])
-    losses, reduction_weight = _scan_blocks(z, labels, valid, options, with_gradient=False)
-    shape = (num_samples, num_views)
+    options = options._replace(block_size=anchors.z.shape[0])
+    losses, anchor_weights = _scan_blocks(anchors, keys, temperature, options, False)
     return PerAnchorLosses(
         losses=losses.reshape(shape),
-        has_positive=(reduction_weight > 0).reshape(shape),
-        anchor_weights=reduction_weight.reshape(shape),
+        has_positive=(anchor_weights > 0).reshape(shape),
+        anchor_weights=anchor_weights.reshape(shape),
     )
 
 
@@ -830,12 +1168,16 @@ def pair_weights(
     sample_mask: jax.Array | None = None,
     label_weights: jax.Array | None = None,
     jaccard_threshold: float = 0.5,
+    contrast_labels: jax.Array | None = None,
+    contrast_mask: jax.Array | None = None,
+    contrast_sample_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """The weight w_ab each candidate view b gets in anchor view a's positive sum.
+    """The weight w_ab each candidate b gets in anchor view a's positive sum.
 
     Views are sample-major (view m = n * V + v). Non-positives, the diagonal and padding get 0;
     other views of the anchor's sample get 1. For "mulsupcon" it is the effective weight
     `sum_k [k in y_a, k in y_b] / |P_k(a)|`, which already includes the per-row normalisation.
+    With `contrast_labels`, the candidates are the M keys of the query/key form.
 
     Args:
       labels: [N, C] multi-hot or [N] class ids.
@@ -844,9 +1186,13 @@ def pair_weights(
       sample_mask: [N] bool.
       label_weights: [C] positive floats.
       jaccard_threshold: in (0, 1].
+      contrast_labels: optional [M, C] (or [M]) labels of the keys.
+      contrast_mask: optional [M] bool, False for padding keys.
+      contrast_sample_ids: optional [M] integer, the anchor sample each key is a view of (-1:
+        none).
 
     Returns:
-      [N * V, N * V] float32.
+      [N * V, N * V] float32, or [N * V, M] with keys.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -854,11 +1200,16 @@ def pair_weights(
       >>> labels = jnp.array([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
       >>> [[round(float(w), 4) for w in row] for row in pair_weights(labels)]  # 2/3*1/3, 2/4*1/2
       [[0.0, 0.2222], [0.25, 0.0]]
+      >>> [round(float(w), 4) for w in pair_weights(labels, positives="sd_swapped")[0]]
+      [0.0, 0.25]
     """
-    if not isinstance(num_views, int) or num_views < 1:
-        raise ValueError(f"`num_views`: got {num_views!r}, expected an int >= 1.")
+    num_views = _check_int("num_views", num_views, 1)
+    labels, contrast_labels = map(_as_array_like, (labels, contrast_labels))
     dummy_features = jnp.zeros((np.shape(labels)[0], num_views, 1), jnp.float32)
-    _, labels, valid, options, _ = _as_views(
+    dummy_keys = None
+    if contrast_labels is not None:
+        dummy_keys = jnp.zeros((np.shape(contrast_labels)[0], 1), jnp.float32)
+    anchors, keys, _, options, _ = _prepare(
         dummy_features,
         labels,
         sample_mask,
@@ -868,19 +1219,13 @@ def pair_weights(
         jaccard_threshold=jaccard_threshold,
         axis_name=None,
         block_size=None,
+        contrast_features=dummy_keys,
+        contrast_labels=contrast_labels,
+        contrast_mask=contrast_mask,
+        contrast_sample_ids=contrast_sample_ids,
     )
-    candidates, candidate_valid, label_totals = _prepare(labels, valid, options)
-    num_views_total = valid.shape[0]
-    weights, *_ = _block_weights(
-        0,
-        num_views_total,
-        labels,
-        valid,
-        candidates,
-        candidate_valid,
-        label_totals,
-        options,
-    )
+    contrast = _gather_contrast(_local_contrast(anchors, keys, options), options)
+    weights, *_ = _block_weights(anchors, contrast, options)
     return weights
 
 
@@ -965,10 +1310,15 @@ def make_sharded_loss(
       mesh: a mesh whose axis `axis_name` splits the batch. The batch size must divide evenly;
         pad uneven batches and mark the padding False in `sample_mask`.
       axis_name: the batch axis of `mesh`.
-      **loss_kwargs: keyword arguments of `multilabel_supcon_loss`, except `axis_name`.
+      **loss_kwargs: keyword arguments of `multilabel_supcon_loss`, except `axis_name` and the
+        per-batch arrays (`sample_mask` and the keys), which are the returned function's.
 
     Returns:
-      `loss(features, labels, sample_mask=None) -> scalar`, replicated.
+      `loss(features, labels, sample_mask=None, *, contrast_features=None,
+      contrast_labels=None, contrast_mask=None, contrast_sample_ids=None, temperature=None)
+      -> scalar`, replicated. Keys are sharded along `axis_name` like the batch (their count
+      must divide evenly too) and `contrast_sample_ids` index the global batch. A `temperature`
+      given here (a replicated scalar, e.g. a learned one) replaces the one in `loss_kwargs`.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -980,30 +1330,55 @@ def make_sharded_loss(
       >>> round(float(jax.jit(loss_fn)(features, labels)), 4)
       0.014
     """
-    if "axis_name" in loss_kwargs:
-        raise ValueError("`axis_name`: pass it as make_sharded_loss's own argument.")
+    per_batch = ("axis_name", "sample_mask", *_KEY_ARGUMENTS)
+    for name in per_batch:
+        if name in loss_kwargs:
+            raise ValueError(f"`{name}`: pass it to the returned loss function, not here.")
     if axis_name not in mesh.axis_names:
         raise ValueError(f"`axis_name`: got {axis_name!r}, expected one of {mesh.axis_names}.")
     batch = jax.sharding.PartitionSpec(axis_name)
+    num_shards = mesh.shape[axis_name]
 
-    def loss_fn(features, labels, sample_mask=None):
+    def loss_fn(features, labels, sample_mask=None, *, temperature=None, **keys):
+        unknown = set(keys) - set(_KEY_ARGUMENTS)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {sorted(unknown)}.")
         if sample_mask is None:
             sample_mask = jnp.ones((np.shape(features)[0],), bool)
-        num_shards = mesh.shape[axis_name]
-        if np.shape(features)[0] % num_shards:
-            raise ValueError(
-                f"`features`: got {np.shape(features)[0]} samples, expected a multiple of the "
-                f"{num_shards} shards of mesh axis {axis_name!r}; pad the batch and mark the "
-                "padding False in `sample_mask`."
+        for name, value in (("features", features), *keys.items()):
+            if value is not None and np.shape(value)[0] % num_shards:
+                rows, mask = ("samples", "`sample_mask`")
+                if name != "features":
+                    rows, mask = ("keys", "`contrast_mask`")
+                raise ValueError(
+                    f"`{name}`: got {np.shape(value)[0]} {rows}, expected a multiple of the "
+                    f"{num_shards} shards of mesh axis {axis_name!r}; pad the batch and mark the "
+                    f"padding False in {mask}."
+                )
+        if temperature is None:
+            temperature = loss_kwargs.get("temperature", 0.07)
+        kwargs = {k: v for k, v in loss_kwargs.items() if k != "temperature"}
+        key_names = [k for k in _KEY_ARGUMENTS if keys.get(k) is not None]
+        # A traced temperature enters replicated; a Python number stays a compile-time constant.
+        traced_temperature = isinstance(temperature, jax.Array)
+        operands = (features, labels, sample_mask, *(keys[k] for k in key_names))
+        specs = (batch,) * len(operands)
+        if traced_temperature:
+            operands, specs = (*operands, temperature), (*specs, jax.sharding.PartitionSpec())
+
+        def body(f, y, m, *rest):
+            tau = rest[-1] if traced_temperature else temperature
+            key_values = dict(zip(key_names, rest[: len(key_names)], strict=True))
+            return multilabel_supcon_loss(
+                f, y, sample_mask=m, temperature=tau, axis_name=axis_name, **key_values, **kwargs
             )
+
         per_shard = jax.shard_map(
-            lambda f, y, m: multilabel_supcon_loss(
-                f, y, sample_mask=m, axis_name=axis_name, **loss_kwargs
-            ),
-            mesh=mesh,
-            in_specs=(batch, batch, batch),
-            out_specs=jax.sharding.PartitionSpec(),
+            body, mesh=mesh, in_specs=specs, out_specs=jax.sharding.PartitionSpec()
         )
-        return per_shard(features, labels, sample_mask)
+        return per_shard(*operands)
 
     return loss_fn
+
+
+_KEY_ARGUMENTS = ("contrast_features", "contrast_labels", "contrast_mask", "contrast_sample_ids")

@@ -46,13 +46,13 @@ def test_matches_the_loop_oracle(positives, case):
         label_weights=label_weights if use_weights else None,
         jaccard_threshold=0.3,
     )
-    want, want_per_anchor, want_reduction = oracle(features, labels, **kwargs)
+    want, want_per_anchor, want_anchor_weights = oracle(features, labels, **kwargs)
     got = losses.multilabel_supcon_loss(features, labels, **kwargs)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
     per_anchor = losses.per_anchor_losses(features, labels, **kwargs)
     np.testing.assert_allclose(per_anchor.losses, want_per_anchor, rtol=2e-5, atol=1e-6)
-    np.testing.assert_array_equal(per_anchor.anchor_weights, want_reduction)
-    np.testing.assert_array_equal(per_anchor.has_positive, want_reduction > 0)
+    np.testing.assert_array_equal(per_anchor.anchor_weights, want_anchor_weights)
+    np.testing.assert_array_equal(per_anchor.has_positive, want_anchor_weights > 0)
     np.testing.assert_allclose(losses.reduce_per_anchor(per_anchor), want, rtol=2e-5, atol=1e-6)
     assert want > 0  # every case has positives, so the comparison means something
 
@@ -293,33 +293,39 @@ def test_bfloat16_inputs_follow_float32():
 
 
 BAD_INPUTS = [
-    (dict(features=np.zeros((4,))), "`features`: got shape (4,)"),
-    (dict(features=np.zeros((4, 2, 3, 1))), "`features`: got shape (4, 2, 3, 1)"),
-    (dict(features=np.zeros((4, 3), np.int32)), "`features`: got dtype int32"),
-    (dict(features=np.zeros((4, 3), np.complex64)), "`features`: got dtype complex64"),
-    (dict(labels=np.zeros((5, 3))), "`labels`: got shape (5, 3)"),
-    (dict(labels=np.zeros((4, 3, 1))), "`labels`: got shape (4, 3, 1)"),
-    (dict(labels=np.zeros((4,), np.float32)), "`labels`: got 1-D labels of dtype float32"),
-    (dict(temperature=0.0), "`temperature`: got 0.0"),
-    (dict(temperature=-1), "`temperature`: got -1"),
-    (dict(temperature=jnp.float32(0.1)), "`temperature`: got ArrayImpl"),
-    (dict(positives="supcon"), "`positives`: got 'supcon'"),
-    (dict(jaccard_threshold=0.0), "`jaccard_threshold`: got 0.0"),
-    (dict(jaccard_threshold=1.5), "`jaccard_threshold`: got 1.5"),
-    (dict(label_weights=np.ones(4, np.float32)), "`label_weights`: got shape (4,)"),
-    (dict(label_weights=np.ones(3, np.int32)), "`label_weights`: got dtype int32"),
-    (dict(sample_mask=np.ones(3, bool)), "`sample_mask`: got shape (3,)"),
-    (dict(block_size=0), "`block_size`: got 0"),
+    # Shapes and values are ValueErrors; dtypes are TypeErrors, as in optax.
+    (dict(features=np.zeros((4,))), ValueError, "`features`: got shape (4,)"),
+    (dict(features=np.zeros((4, 2, 3, 1))), ValueError, "`features`: got shape (4, 2, 3, 1)"),
+    (dict(features=np.zeros((4, 3), np.int32)), TypeError, "`features`: got dtype int32"),
+    (dict(features=np.zeros((4, 3), np.complex64)), TypeError, "`features`: got dtype complex64"),
+    (dict(labels=np.zeros((5, 3))), ValueError, "`labels`: got shape (5, 3)"),
+    (dict(labels=np.zeros((4, 3, 1))), ValueError, "`labels`: got shape (4, 3, 1)"),
+    (
+        dict(labels=np.zeros((4,), np.float32)),
+        TypeError,
+        "`labels`: got 1-D labels of dtype float32",
+    ),
+    (dict(temperature=0.0), ValueError, "`temperature`: got 0.0"),
+    (dict(temperature=-1), ValueError, "`temperature`: got -1"),
+    (dict(temperature=jnp.ones(2)), TypeError, "`temperature`: got an array of shape (2,)"),
+    (dict(positives="supcon"), ValueError, "`positives`: got 'supcon'"),
+    (dict(jaccard_threshold=0.0), ValueError, "`jaccard_threshold`: got 0.0"),
+    (dict(jaccard_threshold=1.5), ValueError, "`jaccard_threshold`: got 1.5"),
+    (dict(label_weights=np.ones(4, np.float32)), ValueError, "`label_weights`: got shape (4,)"),
+    (dict(label_weights=np.ones(3, np.int32)), TypeError, "`label_weights`: got dtype int32"),
+    (dict(sample_mask=np.ones(3, bool)), ValueError, "`sample_mask`: got shape (3,)"),
+    (dict(block_size=0), ValueError, "`block_size`: got 0"),
+    (dict(block_size=2.0), TypeError, "`block_size`: got float 2.0"),
 ]
 
 
-@pytest.mark.parametrize(("change", "message"), BAD_INPUTS)
-def test_bad_input_is_a_value_error_naming_the_argument(change, message):
+@pytest.mark.parametrize(("change", "error", "message"), BAD_INPUTS)
+def test_bad_input_is_an_error_naming_the_argument(change, error, message):
     arguments = dict(features=np.ones((4, 3), np.float32), labels=np.eye(4, 3, dtype=np.float32))
     arguments.update(change)
-    with pytest.raises(ValueError, match=re_escape(message)):
+    with pytest.raises(error, match=re_escape(message)):
         losses.multilabel_supcon_loss(**arguments)
-    with pytest.raises(ValueError, match=re_escape(message)):  # the same at trace time
+    with pytest.raises(error, match=re_escape(message)):  # the same at trace time
         jax.jit(
             lambda f: losses.multilabel_supcon_loss(
                 f, **{k: v for k, v in arguments.items() if k != "features"}
