@@ -12,14 +12,17 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from loopback import clean_environment, free_port, start_two_hosts, wait_for_all
+from oracle import oracle
 from test_experiments import suite, write
 
-from sdjax import checkpointing, config_lib, input_pipeline, multihost, train
+from sdjax import checkpointing, config_lib, input_pipeline, losses, multihost, train
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_train_worker.py"
@@ -577,14 +580,6 @@ def test_dry_run_lists_finished_runs_as_done(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Loss edge inputs
 # --------------------------------------------------------------------------------------------
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
-from oracle import oracle
-
-from sdjax import losses
 
 
 def loss_case(seed=0, num_samples=6, num_views=2, dim=4, num_classes=4):
