@@ -189,6 +189,8 @@ def ablation_section(results_dir) -> list[str]:
         "",
         "`sd_similarity_only` keeps K_s = |S∩T|/|S| and `sd_dissimilarity_only` keeps",
         "K_d = 1/(1 + |T \\ S|); `sd` multiplies them (docs/SPEC.md; S is the anchor's label set).",
+        "`sd_swapped` exchanges the factors' roles, K_s = |S∩T|/|T| and K_d = 1/(1 + |S \\ T|):",
+        "what ws-MulSupCon computes.",
         "",
     ]
     for dataset in DATASETS:

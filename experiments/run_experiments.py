@@ -57,6 +57,24 @@ flags.DEFINE_list("sections", [], "Run only these sections (default: all).")
 flags.DEFINE_list("datasets", [], "Run only these datasets (default: all).")
 
 
+def hardware_name() -> str:
+    """The accelerator, or the CPU model: results can differ in the last digits between CPUs."""
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return f"{device.device_kind}, {os.cpu_count()} host cores"
+    cpu_model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    return f"cpu ({cpu_model}), {os.cpu_count()} cores, {platform.machine()}"
+
+
 def run_config(profile: str, run: Run, data_dir: str):
     from sdjax import config_lib
 
@@ -77,7 +95,6 @@ def run_config(profile: str, run: Run, data_dir: str):
 
 def execute(profile: str, run: Run, results_dir: Path, workdir_root: Path, data_dir: str):
     """Trains and evaluates `run`, then writes its result file (and t-SNE inputs if wanted)."""
-    import jax
 
     from sdjax import evaluation, train
 
@@ -98,7 +115,7 @@ def execute(profile: str, run: Run, results_dir: Path, workdir_root: Path, data_
         "label_groups": {g: v.tolist() for g, v in groups.items()},
         "group_bootstrap": evaluation.bootstrap_group_metrics(scores, labels, groups),
         "wall_seconds": time.time() - start,
-        "hardware": f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores, {platform.machine()}",
+        "hardware": hardware_name(),
         "config": f"configs/{CONFIG_FILES[run.dataset]}.py:{PROFILES[profile]['config_profile']}",
     }
     if run.dataset == TSNE_DATASET and run.method in TSNE_METHODS and run.seed == 0:

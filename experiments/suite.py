@@ -21,7 +21,7 @@ CONFIG_FILES = {  # configs/<file>.py for each dataset
 }
 BASELINES = ("all", "any", "jaccard", "mulsupcon")
 COMPARED = ("sd", *BASELINES, "bce")
-ABLATIONS = ("sd_similarity_only", "sd_dissimilarity_only")
+ABLATIONS = ("sd_similarity_only", "sd_dissimilarity_only", "sd_swapped")
 TEMPERATURES = (0.05, 0.07, 0.1, 0.2, 0.5)
 DEFAULT_TEMPERATURE = 0.1
 SEEDS = (0, 1, 2)
