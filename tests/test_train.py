@@ -1,7 +1,9 @@
 """The trainer end to end on configs/default.py:tiny: outputs, resume, configs, data parallelism."""
 
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -242,3 +244,25 @@ def test_data_parallel_step_matches_single_device(data_dir):
     )
     largest = max(float(np.abs(u).max()) for u in jax.tree.leaves(single_update))
     assert largest > 0.1  # the step did move the parameters
+
+
+def test_evaluation_runs_from_a_checkpoint_alone(tiny_results, tmp_path):
+    """`python -m sdjax.evaluate --workdir DIR`: the stored config and the newest checkpoint."""
+    workdir, trained = tiny_results
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir / "checkpoints", copy / "checkpoints")  # nothing else travels
+    process = subprocess.run(
+        [sys.executable, "-m", "sdjax.evaluate", f"--workdir={copy}"],
+        cwd=REPO,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    evaluated = json.loads((copy / "results.json").read_text())
+    assert evaluated["evaluated_step"] == 24
+    # The same 8 devices as the fixture: the same programs, the same numbers.
+    assert evaluated["heldout_stage1_loss"] == trained["heldout_stage1_loss"]
+    assert evaluated["linear_eval"] == trained["linear_eval"]
+    assert evaluated["random_init"] == trained["random_init"]
