@@ -76,10 +76,16 @@ def save_args(state, config: ml_collections.ConfigDict, history: list) -> ocp.ar
     )
 
 
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
 def is_finite(tree) -> bool:
     """Whether every float leaf of `tree` is finite (one device reduction, one host read)."""
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in xs])))(leaves))
+    return bool(
+        _all_finite([x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)])
+    )
 
 
 def restore_latest(
