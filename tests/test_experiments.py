@@ -43,7 +43,7 @@ def test_plan_skips_nothing_it_needs_and_adds_the_best_baseline_sweep(tmp_path):
     runs = suite.plan("quick", tmp_path, [])
     assert len(runs) == len(set(runs))
     comparison = [r for r in runs if r.temperature == suite.DEFAULT_TEMPERATURE]
-    assert len(comparison) == 4 * (6 + 2) * 3
+    assert len(comparison) == 4 * (6 + 3) * 3  # 6 compared + 3 ablations, 4 datasets, 3 seeds
     assert {r.method for r in runs if r.temperature != suite.DEFAULT_TEMPERATURE} == {"sd"}
     for run in comparison:  # the baselines on yeast finish: "jaccard" is the best
         if run.dataset == "yeast" and run.method in suite.BASELINES:

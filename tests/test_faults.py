@@ -264,10 +264,11 @@ def test_sigterm_while_data_is_prepared_is_honoured_at_once(tmp_path):
 
 # Two hosts may sum across processes in another order than one host does: float32 ulps. The
 # tiny config's learning rate (1e-2) amplifies such differences about 2x per step (measured:
-# 1 ulp at step 12, 3e-4 by step 24); at 1e-3 for 12 steps (checkpoints 8 and 12) they stay at
+# 1 ulp at step 12, 3e-4 by step 24); at 1e-3 for 12 steps (checkpoints 4, 8, 12) they stay at
 # the ulp level (measured: none at all), which the tolerances below leave a wide margin over.
 MULTIHOST_RUN = (
     "--config.num_train_steps=12",
+    "--config.checkpoint_every_steps=4",
     "--config.optimizer.learning_rate=1e-3",
     "--config.linear_eval.save_test_outputs=True",
 )
@@ -330,8 +331,8 @@ def leaves(value) -> list[float]:
 def test_sigterm_on_one_host_stops_both_at_the_same_step(data_dir, two_host_run, tmp_path):
     processes = start_two_hosts(WORKER, 2, data_dir, tmp_path, *MULTIHOST_RUN, cwd=REPO)
     deadline = time.time() + 240
-    while not (tmp_path / "checkpoints" / "8").exists() and time.time() < deadline:
-        assert all(p.poll() is None for p in processes), "a process ended before checkpoint 8"
+    while not (tmp_path / "checkpoints" / "4").exists() and time.time() < deadline:
+        assert all(p.poll() is None for p in processes), "a process ended before checkpoint 4"
         time.sleep(0.05)
     processes[1].send_signal(signal.SIGTERM)  # host 1 only
     outputs = wait_for_all(processes, timeout=120)
@@ -496,7 +497,7 @@ def test_runner_on_a_subset_writes_no_report_and_leaves_tracked_files_alone(tmp_
         assert done.returncode == 0, done.stderr
         assert [path.read_bytes() for path in tracked] == before
         assert "18 runs planned, 18 to do." in done.stdout  # 6 losses x 3 seeds
-        assert "incomplete: 102 of 120 runs have no result file" in done.stdout
+        assert "incomplete: 114 of 132 runs have no result file" in done.stdout
         assert len(list((results_dir / "quick" / "runs").rglob("*.json"))) == 18
     assert sorted(p.name for p in (custom / "quick").iterdir()) == ["runs"]
     assert sorted(p.name for p in (copy / "results" / "quick").iterdir()) == ["report.md", "runs"]
@@ -516,9 +517,9 @@ def test_runner_finishing_a_profile_reports_into_its_own_results_dir(tmp_path):
         fake_training=True,
     )
     assert done.returncode == 0, done.stderr
-    assert "120 runs planned, 1 to do." in done.stdout
+    assert "132 runs planned, 1 to do." in done.stdout
     report = (custom / "quick" / "report.md").read_text()
-    assert report.startswith("## Results: the `quick` profile\n\n120 finished runs, 0.07 h")
+    assert report.startswith("## Results: the `quick` profile\n\n132 finished runs, 0.07 h")
     assert (copy / "README.md").read_bytes() == readme
 
 
@@ -530,7 +531,7 @@ def test_report_command_needs_a_complete_profile_and_the_committed_dir_for_the_r
     write_fake_profile(copy / "results" / "quick", skip={missing})
     done = run_entry_point(copy, "experiment_report", "--profiles=quick")
     assert done.returncode == 1
-    assert "incomplete: 1 of 120 runs have no result file (e.g. yeast/sd_t0.1_s0)" in done.stderr
+    assert "incomplete: 1 of 132 runs have no result file (e.g. yeast/sd_t0.1_s0)" in done.stderr
     assert (copy / "README.md").read_text() == readme
     assert (copy / "results" / "quick" / "report.md").read_text() == committed_report
 
@@ -545,7 +546,7 @@ def test_report_command_needs_a_complete_profile_and_the_committed_dir_for_the_r
     done = run_entry_point(copy, "experiment_report", "--profiles=quick")
     assert done.returncode == 0, done.stderr
     report = (copy / "results" / "quick" / "report.md").read_text()
-    assert report != committed_report and "120 finished runs" in report
+    assert report != committed_report and "132 finished runs" in report
     begin, end = "<!-- report:quick:begin -->\n", "\n<!-- report:quick:end -->"
     head, rest = readme.split(begin)
     tail = rest.split(end)[1]
