@@ -35,7 +35,7 @@ def main(argv):
         train, test = input_pipeline.load_train_and_test(config.dataset)
         stats = input_pipeline.label_statistics(train["labels"])
         counts = np.array(stats["label_counts"])
-        modality = input_pipeline.DATASETS[name].modality
+        modality = input_pipeline.DATASETS[name].modality.name
         lines.append(
             f"| {name} | {modality} | {train['inputs'].dtype} {list(train['inputs'].shape[1:])} "
             f"| {stats['samples']} | {len(test['labels'])} | {stats['labels']} "

@@ -1,8 +1,17 @@
-"""One input path for every dataset: tfds builders, held in memory, sampled by (seed, step).
+"""One input path for every dataset: tfds builders in array_record, sampled by (seed, step).
 
-The datasets here fit in host memory, so a split is loaded once as numpy arrays. The order of
-batches is a pure function of (seed, step), which makes a resumed run see exactly the data an
-uninterrupted run would, and each host takes its own slice of every global batch.
+The data contract: every dataset gives a split as {"inputs": [N, ...], "labels": float32 [N, C]
+multi-hot}, and its `Dataset.modality` (sdjax.modalities) says how inputs become encoder inputs
+and views. The builders write array_record files, which `tfds.data_source` reads by index.
+
+Small datasets are held in memory as numpy arrays. Streamed datasets (VOC, COCO) keep only their
+labels in memory; `inputs` is a `StreamedInputs`, which reads and decodes the examples it is
+indexed with, so per-host memory does not grow with the dataset.
+
+`HostBatches` serves training batches through grain: the order of batches is a pure function of
+(seed, step) (`batch_indices`), which makes a resumed run see exactly the data an uninterrupted
+run would, and each host reads only its own slice of every global batch. Its iterator state is
+the step, which every checkpoint already holds.
 """
 
 from __future__ import annotations
@@ -12,24 +21,32 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sdjax.tokenizer import PAD_ID
+from sdjax.modalities import IMAGE, TABULAR, TEXT, Modality, to_float
 
-MODALITIES = ("image", "tabular", "text")
+__all__ = ["to_float"]  # re-exported: image tests convert with it
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """How to load one dataset name: a local tfds builder (`builder`, `inputs_key`) or `loader`."""
+    """How to load one dataset name: a tfds builder or a `loader` of in-memory arrays.
 
-    modality: str  # one of MODALITIES: picks the input preparation and the views
+    Attributes:
+      modality: its model-input and view functions.
+      builder: a tfds builder whose examples are {"inputs", "labels"} (sdjax's local builders).
+      loader: `(split, *, data_dir, source_dir, options) -> {"inputs", "labels"}`, for datasets
+        that need more than a builder (text is tokenised; VOC and COCO are converted).
+      streamed: whether `loader` returns `StreamedInputs` (it keeps only the labels in memory).
+    """
+
+    modality: Modality
     builder: str = ""
-    inputs_key: str = ""
-    loader: Callable[..., dict[str, np.ndarray]] | None = None
+    loader: Callable[..., dict] | None = None
+    streamed: bool = False
 
 
 def debtags_corpus(data_dir: str = "", source_dir: str = "") -> tuple[dict, list[str]]:
@@ -40,7 +57,10 @@ def debtags_corpus(data_dir: str = "", source_dir: str = "") -> tuple[dict, list
     from sklearn.preprocessing import MultiLabelBinarizer
 
     data_dir = data_dir or default_data_dir()
-    splits = {s: _read_tfds("debtags/default", s, data_dir, source_dir) for s in ("train", "test")}
+    splits = {
+        split: _stack(tfds_source("debtags/default", split, data_dir, source_dir))
+        for split in ("train", "test")
+    }
     tag_lists = {s: [t.decode().split(", ") for t in splits[s]["tags"]] for s in splits}
     binarizer = MultiLabelBinarizer().fit(tag_lists["train"] + tag_lists["test"])  # sorts tags
     corpus = {
@@ -73,7 +93,7 @@ def _tfds_multilabel_loader(name: str) -> Callable[..., dict]:
         from sdjax.datasets import tfds_multilabel
 
         del source_dir  # the real tfds builders download into data_dir themselves
-        return tfds_multilabel.load_tfds_multilabel(
+        return tfds_multilabel.streamed_split(
             name, split, data_dir=data_dir, image_size=options.get("image_size", 224)
         )
 
@@ -81,14 +101,14 @@ def _tfds_multilabel_loader(name: str) -> Callable[..., dict]:
 
 
 DATASETS = {
-    "mnist_mosaic": Dataset("image", "mnist_mosaic/default", "image"),
-    "mnist_mosaic_tiny": Dataset("image", "mnist_mosaic/tiny", "image"),
-    "fashion_mosaic": Dataset("image", "fashion_mosaic/default", "image"),
-    "fashion_mosaic_tiny": Dataset("image", "fashion_mosaic/tiny", "image"),
-    "yeast": Dataset("tabular", "yeast", "features"),
-    "debtags": Dataset("text", loader=_load_debtags),
-    "voc2007": Dataset("image", loader=_tfds_multilabel_loader("voc2007")),
-    "coco2017": Dataset("image", loader=_tfds_multilabel_loader("coco2017")),
+    "mnist_mosaic": Dataset(IMAGE, "mnist_mosaic/default"),
+    "mnist_mosaic_tiny": Dataset(IMAGE, "mnist_mosaic/tiny"),
+    "fashion_mosaic": Dataset(IMAGE, "fashion_mosaic/default"),
+    "fashion_mosaic_tiny": Dataset(IMAGE, "fashion_mosaic/tiny"),
+    "yeast": Dataset(TABULAR, "yeast"),
+    "debtags": Dataset(TEXT, loader=_load_debtags),
+    "voc2007": Dataset(IMAGE, loader=_tfds_multilabel_loader("voc2007"), streamed=True),
+    "coco2017": Dataset(IMAGE, loader=_tfds_multilabel_loader("coco2017"), streamed=True),
 }
 OPTIONS = ("vocab_size", "max_length", "image_size")  # per-modality loading options
 
@@ -110,21 +130,64 @@ def label_statistics(labels: np.ndarray) -> dict:
     }
 
 
-def _read_tfds(builder_name: str, split: str, data_dir: str, source_dir: str) -> dict:
+def tfds_source(builder_name: str, split: str, data_dir: str, source_dir: str = ""):
+    """The random-access `tfds.data_source` of a local builder's split; builds it on first use."""
     import tensorflow_datasets as tfds
 
     import sdjax.datasets  # noqa: F401  (registers the local builders)
     from sdjax.datasets.local_source import no_stray_tfds_temp_dirs
 
     with no_stray_tfds_temp_dirs():
-        builder = tfds.builder(builder_name, data_dir=data_dir, source_dir=source_dir)
+        builder = tfds.builder(
+            builder_name, data_dir=data_dir, source_dir=source_dir, file_format="array_record"
+        )
     if not builder.is_prepared():
         builder.download_and_prepare()
         logging.info("Built %s in %s.", builder_name, builder.data_dir)
     if split not in builder.info.splits:
         raise ValueError(f"`split`: got {split!r}, expected one of {list(builder.info.splits)}.")
     # The local builders disable shuffling: files hold, and serve, their generation order.
-    return tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+    return builder.as_data_source(split=split)
+
+
+def _stack(examples) -> dict[str, np.ndarray]:
+    """Every example of a random-access source, stacked: {feature: [N, ...]}."""
+    items = [examples[i] for i in range(len(examples))]
+    return {key: np.stack([item[key] for item in items]) for key in items[0]}
+
+
+class StreamedInputs:
+    """The inputs of a split, read from a random-access source when indexed; nothing is held.
+
+    `inputs[indices]` (an index array or a slice) reads and stacks those examples, so it costs
+    the memory of the examples asked for. `len`, `shape` and `dtype` are known without reading.
+
+    Args:
+      examples: a grain `MapDataset` (or any sequence) of example inputs, all of one shape.
+    """
+
+    def __init__(self, examples):
+        self._examples = examples
+        first = np.asarray(examples[0]) if len(examples) else np.zeros((0,))
+        self.dtype = first.dtype
+        self.shape = (len(examples), *first.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, key) -> np.ndarray:
+        indices = np.arange(len(self))[key]
+        if indices.ndim != 1:
+            raise TypeError(f"`key`: got {key!r}, expected a slice or a 1-D index array.")
+        return np.stack([self._examples[int(i)] for i in indices]).astype(self.dtype, copy=False)
+
+    def first(self, count: int) -> StreamedInputs:
+        """The first `count` examples, still streamed."""
+        return StreamedInputs(self._examples[:count])
 
 
 def load_split(
@@ -133,7 +196,8 @@ def load_split(
     """A whole split as numpy arrays: {"inputs": [N, ...], "labels": float32 [N, C]}.
 
     `inputs` is uint8 [N, H, W, C] for images, float32 [N, F] for tabular data and int32 token
-    ids [N, L] for text. Builds the dataset into `data_dir` on first use (offline for the
+    ids [N, L] for text; for a `streamed` dataset it is a `StreamedInputs` that reads examples
+    when indexed. Builds the dataset into `data_dir` on first use (offline for the
     embedded datasets). `load_train_and_test` logs each split's statistics as it loads it, so
     the first build's are printed too; `label_statistics` computes them.
 
@@ -154,8 +218,7 @@ def load_split(
     if dataset.loader is not None:
         arrays = dataset.loader(split, data_dir=data_dir, source_dir=source_dir, options=options)
     else:
-        raw = _read_tfds(dataset.builder, split, data_dir, source_dir)
-        arrays = {"inputs": raw[dataset.inputs_key], "labels": raw["labels"]}
+        arrays = _stack(tfds_source(dataset.builder, split, data_dir, source_dir))
     arrays["labels"] = arrays["labels"].astype(np.float32)
     return arrays
 
@@ -169,13 +232,16 @@ def load_train_and_test(dataset_config) -> tuple[dict, dict]:
     for split, limit in limits.items():
         arrays = load_split(name, split, **fields)
         if limit:  # the first `limit` in the fixed order: the same subset on every run
-            arrays = {
-                key: value[:limit] if key in ("inputs", "labels") else value
-                for key, value in arrays.items()
-            }
+            arrays = {key: _first(value, limit, key) for key, value in arrays.items()}
         logging.info("%s %s: %s", name, split, _describe(label_statistics(arrays["labels"])))
         splits.append(arrays)
     return splits[0], splits[1]
+
+
+def _first(value, limit: int, key: str):
+    if key not in ("inputs", "labels"):
+        return value
+    return value.first(limit) if isinstance(value, StreamedInputs) else value[:limit]
 
 
 def _describe(stats: dict) -> str:
@@ -222,82 +288,78 @@ def batch_indices(
     return batch[process_index * per_host : (process_index + 1) * per_host]
 
 
-def to_float(images: np.ndarray) -> np.ndarray:
-    """uint8 images -> float32 in [0, 1]."""
-    return images.astype(np.float32) / 255.0
+STREAM_PREFETCH = 4  # steps read ahead, each by its own thread: decoding overlaps training
 
 
-def augment_views(rng: jax.Array, images: jax.Array, num_views: int = 2) -> jax.Array:
-    """`num_views` random views of each image: [B, H, W, C] -> [B, V, H, W, C].
+class HostBatches:
+    """`host_batch(step)`: this host's slice of global batch `step`, ready for the encoder.
 
-    A translation of up to 1/14 of the side (zero padding) and brightness/contrast jitter.
-    Mild on purpose: every digit of a mosaic stays visible, so the label set stays true.
+    A grain `MapDataset` over steps: step -> `batch_indices(...)` -> those examples, with the
+    modality's `model_inputs` applied. In-memory inputs are gathered with numpy (the batches
+    every committed result was trained on); `StreamedInputs` read only this host's examples,
+    and `prefetch` threads read the next steps ahead. The iterator's state is the step: a run
+    resumed at step s asks for `host_batch(s)` and gets what an uninterrupted run got.
+
+    Args:
+      split: {"inputs", "labels"}, e.g. from `load_train_and_test`.
+      modality: the dataset's `Modality`.
+      global_batch_size, seed, process_index, process_count: as in `batch_indices`.
+      prefetch: steps read ahead by as many threads; 0 reads each step when asked.
     """
-    batch, height, width, _ = images.shape
-    pad = max(1, height // 14)
-    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
-    def one_view(key):
-        shift_key, contrast_key, brightness_key = jax.random.split(key, 3)
-        offsets = jax.random.randint(shift_key, (batch, 2), 0, 2 * pad + 1)
-        crop = jax.vmap(
-            lambda image, offset: jax.lax.dynamic_slice(
-                image, (offset[0], offset[1], 0), (height, width, image.shape[-1])
+    def __init__(
+        self,
+        split: dict,
+        modality: Modality,
+        *,
+        global_batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        prefetch: int = 0,
+    ):
+        self._inputs, self._labels = split["inputs"], split["labels"]
+        self._modality = modality
+        self._indices = dict(
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
+        batch_indices(len(self._labels), step=0, **self._indices)  # checks the arguments
+        self._prefetch = prefetch
+        self._steps = grain.MapDataset.range(0, 2**62).map(self._read)
+        self._iterator, self._next_step = None, None
+
+    def _read(self, step: int) -> dict[str, np.ndarray]:
+        indices = batch_indices(len(self._labels), step=step, **self._indices)
+        return {
+            "inputs": self._modality.model_inputs(self._inputs[indices]),
+            "labels": self._labels[indices],
+        }
+
+    def host_batch(self, step: int) -> dict[str, np.ndarray]:
+        """{"inputs": this host's encoder inputs, "labels": their multi-hot labels} of `step`."""
+        if not self._prefetch:
+            return self._steps[step]
+        if step != self._next_step:  # a fresh start, or a jump: read ahead from `step`
+            read_options = grain.ReadOptions(
+                num_threads=self._prefetch, prefetch_buffer_size=self._prefetch
             )
-        )(padded, offsets)
-        contrast = jax.random.uniform(contrast_key, (batch, 1, 1, 1), minval=0.7, maxval=1.3)
-        brightness = jax.random.uniform(brightness_key, (batch, 1, 1, 1), minval=-0.2, maxval=0.2)
-        return jnp.clip(crop * contrast + brightness, 0.0, 1.0)
-
-    views = jax.vmap(one_view)(jax.random.split(rng, num_views))  # [V, B, H, W, C]
-    return jnp.swapaxes(views, 0, 1)
+            self._iterator = iter(self._steps[step:].to_iter_dataset(read_options))
+        self._next_step = step + 1
+        return next(self._iterator)
 
 
-def model_inputs(modality: str, inputs: np.ndarray) -> np.ndarray:
-    """Host arrays -> what the encoder takes: images in [0, 1], features and token ids as is."""
-    if modality == "image":
-        return to_float(inputs)
-    if modality in ("tabular", "text"):
-        return inputs
-    raise ValueError(f"`modality`: got {modality!r}, expected one of {MODALITIES}.")
-
-
-TABULAR_NOISE_STD = 0.1  # features are standardised, so this is a tenth of a feature's spread
-TABULAR_DROPOUT = 0.1
-TOKEN_DROPOUT = 0.1
-
-
-def tabular_views(rng: jax.Array, features: jax.Array, num_views: int = 2) -> jax.Array:
-    """[B, F] -> [B, V, F]: Gaussian feature noise, then each feature zeroed (its mean) w.p. 0.1."""
-
-    def one_view(key):
-        noise_key, drop_key = jax.random.split(key)
-        noisy = features + TABULAR_NOISE_STD * jax.random.normal(noise_key, features.shape)
-        keep = jax.random.bernoulli(drop_key, 1 - TABULAR_DROPOUT, features.shape)
-        return jnp.where(keep, noisy, 0.0)
-
-    return jnp.swapaxes(jax.vmap(one_view)(jax.random.split(rng, num_views)), 0, 1)
-
-
-def text_views(rng: jax.Array, tokens: jax.Array, num_views: int = 2) -> jax.Array:
-    """[B, L] -> [B, V, L]: token dropout, each token replaced by padding w.p. 0.1.
-
-    Padding is masked out by the text encoder, so a dropped token is deleted from the text. A
-    text that would lose all its tokens keeps them.
-    """
-
-    def one_view(key):
-        keep = jax.random.bernoulli(key, 1 - TOKEN_DROPOUT, tokens.shape)
-        dropped = jnp.where(keep, tokens, PAD_ID)
-        empty = jnp.all(dropped == PAD_ID, axis=1, keepdims=True)
-        return jnp.where(empty, tokens, dropped)
-
-    return jnp.swapaxes(jax.vmap(one_view)(jax.random.split(rng, num_views)), 0, 1)
-
-
-def make_views(modality: str, rng: jax.Array, inputs: jax.Array, num_views: int) -> jax.Array:
-    """`num_views` augmented views per example, [B, ...] -> [B, V, ...], for `modality`."""
-    views = {"image": augment_views, "tabular": tabular_views, "text": text_views}
-    if modality not in views:
-        raise ValueError(f"`modality`: got {modality!r}, expected one of {MODALITIES}.")
-    return views[modality](rng, inputs, num_views=num_views)
+def training_batches(config, train: dict) -> HostBatches:
+    """The `HostBatches` of stage 1 for `config`, on this process; streamed data reads ahead."""
+    dataset = DATASETS[config.dataset.name]
+    return HostBatches(
+        train,
+        dataset.modality,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        prefetch=STREAM_PREFETCH if dataset.streamed else 0,
+    )

@@ -52,9 +52,7 @@ def make_stage1_loss(config: ml_collections.ConfigDict, mesh) -> Callable:
 
     def loss_fn(model, inputs, labels, step):
         # Augmentations depend on (seed, step) only, so a resumed run sees the same views.
-        views = input_pipeline.make_views(
-            modality, jax.random.fold_in(base_key, step), inputs, num_views=num_views
-        )
+        views = modality.make_views(jax.random.fold_in(base_key, step), inputs, num_views)
         outputs = model(views.reshape((-1, *views.shape[2:])))
         if config.method == "bce":
             return optax.sigmoid_binary_cross_entropy(outputs, labels).mean()

@@ -204,27 +204,19 @@ def _train_stage1(config, mesh, train, model, optimizer, checkpoints, writer, cu
     """
     train_step = make_train_step(config, mesh)
     start_step = checkpoints.latest_step() or 0
-    modality = input_pipeline.DATASETS[config.dataset.name].modality
+    batches = input_pipeline.training_batches(config, train)
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=config.num_train_steps, writer=writer, every_secs=30
     )
     interval = TrainMetrics.empty()
     for step in range(start_step, config.num_train_steps):
-        indices = input_pipeline.batch_indices(
-            len(train["labels"]),
-            global_batch_size=config.batch_size,
-            seed=config.seed,
-            step=step,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        inputs = input_pipeline.model_inputs(modality, train["inputs"][indices])
+        batch = batches.host_batch(step)
         interval = interval.merge(
             train_step(
                 model,
                 optimizer,
-                shard_host_batch(inputs, mesh),
-                shard_host_batch(train["labels"][indices], mesh),
+                shard_host_batch(batch["inputs"], mesh),
+                shard_host_batch(batch["labels"], mesh),
                 step,
             )
         )

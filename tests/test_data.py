@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from sdjax import input_pipeline
+from sdjax import input_pipeline, modalities
 from sdjax.datasets import mnist_mosaic
 
 
@@ -83,11 +83,11 @@ def test_host_shards_partition_the_global_batch():
 
 
 def test_augmented_views_are_deterministic_shifted_copies():
-    images = input_pipeline.to_float(
+    images = modalities.to_float(
         mnist_mosaic.make_mnist_mosaic("train", num_examples=6, seed=0)["image"]
     )
-    views = input_pipeline.augment_views(jax.random.key(0), images, num_views=2)
-    again = input_pipeline.augment_views(jax.random.key(0), images, num_views=2)
+    views = modalities.augment_views(jax.random.key(0), images, num_views=2)
+    again = modalities.augment_views(jax.random.key(0), images, num_views=2)
     assert views.shape == (6, 2, 56, 56, 1)
     np.testing.assert_array_equal(views, again)
     assert float(views.min()) >= 0 and float(views.max()) <= 1

@@ -18,7 +18,7 @@ import pytest
 import sentencepiece
 from flax import nnx
 
-from sdjax import config_lib, input_pipeline, models, tokenizer, train
+from sdjax import config_lib, input_pipeline, modalities, models, tokenizer, train
 from sdjax.datasets import debtags, fashion_mosaic, yeast
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def test_tokenizer_is_trained_once_and_pads_with_zero(tmp_path):
 
 def test_text_views_delete_tokens_but_never_all():
     tokens = jnp.array([[5, 6, 7, 8, 0, 0], [9, 0, 0, 0, 0, 0]], jnp.int32)
-    views = input_pipeline.make_views("text", jax.random.key(0), tokens, num_views=64)
+    views = modalities.TEXT.make_views(jax.random.key(0), tokens, num_views=64)
     assert views.shape == (2, 64, 6)
     views = np.asarray(views)
     # A view keeps or pads each token; padding stays padding; no view is empty.
@@ -308,14 +308,12 @@ def test_text_views_delete_tokens_but_never_all():
 
 def test_tabular_views_add_noise_and_drop_features():
     features = jnp.ones((4, 200), jnp.float32)
-    views = np.asarray(input_pipeline.make_views("tabular", jax.random.key(1), features, 2))
+    views = np.asarray(modalities.TABULAR.make_views(jax.random.key(1), features, 2))
     assert views.shape == (4, 2, 200)
     dropped = views == 0
     assert 0.05 < dropped.mean() < 0.15
     noise = views[~dropped] - 1.0
     assert 0.08 < noise.std() < 0.12 and abs(noise.mean()) < 0.01
-    with pytest.raises(ValueError, match="`modality`: got 'audio'"):
-        input_pipeline.make_views("audio", jax.random.key(1), features, 2)
 
 
 def test_text_encoder_ignores_padding():

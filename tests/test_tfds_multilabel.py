@@ -186,10 +186,40 @@ def test_table():
         assert (spec.train_split, spec.test_split) == (splits["train"], splits["test"])
 
 
+def _consistent_voc_source(builder, split, decoders=None, num_examples=5, **kwargs):
+    """Mock VOC examples whose `objects` sequences agree in length (tfds's mock draws each
+    sub-feature's length on its own, which its data-source mock then fails to encode)."""
+    del split, decoders, kwargs
+    examples = list(RandomFakeGenerator(builder.info.features, num_examples=num_examples))
+    for example in examples:
+        count = min(len(v) for v in example["objects"].values())
+        example["objects"] = {k: v[:count] for k, v in example["objects"].items()}
+    return examples
+
+
+def test_voc_streamed_split_resizes_and_multi_hots_each_example():
+    with tfds.testing.mock_data(as_data_source_fn=_consistent_voc_source):
+        split = tfds_multilabel.streamed_split("voc2007", "test", data_dir=None, image_size=16)
+    raw = _consistent_voc_source(tfds.builder("voc/2007"), "test")
+    assert split["inputs"].shape == (5, 16, 16, 3) and split["inputs"].dtype == np.uint8
+    expected_labels = np.zeros((5, 20), np.float32)
+    for row, example in zip(expected_labels, raw, strict=True):
+        row[np.asarray(example["labels"], np.int64)] = 1.0
+    np.testing.assert_array_equal(split["labels"], expected_labels)
+    for i in (4, 0):
+        resized = tf.image.resize(raw[i]["image"], (16, 16), antialias=True)
+        expected = np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(split["inputs"][np.array([i])][0], expected)
+
+
 def test_voc_config_trains_end_to_end_on_mock_data(tmp_path):
     config = config_lib.load_config_file("voc2007", "tiny")
     config.dataset.data_dir = str(tmp_path)
-    with tfds.testing.mock_data(num_examples=128):
+
+    def data_source(builder, split, **kwargs):  # a function: mock_data binds it to the builder
+        return _consistent_voc_source(builder, split, num_examples=128, **kwargs)
+
+    with tfds.testing.mock_data(as_data_source_fn=data_source):
         loaded = input_pipeline.load_split("voc2007", "test", data_dir=str(tmp_path), image_size=32)
         results = train.train_and_evaluate(config, tmp_path / "run")
     assert loaded["inputs"].shape == (128, 32, 32, 3) and loaded["labels"].shape == (128, 20)

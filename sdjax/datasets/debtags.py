@@ -179,6 +179,7 @@ def split_names(names: list[str], split: str, seed: int = SPLIT_SEED) -> list[st
 
 
 RELEASE_NOTES = {
+    "1.2.0": "array_record files (random access).",
     "1.1.0": "Examples are stored in name order (disable_shuffling); no `index` feature.",
     "1.0.0": "Examples carry an `index` feature, their position in name order.",
 }
@@ -186,7 +187,7 @@ RELEASE_NOTES = {
 
 class DebtagsConfig(tfds.core.BuilderConfig):
     def __init__(self, *, min_tag_count: int = MIN_TAG_COUNT, **kwargs):
-        kwargs.setdefault("version", tfds.core.Version("1.1.0"))
+        kwargs.setdefault("version", tfds.core.Version("1.2.0"))
         kwargs.setdefault("release_notes", RELEASE_NOTES)
         super().__init__(**kwargs)
         self.min_tag_count = min_tag_count

@@ -61,6 +61,7 @@ def compose_mosaics(
 
 
 RELEASE_NOTES = {
+    "1.3.0": "array_record files (random access); the image feature is named `inputs`.",
     "1.2.0": "Examples are stored in generation order (disable_shuffling); no `index` feature.",
     "1.1.0": "Examples carry an `index` feature that restores their generation order.",
 }
@@ -68,7 +69,7 @@ RELEASE_NOTES = {
 
 class MosaicConfig(tfds.core.BuilderConfig):
     def __init__(self, *, num_train: int, num_test: int, seed: int = 0, **kwargs):
-        kwargs.setdefault("version", tfds.core.Version("1.2.0"))
+        kwargs.setdefault("version", tfds.core.Version("1.3.0"))
         kwargs.setdefault("release_notes", RELEASE_NOTES)
         super().__init__(**kwargs)
         self.num_train, self.num_test, self.seed = num_train, num_test, seed
@@ -94,11 +95,11 @@ class MosaicBuilder(LocalSourceBuilder, skip_registration=True):
             description=self.__doc__,
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(shape=(side, side, 1)),
+                    "inputs": tfds.features.Image(shape=(side, side, 1)),
                     "labels": tfds.features.Tensor(shape=(self.NUM_CLASSES,), dtype=np.float32),
                 }
             ),
-            supervised_keys=("image", "labels"),
+            supervised_keys=("inputs", "labels"),
             disable_shuffling=True,  # stored, hence read, in generation order
         )
 
@@ -113,4 +114,4 @@ class MosaicBuilder(LocalSourceBuilder, skip_registration=True):
     def _generate_examples(self, split, num_examples, seed):
         mosaics = self.make_split(split, num_examples, seed)
         for i in range(num_examples):
-            yield i, {"image": mosaics["image"][i], "labels": mosaics["labels"][i]}
+            yield i, {"inputs": mosaics["image"][i], "labels": mosaics["labels"][i]}

@@ -16,6 +16,10 @@ label the image still carries.
 Our split names are "train" and "test": VOC 2007 "train+validation" / "test", COCO 2017
 "train" / "validation" (the COCO 2017 test split has no labels).
 
+Training streams these datasets (`streamed_split`): tfds prepares them as array_record files, and
+examples are read, decoded and resized when a batch asks for them, so only the labels stay in
+memory. `load_tfds_multilabel` reads a whole split into memory instead (tests, statistics).
+
 Offline: tfds downloads the source archives on first use. Without network, put them (the files
 the error message lists) in tfds's manual dir, ``DATA_DIR/downloads/manual``, and tfds builds
 from there; the loader checks this up front rather than letting tfds retry for minutes.
@@ -167,17 +171,9 @@ def load_tfds_multilabel(
     `check_sources_reachable` says at once what to download. Examples come in tfds file order
     (no shuffling); `max_examples` keeps the first ones.
     """
-    if name not in TFDS_MULTILABEL:
-        raise ValueError(f"`name`: got {name!r}, expected one of {sorted(TFDS_MULTILABEL)}.")
-    if split not in SPLITS:
-        raise ValueError(f"`split`: got {split!r}, expected one of {list(SPLITS)}.")
-    if not _is_positive_int(image_size):
-        raise ValueError(f"`image_size`: got {image_size!r}, expected an int >= 1.")
+    spec, tfds_split = _spec_and_split(name, split, image_size)
     if max_examples is not None and not _is_positive_int(max_examples):
         raise ValueError(f"`max_examples`: got {max_examples!r}, expected None or an int >= 1.")
-
-    spec = TFDS_MULTILABEL[name]
-    tfds_split = spec.train_split if split == "train" else spec.test_split
     check_sources_reachable(name, data_dir)
     with no_stray_tfds_temp_dirs():
         ds = tfds.load(spec.tfds_name, split=tfds_split, data_dir=data_dir, download=True)
@@ -201,3 +197,53 @@ def load_tfds_multilabel(
             "labels": np.zeros((0, spec.num_classes), np.float32),
         }
     return {key: np.concatenate([b[key] for b in batches]) for key in ("inputs", "labels")}
+
+
+def _spec_and_split(name: str, split: str, image_size) -> tuple[TfdsMultilabel, str]:
+    if name not in TFDS_MULTILABEL:
+        raise ValueError(f"`name`: got {name!r}, expected one of {sorted(TFDS_MULTILABEL)}.")
+    if split not in SPLITS:
+        raise ValueError(f"`split`: got {split!r}, expected one of {list(SPLITS)}.")
+    if not _is_positive_int(image_size):
+        raise ValueError(f"`image_size`: got {image_size!r}, expected an int >= 1.")
+    spec = TFDS_MULTILABEL[name]
+    return spec, spec.train_split if split == "train" else spec.test_split
+
+
+def streamed_split(name: str, split: str, *, data_dir: str | None, image_size: int) -> dict:
+    """A split as {"inputs": `StreamedInputs` of uint8 [S, S, 3], "labels": float32 [N, C]}.
+
+    Prepares the tfds dataset as array_record in `data_dir` if needed (see
+    `check_sources_reachable` when offline). The labels are read once, without decoding the
+    images; an image is decoded and resized (as in `load_tfds_multilabel`) when it is indexed.
+    """
+    import grain
+
+    from sdjax.input_pipeline import StreamedInputs
+
+    spec, tfds_split = _spec_and_split(name, split, image_size)
+    check_sources_reachable(name, data_dir)
+
+    def data_source(**kwargs):
+        with no_stray_tfds_temp_dirs():
+            return tfds.data_source(
+                spec.tfds_name,
+                split=tfds_split,
+                data_dir=data_dir,
+                builder_kwargs={"file_format": "array_record"},
+                **kwargs,
+            )
+
+    def labels_of(example) -> np.ndarray:
+        for key in spec.label_key:
+            example = example[key]
+        return _multi_hot(np.asarray(example, np.int64), spec.num_classes).numpy()
+
+    undecoded = data_source(decoders={"image": tfds.decode.SkipDecoding()})
+    labels = np.zeros((len(undecoded), spec.num_classes), np.float32)
+    for i in range(len(undecoded)):
+        labels[i] = labels_of(undecoded[i])
+    images = grain.MapDataset.source(data_source()).map(
+        lambda example: _resize(example["image"], image_size).numpy()
+    )
+    return {"inputs": StreamedInputs(images), "labels": labels}

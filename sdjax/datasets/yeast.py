@@ -60,8 +60,9 @@ def make_split(split: str, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
 class Yeast(LocalSourceBuilder):
     """tfds builder for Yeast from river's copy; needs no network."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {  # noqa: RUF012 (tfds declares a dict)
+        "1.2.0": "array_record files (random access); the features are named `inputs`.",
         "1.1.0": "Examples are stored in row order (disable_shuffling); no `index` feature.",
         "1.0.0": "Examples carry an `index` feature, their row in the source file.",
     }
@@ -72,11 +73,11 @@ class Yeast(LocalSourceBuilder):
             description=__doc__,
             features=tfds.features.FeaturesDict(
                 {
-                    "features": tfds.features.Tensor(shape=(NUM_FEATURES,), dtype=np.float32),
+                    "inputs": tfds.features.Tensor(shape=(NUM_FEATURES,), dtype=np.float32),
                     "labels": tfds.features.Tensor(shape=(NUM_CLASSES,), dtype=np.float32),
                 }
             ),
-            supervised_keys=("features", "labels"),
+            supervised_keys=("inputs", "labels"),
             disable_shuffling=True,  # stored, hence read, in row order
         )
 
@@ -89,4 +90,4 @@ class Yeast(LocalSourceBuilder):
         for features, labels, row in zip(
             arrays["features"], arrays["labels"], arrays["row"], strict=True
         ):
-            yield int(row), {"features": features, "labels": labels}
+            yield int(row), {"inputs": features, "labels": labels}

@@ -25,7 +25,7 @@ class HeldoutLoss:
             config.batch_size, len(test["labels"]) // jax.device_count() * jax.device_count()
         )
         self._batch = (
-            shard_global_batch(input_pipeline.model_inputs(modality, test["inputs"][:size]), mesh),
+            shard_global_batch(modality.model_inputs(test["inputs"][:size]), mesh),
             shard_global_batch(np.asarray(test["labels"][:size]), mesh),
         )
         self._loss = nnx.jit(objectives.make_stage1_loss(config, mesh))

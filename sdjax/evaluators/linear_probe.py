@@ -53,7 +53,7 @@ class LinearProbe:
         batch_size = self._config.eval_batch_size
         features = []
         for start in range(0, len(inputs), batch_size):
-            chunk = input_pipeline.model_inputs(self._modality, inputs[start : start + batch_size])
+            chunk = self._modality.model_inputs(inputs[start : start + batch_size])
             pad = batch_size - len(chunk)
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
             encoded = _encode(model, shard_global_batch(chunk, self._mesh))
