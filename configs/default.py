@@ -20,8 +20,15 @@ def get_config(profile: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     # "contrastive": stage 1 trains encoder + projection head with `loss`;
-    # "bce": stage 1 trains encoder + linear head with sigmoid BCE (the supervised baseline).
+    # "bce": stage 1 trains encoder + linear head with sigmoid BCE (the supervised baseline);
+    # "joint": encoder + projection head + linear classifier, BCE + loss.joint_weight * `loss`.
     config.method = "contrastive"
+    # The contrast set of `loss`: "in_batch" (the other views of the global batch) or "moco"
+    # (view 1 of the batch through a momentum encoder, plus a queue of earlier keys).
+    config.framework = "in_batch"
+    config.moco = ml_collections.ConfigDict()  # used by framework "moco" only
+    config.moco.momentum = 0.999  # EMA rate of the key encoder, in [0, 1)
+    config.moco.queue_size = 2048  # keys kept with their labels; a multiple of batch_size
 
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "mnist_mosaic"
@@ -45,6 +52,7 @@ def get_config(profile: str = "") -> ml_collections.ConfigDict:
     config.loss.temperature = 0.1
     config.loss.jaccard_threshold = 0.5
     config.loss.block_size = 0  # 0 = automatic
+    config.loss.joint_weight = 1.0  # method "joint": the weight of `loss` next to the BCE
 
     config.num_views = 2
     config.batch_size = 256  # global, split over all devices of all hosts

@@ -182,6 +182,7 @@ _POSITIVE_INTS = (
     "linear_eval.batch_size",
     "model.projection_hidden_dim",
     "model.projection_dim",
+    "moco.queue_size",
 )
 _NON_NEGATIVE_INTS = (
     "seed",
@@ -193,9 +194,10 @@ _NON_NEGATIVE_INTS = (
     "dataset.test_examples",
 )
 _POSITIVE_FLOATS = ("optimizer.learning_rate", "linear_eval.learning_rate", "loss.temperature")
-_NON_NEGATIVE_FLOATS = ("optimizer.weight_decay", "linear_eval.weight_decay")
+_NON_NEGATIVE_FLOATS = ("optimizer.weight_decay", "linear_eval.weight_decay", "loss.joint_weight")
 _CHOICES = {
-    "method": ("contrastive", "bce"),
+    "method": ("contrastive", "bce", "joint"),
+    "framework": ("in_batch", "moco"),
     "model.encoder.name": ("resnet", "mlp", "transformer"),
 }
 
@@ -232,6 +234,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
             _fail(field, config[field], f"one of {choices}")
     if not 0 < config.loss.jaccard_threshold <= 1:
         _fail("loss.jaccard_threshold", config.loss.jaccard_threshold, "a number in (0, 1]")
+    _check_moco(config)
     if config.optimizer.warmup_steps > config.num_train_steps:
         _fail("optimizer.warmup_steps", config.optimizer.warmup_steps, "<= num_train_steps")
     for field in ("batch_size", "eval_batch_size"):  # both are split over devices and hosts
@@ -242,6 +245,24 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
     limit = config.dataset.train_examples
     if limit and config.batch_size > limit:
         _fail("batch_size", config.batch_size, f"<= dataset.train_examples = {limit}")
+
+
+def _check_moco(config: ml_collections.ConfigDict) -> None:
+    momentum = config.moco.momentum
+    if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
+        _fail("moco.momentum", momentum, "a number in [0, 1)")
+    if config.framework != "moco":
+        return
+    if config.method == "bce":
+        _fail("method", config.method, '"contrastive" or "joint" with framework "moco"')
+    if config.num_views != 2:
+        _fail("num_views", config.num_views, '2 with framework "moco" (query and key)')
+    if config.moco.queue_size % config.batch_size:
+        _fail(
+            "moco.queue_size",
+            config.moco.queue_size,
+            f"a multiple of batch_size = {config.batch_size}",
+        )
 
 
 def check_data_fits(config: ml_collections.ConfigDict, train: dict) -> None:

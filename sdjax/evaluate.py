@@ -17,8 +17,8 @@ from absl import app, flags, logging
 from clu import metric_writers
 from flax import nnx
 
-from sdjax import checkpointing, input_pipeline, models, objectives
-from sdjax.evaluators import HeldoutLoss, LinearProbe, save_test_outputs
+from sdjax import checkpointing, evaluation, input_pipeline, objectives
+from sdjax.evaluators import HeldoutLoss, LinearProbe, joint_classifier_scores, save_test_outputs
 from sdjax.sharding import data_parallel_mesh, replicate
 
 
@@ -29,11 +29,13 @@ def evaluate(
 
     Returns:
       {"heldout_stage1_loss": {"initial", "final"}, "linear_eval": metrics,
-      "random_init": metrics (if `linear_eval.random_init_baseline`), "stage2_seconds"}.
+      "random_init": metrics (if `linear_eval.random_init_baseline`), "classifier": the
+      jointly trained classifier's test metrics (`method = "joint"`: end-to-end fine-tuning,
+      the same keys as "linear_eval"), "stage2_seconds"}.
     """
     start = time.time()
     train, test = data
-    initial_model = models.create_model(config, train["labels"].shape[1], config.seed)
+    initial_model = objectives.create_model(config, train["labels"].shape[1])
     nnx.update(initial_model, replicate(nnx.state(initial_model), mesh))
     heldout = HeldoutLoss(config, mesh, test)
     results = {"heldout_stage1_loss": {"initial": heldout(initial_model), "final": heldout(model)}}
@@ -53,6 +55,13 @@ def evaluate(
             and jax.process_index() == 0
         ):
             save_test_outputs(workdir / "test_outputs.npz", outcome, train, test)
+        if name == "linear_eval" and config.method == "joint":
+            scores = joint_classifier_scores(model, outcome.test_features, mesh)
+            results["classifier"] = evaluation.multilabel_metrics(scores, test["labels"])
+            writer.write_scalars(
+                config.num_train_steps,
+                {f"classifier/{k}": v for k, v in results["classifier"].items()},
+            )
     results["stage2_seconds"] = time.time() - start
     return results
 
@@ -95,10 +104,10 @@ def evaluate_workdir(workdir: str | Path) -> dict:
     config, step = checkpointing.stored_config(workdir)
     mesh = data_parallel_mesh()
     train, test = input_pipeline.load_train_and_test(config.dataset)
-    model = models.create_model(config, train["labels"].shape[1], config.seed)
-    optimizer = objectives.create_optimizer(config, model)
-    state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-    nnx.update(model, checkpointing.restore_state(workdir, step, replicate(state, mesh))["model"])
+    train_state = objectives.create_train_state(config, train["labels"].shape[1], mesh)
+    state = objectives.checkpoint_state(*train_state)
+    objectives.restore_train_state(checkpointing.restore_state(workdir, step, state), *train_state)
+    model = train_state[0]
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
     results = {"evaluated_step": step, "config": config.to_dict()}
     results |= evaluate(config, model, (train, test), mesh, workdir, writer)
@@ -117,7 +126,8 @@ def main(argv):
         print(error, file=sys.stderr)
         return 2
     logging.info("Evaluated checkpoint %d.", results["evaluated_step"])
-    print(json.dumps({k: results[k] for k in ("linear_eval", "random_init") if k in results}))
+    shown = ("linear_eval", "random_init", "classifier")
+    print(json.dumps({k: results[k] for k in shown if k in results}))
     return 0
 
 

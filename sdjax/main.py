@@ -23,10 +23,12 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard log
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
+SHOWN_RESULTS = ("linear_eval", "random_init", "classifier")  # "classifier": method "joint"
+
 
 def summary(results: dict, workdir: str) -> str:
     lines = [f"Results in {workdir}/results.json:"]
-    for name in ("linear_eval", "random_init"):
+    for name in SHOWN_RESULTS:
         if name in results:
             metrics = ", ".join(f"{k}={v:.4f}" for k, v in results[name].items())
             lines.append(f"  {name}: {metrics}")
@@ -90,7 +92,7 @@ def main(argv):
         print(stop, flush=True)
         return 0
     if jax.process_index() == 0:
-        print(json.dumps({k: results[k] for k in ("linear_eval", "random_init") if k in results}))
+        print(json.dumps({k: results[k] for k in SHOWN_RESULTS if k in results}))
         print(summary(results, FLAGS.workdir), flush=True)
     return 0
 

@@ -1,8 +1,11 @@
 """The trainer: contrastive pre-training (stage 1), then the evaluators on frozen features.
 
-Stage 1 trains an encoder with a loss of the S-D family (`config.method = "contrastive"`), or
-with sigmoid BCE (`"bce"`, the supervised baseline). Then `sdjax.evaluate` runs the evaluators
-(linear probe, held-out loss, test outputs), which also run on any checkpoint on their own.
+Stage 1 trains an encoder with a loss of the S-D family (`config.method = "contrastive"`), with
+sigmoid BCE (`"bce"`, the supervised baseline), or with both (`"joint"`: a linear classifier's BCE
+plus `loss.joint_weight` times the contrastive loss). The contrast set is the global batch
+(`config.framework = "in_batch"`) or MoCo's keys and queue (`"moco"`, see `sdjax.objectives`).
+Then `sdjax.evaluate` runs the evaluators (linear probe, held-out loss, test outputs, and the
+joint classifier's own test metrics), which also run on any checkpoint on their own.
 
 Data parallelism: a one-axis mesh over every device of every host. Batches are sharded along
 it, parameters are replicated, and the loss gathers the contrast set across devices, so it is
@@ -10,8 +13,8 @@ the loss of the global batch; `jax.grad` is taken outside the loss's `shard_map`
 the gradient exactly the single-device gradient of that global batch.
 
 Determinism: the data order and the augmentations are pure functions of (seed, step) and the
-model state is checkpointed, so a run resumed from any checkpoint ends with the same metrics as
-an uninterrupted one.
+model state (with MoCo's momentum encoder and queue) is checkpointed, so a run resumed from any
+checkpoint ends with the same metrics as an uninterrupted one.
 """
 
 import math
@@ -28,8 +31,8 @@ import ml_collections
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
 from flax import nnx
 
-from sdjax import checkpointing, config_lib, evaluate, input_pipeline, models, objectives
-from sdjax.sharding import data_parallel_mesh, replicate, shard_host_batch
+from sdjax import checkpointing, config_lib, evaluate, input_pipeline, objectives
+from sdjax.sharding import data_parallel_mesh, shard_host_batch
 
 STOPPED_BEFORE_TRAINING = "SIGTERM before the first training step: stopped; rerun to resume."
 
@@ -51,7 +54,12 @@ class TrainMetrics(metrics.Collection):
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh) -> Callable:
-    """`step(model, optimizer, inputs, labels, step) -> TrainMetrics` on a sharded global batch."""
+    """`step(model, optimizer, inputs, labels, step) -> TrainMetrics` on a sharded global batch.
+
+    With `framework = "moco"` the step also takes the `MomentumEncoder` (last) and updates it in
+    place, in MoCo's order: the EMA step, the keys of view 1, the loss of the queries (view 0)
+    against those keys and the queue, the gradient step, then the keys and labels enqueued.
+    """
     loss_fn = objectives.make_stage1_loss(config, mesh)
     schedule = objectives.learning_rate_schedule(config)
 
@@ -61,7 +69,22 @@ def make_train_step(config: ml_collections.ConfigDict, mesh) -> Callable:
         optimizer.update(model, grads)
         return TrainMetrics.single_from_model_output(loss=loss, learning_rate=schedule(step))
 
-    return train_step
+    if config.framework != "moco":
+        return train_step
+    views_fn = objectives.make_views_fn(config)
+    queue_sharding = objectives.queue_sharding(mesh)
+
+    @nnx.jit
+    def moco_train_step(model, optimizer, inputs, labels, step, momentum_encoder):
+        momentum_encoder.follow(model, config.moco.momentum)
+        keys = momentum_encoder(views_fn(inputs, step)[:, 1])
+        contrast_set = momentum_encoder.contrast_set(keys, labels)
+        loss, grads = nnx.value_and_grad(loss_fn)(model, inputs, labels, step, contrast_set)
+        optimizer.update(model, grads)
+        momentum_encoder.enqueue(keys, labels, queue_sharding)
+        return TrainMetrics.single_from_model_output(loss=loss, learning_rate=schedule(step))
+
+    return moco_train_step
 
 
 class _CurveWriter(metric_writers.MetricWriter):
@@ -155,18 +178,14 @@ def _train_and_evaluate(config, workdir: Path, sigterm: _Sigterm) -> dict:
     train, test = input_pipeline.load_train_and_test(config.dataset)
     config_lib.check_data_fits(config, train)
     num_classes = train["labels"].shape[1]
-    model = models.create_model(config, num_classes, config.seed)
-    optimizer = objectives.create_optimizer(config, model)
-    nnx.update(model, replicate(nnx.state(model), mesh))
-    nnx.update(optimizer, replicate(nnx.state(optimizer), mesh))
+    model, optimizer, momentum_encoder = objectives.create_train_state(config, num_classes, mesh)
     parameter_overview.log_parameter_overview(
         nnx.to_pure_dict(nnx.state(model, nnx.Param)), msg="Model parameters"
     )
     checkpoints, start_step, state, curve = checkpointing.restore_latest(
-        workdir, config, {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+        workdir, config, objectives.checkpoint_state(model, optimizer, momentum_encoder)
     )
-    nnx.update(model, state["model"])
-    nnx.update(optimizer, state["optimizer"])
+    objectives.restore_train_state(state, model, optimizer, momentum_encoder)
 
     is_chief = jax.process_index() == 0
     writer = metric_writers.MultiWriter(
@@ -178,7 +197,16 @@ def _train_and_evaluate(config, workdir: Path, sigterm: _Sigterm) -> dict:
     if start_step == 0:
         writer.write_hparams(config_lib.flat_fields(config))
     stage1_start = time.time()
-    _train_stage1(config, mesh, train, model, optimizer, checkpoints, writer, curve, sigterm)
+    _train_stage1(
+        config,
+        mesh,
+        train,
+        (model, optimizer, momentum_encoder),
+        checkpoints,
+        writer,
+        curve,
+        sigterm,
+    )
     stage1_seconds = time.time() - stage1_start
 
     results = {
@@ -197,11 +225,14 @@ def _train_and_evaluate(config, workdir: Path, sigterm: _Sigterm) -> dict:
     return results
 
 
-def _train_stage1(config, mesh, train, model, optimizer, checkpoints, writer, curve, sigterm):
+def _train_stage1(config, mesh, train, train_state, checkpoints, writer, curve, sigterm):
     """Stage 1 from the last checkpoint's step: logs intervals, saves only finite states.
 
-    `curve` is the list the writer appends logged scalars to; every checkpoint stores it.
+    `train_state` is (model, optimizer, momentum encoder or None), updated in place. `curve` is
+    the list the writer appends logged scalars to; every checkpoint stores it.
     """
+    model, optimizer, momentum_encoder = train_state
+    moco_args = () if momentum_encoder is None else (momentum_encoder,)
     train_step = make_train_step(config, mesh)
     start_step = checkpoints.latest_step() or 0
     batches = input_pipeline.training_batches(config, train)
@@ -218,6 +249,7 @@ def _train_stage1(config, mesh, train, model, optimizer, checkpoints, writer, cu
                 shard_host_batch(batch["inputs"], mesh),
                 shard_host_batch(batch["labels"], mesh),
                 step,
+                *moco_args,
             )
         )
         sigterm.stop_at_once = False
@@ -231,7 +263,7 @@ def _train_stage1(config, mesh, train, model, optimizer, checkpoints, writer, cu
             writer.write_scalars(done, logged)
             interval = TrainMetrics.empty()
         if checkpoints.should_save(done) or last or preempted:
-            state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+            state = objectives.checkpoint_state(*train_state)
             if interval.loss.count:  # losses since the last log
                 loss = float(interval.loss.compute())
                 _stop_unless_finite(loss, "training loss", done, checkpoints)
