@@ -254,3 +254,23 @@ def test_nothing_points_outside_the_repository():
             if outside.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_the_readme_layout_table_matches_the_tree():
+    """Every path the table names exists, and every module of the package has a row."""
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout") :]
+    named = {
+        path.rstrip("/")
+        for row in layout.splitlines()
+        if row.startswith("| `")
+        for path in re.findall(r"`([^`]+)`", row.split("|")[1])
+    }
+    for path in named:
+        assert (ROOT / path).exists(), f"README layout names {path}, which does not exist"
+    modules = {
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "sdjax").iterdir()
+        if path.name != "__init__.py" and not path.name.startswith((".", "_"))
+    }
+    assert modules <= named, f"modules without a row in README's layout: {modules - named}"
