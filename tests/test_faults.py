@@ -21,28 +21,15 @@ import tensorflow_datasets as tfds
 from loopback import clean_environment, free_port, start_two_hosts, wait_for_all
 from oracle import oracle
 from test_experiments import suite, write
+from tiny_run import REPO, run_main, tiny_config
 
 from sdjax import checkpointing, config_lib, input_pipeline, losses, multihost, train
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_train_worker.py"
 
 # --------------------------------------------------------------------------------------------
 # Trainer: workdir, checkpoints, config errors, multi-host
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    input_pipeline.load_split("mnist_mosaic_tiny", "train", data_dir=str(path))  # build once
-    return str(path)
-
-
-def tiny_config(data_dir, **overrides):
-    config = config_lib.load_config_file("default", "tiny")
-    config.dataset.data_dir = data_dir
-    return config_lib.override(config, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -65,25 +52,6 @@ def test_resuming_with_a_result_changing_config_names_the_fields(data_dir, finis
     results = train.train_and_evaluate(tiny_config(data_dir, log_every_steps=8), workdir)
     assert results["resumed_from_step"] == 24
     assert results["linear_eval"] == finished_run[1]["linear_eval"]
-
-
-def run_main(workdir, data_dir, *extra, wait=True):
-    command = [
-        sys.executable,
-        "-m",
-        "sdjax.main",
-        f"--config={REPO / 'configs' / 'default.py'}:tiny",
-        f"--workdir={workdir}",
-        f"--config.dataset.data_dir={data_dir}",
-        *extra,
-    ]
-    process = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    if wait:
-        output = process.communicate(timeout=300)[0]
-        return process.returncode, output
-    return process
 
 
 def test_a_second_process_on_a_workdir_in_use_is_refused(data_dir, tmp_path):
@@ -229,33 +197,19 @@ def test_a_peer_that_never_starts_is_a_clear_error_within_the_timeout(data_dir, 
     assert f"did not meet all peers at coordinator {address} within 3 s" in process.stderr
 
 
-def sigterm_after_first_output(command, env, marker: Path, timeout=240):
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.time() + timeout
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
+def test_sigterm_while_data_is_prepared_is_honoured_at_once(tmp_path):
+    # An empty data dir: the run builds the dataset first (seconds), and SIGTERM arrives then,
+    # as soon as the run holds its workdir (just before it loads data).
+    workdir = tmp_path / "run"
+    process = run_main(workdir, str(tmp_path / "tfds"), wait=False)
+    deadline = time.time() + 240
+    while not (workdir / ".lock.process0").exists() and time.time() < deadline:
+        assert process.poll() is None, process.stdout.read()[-3000:]
         time.sleep(0.02)
     signalled = time.time()
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
-    return process.returncode, output, time.time() - signalled
-
-
-def test_sigterm_while_data_is_prepared_is_honoured_at_once(tmp_path):
-    # An empty data dir: the run builds the dataset first (seconds), and SIGTERM arrives then.
-    workdir = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "sdjax.main",
-        f"--config={REPO / 'configs' / 'default.py'}:tiny",
-        f"--workdir={workdir}",
-        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
-    ]
-    code, output, seconds = sigterm_after_first_output(
-        command, clean_environment(), workdir / ".lock.process0"
-    )
+    code, seconds = process.returncode, time.time() - signalled
     assert code == 0, output[-3000:]
     assert "SIGTERM before the first training step: stopped" in output
     assert seconds < 20, seconds  # the dataset build alone takes longer on a 2-core machine

@@ -12,12 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_train import (
-    data_dir,  # noqa: F401  (the session fixture)
-    run_main,
-    tiny_config,
-    wait_for_checkpoint,
-)
+from tiny_run import run_main, tiny_config, wait_for_checkpoint
 
 from sdjax import checkpointing, config_lib, evaluation, input_pipeline, losses, objectives, train
 from sdjax.sharding import BATCH_AXIS, data_parallel_mesh
@@ -29,7 +24,7 @@ MOCO_FLAGS = [f"--config.{k}={v}" for k, v in MOCO.items()]
 RTOL = 1e-5
 
 
-def batch_of(config, data_dir, size=32):  # noqa: F811
+def batch_of(config, data_dir, size=32):
     data = input_pipeline.load_split(config.dataset.name, "train", data_dir=data_dir)
     return input_pipeline.to_float(data["inputs"][:size]), data["labels"][:size]
 
@@ -39,7 +34,7 @@ def moco_state(config, num_classes, num_devices):
     return mesh, objectives.create_train_state(config, num_classes, mesh)
 
 
-def test_moco_steps_match_the_query_key_loss_with_an_ema_encoder_and_a_fifo_queue(data_dir):  # noqa: F811
+def test_moco_steps_match_the_query_key_loss_with_an_ema_encoder_and_a_fifo_queue(data_dir):
     """Three steps on 8 devices against the loss computed on one device from its definition:
     queries = view 0 through the trained model, keys = view 1 through the EMA copy, the queue =
     the earlier batches' keys (newest overwrite the oldest), empty entries left out."""
@@ -96,7 +91,7 @@ def test_moco_steps_match_the_query_key_loss_with_an_ema_encoder_and_a_fifo_queu
     assert queue.sharding.is_equivalent_to(sharding, 2)  # still split over the 8 devices
 
 
-def test_a_partly_filled_queue_masks_its_empty_entries(data_dir):  # noqa: F811
+def test_a_partly_filled_queue_masks_its_empty_entries(data_dir):
     config = tiny_config(data_dir, **MOCO)
     _, labels = batch_of(config, data_dir, size=8)
     model = objectives.create_model(config, labels.shape[1])
@@ -111,7 +106,7 @@ def test_a_partly_filled_queue_masks_its_empty_entries(data_dir):  # noqa: F811
     assert int(encoder.queue_pointer.value) == 8
 
 
-def test_joint_loss_is_bce_plus_weighted_contrastive_loss(data_dir):  # noqa: F811
+def test_joint_loss_is_bce_plus_weighted_contrastive_loss(data_dir):
     config = tiny_config(data_dir, method="joint", **{"loss.joint_weight": 0.3})
     images, labels = batch_of(config, data_dir, size=16)
     mesh = data_parallel_mesh(jax.devices()[:1])
@@ -129,7 +124,7 @@ def test_joint_loss_is_bce_plus_weighted_contrastive_loss(data_dir):  # noqa: F8
     np.testing.assert_allclose(float(got), float(bce + 0.3 * contrastive), rtol=RTOL)
 
 
-def test_joint_run_reports_the_classifier_and_the_linear_probe(data_dir, tmp_path):  # noqa: F811
+def test_joint_run_reports_the_classifier_and_the_linear_probe(data_dir, tmp_path):
     config = tiny_config(data_dir, method="joint", **MOCO)
     results = train.train_and_evaluate(config, tmp_path)
     assert set(results["classifier"]) == set(results["linear_eval"])
@@ -149,7 +144,7 @@ def test_joint_run_reports_the_classifier_and_the_linear_probe(data_dir, tmp_pat
     assert stored["classifier"] == results["classifier"]
 
 
-def test_moco_run_resumes_identically_after_sigkill(data_dir, tmp_path):  # noqa: F811
+def test_moco_run_resumes_identically_after_sigkill(data_dir, tmp_path):
     code, output = run_main(tmp_path / "straight", data_dir, *MOCO_FLAGS)
     assert code == 0, output[-3000:]
     straight = json.loads((tmp_path / "straight" / "results.json").read_text())
@@ -180,7 +175,7 @@ def test_moco_run_resumes_identically_after_sigkill(data_dir, tmp_path):  # noqa
         ({"loss.joint_weight": -1.0}, "config.loss.joint_weight: got -1.0"),
     ],
 )
-def test_bad_moco_and_joint_configs_fail_before_compiling(data_dir, overrides, message):  # noqa: F811
+def test_bad_moco_and_joint_configs_fail_before_compiling(data_dir, overrides, message):
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
         config_lib.check_config(tiny_config(data_dir, **overrides), num_devices=8, num_processes=1)
 

@@ -7,8 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,29 +18,12 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
+from tiny_run import REPO, run_main, tiny_config, wait_for_checkpoint
 
 from sdjax import checkpointing, config_lib, input_pipeline, models, train
 from sdjax.sharding import BATCH_AXIS, data_parallel_mesh, replicate
 
-REPO = Path(__file__).resolve().parents[1]
 LARGE_STEP = 1000.0  # SGD rate that makes one step's update large enough to compare
-
-
-def load_config():
-    return config_lib.load_config_file("default", "tiny")
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    input_pipeline.load_split("mnist_mosaic_tiny", "train", data_dir=str(path))  # build once
-    return str(path)
-
-
-def tiny_config(data_dir, **overrides):
-    config = load_config()
-    config.dataset.data_dir = data_dir
-    return config_lib.override(config, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -131,26 +112,9 @@ def test_command_line_overrides_reach_the_config():
     config = flag_values.config
     assert config.loss.positives == "any" and config.loss.temperature == 0.2
     assert tuple(config.model.encoder.stage_sizes) == (2, 1)
-    assert config.batch_size == load_config().batch_size  # the rest is the file's
-
-
-def run_main(workdir, data_dir, *extra, wait=True):
-    command = [
-        sys.executable,
-        "-m",
-        "sdjax.main",
-        f"--config={REPO / 'configs' / 'default.py'}:tiny",
-        f"--workdir={workdir}",
-        f"--config.dataset.data_dir={data_dir}",
-        *extra,
-    ]
-    process = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    if wait:
-        output = process.communicate(timeout=300)[0]
-        return process.returncode, output
-    return process
+    assert (
+        config.batch_size == config_lib.load_config_file("default", "tiny").batch_size
+    )  # the rest is the file's
 
 
 def test_bad_config_on_the_command_line_exits_with_a_clear_message(data_dir, tmp_path):
@@ -158,18 +122,6 @@ def test_bad_config_on_the_command_line_exits_with_a_clear_message(data_dir, tmp
     assert code == 2, output[-2000:]
     assert "Bad config: config.loss.positives: got 'bogus', expected one of" in output
     assert not (tmp_path / "checkpoints").exists()
-
-
-def wait_for_checkpoint(workdir, step, process, timeout=240):
-    deadline = time.time() + timeout
-    target = Path(workdir) / "checkpoints" / str(step)
-    while not target.exists():
-        if process.poll() is not None:
-            pytest.fail(f"run ended before checkpoint {step}: {process.stdout.read()[-3000:]}")
-        if time.time() > deadline:
-            process.kill()
-            pytest.fail(f"no checkpoint {step} after {timeout} s")
-        time.sleep(0.05)
 
 
 # Long enough that SIGTERM after checkpoint 16 lands in stage 1.
