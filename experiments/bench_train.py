@@ -457,6 +457,13 @@ def main(argv):
         "(the PyTorch step does the same work)",
         f"- command: `{' '.join([python, '-m', 'experiments.bench_train', *sys.argv[1:]])}`",
     ]
+    if not gpu:
+        header += [
+            "- a CPU run: no MFU (no peak to divide by) and no largest-batch search, which "
+            "runs with `--gpu` only; the GPU rows come from `python -m experiments.bench_train "
+            "--gpu --chunk_size=64 --impls=sdjax,torch_compile,torch_eager` on a GPU machine "
+            "(written to `bench_train_gpu.md`), and none was available when this was made",
+        ]
     stem = "bench_train_gpu" if gpu else "bench_train"
     write_outputs(results, max_batches, header, Path(FLAGS.out_dir), stem)
     print((Path(FLAGS.out_dir) / f"{stem}.md").read_text())
