@@ -30,6 +30,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m experiments.bench_loss
+	$(PY) -m experiments.bench_train
 
 clean:
 	rm -rf $(VENV) workdirs

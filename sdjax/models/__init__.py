@@ -1,5 +1,6 @@
 """Flax NNX encoders and heads."""
 
+import jax.numpy as jnp
 from flax import nnx
 
 from sdjax.models.contrastive import ContrastiveModel
@@ -9,35 +10,56 @@ from sdjax.models.resnet import ResNetEncoder
 from sdjax.models.transformer import TextTransformerEncoder
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "ContrastiveModel",
     "LinearClassifier",
     "MLPEncoder",
     "ProjectionHead",
     "ResNetEncoder",
     "TextTransformerEncoder",
+    "compute_dtype",
     "create_encoder",
     "create_model",
 ]
 
+# Mixed precision: parameters (and so the optimiser state) are float32 whatever this is;
+# activations are in the compute dtype; the heads' outputs and the loss are float32.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+    """The jnp dtype of the config field `compute_dtype` ("float32" or "bfloat16")."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"config.compute_dtype: got {name!r}, expected one of {sorted(COMPUTE_DTYPES)}."
+        )
+    return COMPUTE_DTYPES[name]
+
 
 def create_model(config, num_classes: int, seed: int) -> ContrastiveModel:
-    """Encoder plus the stage-1 head: projection (contrastive) or linear classifier (bce)."""
+    """Encoder plus the stage-1 head: projection (contrastive) or linear classifier (bce).
+
+    Both compute in `config.compute_dtype` (absent: "float32"); their parameters are float32.
+    """
     rngs = nnx.Rngs(seed)
-    encoder = create_encoder(config.model.encoder, rngs=rngs)
+    dtype = compute_dtype(config.get("compute_dtype", "float32"))
+    encoder = create_encoder(config.model.encoder, rngs=rngs, dtype=dtype)
     if config.method == "bce":
-        head = LinearClassifier(encoder.features_dim, num_classes, rngs=rngs)
+        head = LinearClassifier(encoder.features_dim, num_classes, rngs=rngs, dtype=dtype)
     else:
         head = ProjectionHead(
             encoder.features_dim,
             config.model.projection_hidden_dim,
             config.model.projection_dim,
             rngs=rngs,
+            dtype=dtype,
         )
     return ContrastiveModel(encoder, head)
 
 
-def create_encoder(config, *, rngs):
-    """An encoder from `config.name` ("resnet", "mlp" or "transformer") and its fields."""
+def create_encoder(config, *, rngs, dtype=None):
+    """An encoder from `config.name` ("resnet", "mlp" or "transformer") and its fields, computing
+    in `dtype` (None: float32)."""
     if config.name == "resnet":
         return ResNetEncoder(
             stage_sizes=tuple(config.stage_sizes),
@@ -46,6 +68,7 @@ def create_encoder(config, *, rngs):
             stem_stride=config.get("stem_stride", 4),
             block=config.get("block", "basic"),
             rngs=rngs,
+            dtype=dtype,
         )
     if config.name == "mlp":
         return MLPEncoder(
@@ -53,6 +76,7 @@ def create_encoder(config, *, rngs):
             hidden_sizes=tuple(config.hidden_sizes),
             dropout_rate=config.get("dropout_rate", 0.0),
             rngs=rngs,
+            dtype=dtype,
         )
     if config.name == "transformer":
         return TextTransformerEncoder(
@@ -63,6 +87,7 @@ def create_encoder(config, *, rngs):
             num_heads=config.num_heads,
             mlp_dim=config.mlp_dim,
             rngs=rngs,
+            dtype=dtype,
         )
     raise ValueError(
         f"config.model.encoder.name: got {config.name!r}, expected 'resnet', 'mlp' or "

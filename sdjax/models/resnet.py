@@ -7,17 +7,30 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def _group_norm(channels: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
+def _group_norm(channels: int, rngs: nnx.Rngs, dtype) -> nnx.GroupNorm:
     # GroupNorm, not BatchNorm: no batch statistics, so a step is a pure function of the
-    # parameters and results do not depend on how the batch is split over devices.
-    return nnx.GroupNorm(channels, num_groups=min(8, channels), rngs=rngs)
+    # parameters and results do not depend on how the batch is split over devices (and
+    # gradient caching's chunks give the same features as the whole batch).
+    return nnx.GroupNorm(channels, num_groups=min(8, channels), dtype=dtype, rngs=rngs)
 
 
-def _projection(in_channels: int, out_channels: int, stride: int, rngs: nnx.Rngs):
+def _conv(in_channels: int, out_channels: int, kernel: int, stride: int, rngs, dtype):
+    return nnx.Conv(
+        in_channels,
+        out_channels,
+        (kernel, kernel),
+        strides=stride,
+        use_bias=False,
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+
+def _projection(in_channels: int, out_channels: int, stride: int, rngs: nnx.Rngs, dtype):
     """The shortcut: a strided 1x1 convolution where a block changes shape, else None."""
     if stride == 1 and in_channels == out_channels:
         return nnx.data(None)
-    return nnx.Conv(in_channels, out_channels, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+    return _conv(in_channels, out_channels, 1, stride, rngs, dtype)
 
 
 class BasicBlock(nnx.Module):
@@ -25,14 +38,14 @@ class BasicBlock(nnx.Module):
 
     EXPANSION = 1
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(
-            in_channels, out_channels, (3, 3), strides=stride, use_bias=False, rngs=rngs
-        )
-        self.norm1 = _group_norm(out_channels, rngs)
-        self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), use_bias=False, rngs=rngs)
-        self.norm2 = _group_norm(out_channels, rngs)
-        self.shortcut = _projection(in_channels, out_channels, stride, rngs)
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs, dtype=None
+    ):
+        self.conv1 = _conv(in_channels, out_channels, 3, stride, rngs, dtype)
+        self.norm1 = _group_norm(out_channels, rngs, dtype)
+        self.conv2 = _conv(out_channels, out_channels, 3, 1, rngs, dtype)
+        self.norm2 = _group_norm(out_channels, rngs, dtype)
+        self.shortcut = _projection(in_channels, out_channels, stride, rngs, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         residual = x if self.shortcut is None else self.shortcut(x)
@@ -49,17 +62,19 @@ class BottleneckBlock(nnx.Module):
 
     EXPANSION = 4
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs, dtype=None
+    ):
         inner = out_channels // self.EXPANSION
-        self.conv1 = nnx.Conv(in_channels, inner, (1, 1), use_bias=False, rngs=rngs)
-        self.norm1 = _group_norm(inner, rngs)
-        self.conv2 = nnx.Conv(inner, inner, (3, 3), strides=stride, use_bias=False, rngs=rngs)
-        self.norm2 = _group_norm(inner, rngs)
-        self.conv3 = nnx.Conv(inner, out_channels, (1, 1), use_bias=False, rngs=rngs)
-        self.norm3 = _group_norm(out_channels, rngs)
-        self.shortcut = _projection(in_channels, out_channels, stride, rngs)
+        self.conv1 = _conv(in_channels, inner, 1, 1, rngs, dtype)
+        self.norm1 = _group_norm(inner, rngs, dtype)
+        self.conv2 = _conv(inner, inner, 3, stride, rngs, dtype)
+        self.norm2 = _group_norm(inner, rngs, dtype)
+        self.conv3 = _conv(inner, out_channels, 1, 1, rngs, dtype)
+        self.norm3 = _group_norm(out_channels, rngs, dtype)
+        self.shortcut = _projection(in_channels, out_channels, stride, rngs, dtype)
         if self.shortcut is not None:
-            self.shortcut_norm = _group_norm(out_channels, rngs)
+            self.shortcut_norm = _group_norm(out_channels, rngs, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         residual = x if self.shortcut is None else self.shortcut_norm(self.shortcut(x))
@@ -81,6 +96,9 @@ class ResNetEncoder(nnx.Module):
     bottleneck stage's output is 4x its width. The stem is a
     `stem_stride` x `stem_stride` convolution with that stride (a patchify stem): 1 keeps full
     resolution, 4 makes the small networks fast on a CPU.
+
+    `dtype` is the compute dtype (None: the inputs' and parameters', float32); parameters are
+    float32 whatever it is, and the pooled features are float32.
     """
 
     def __init__(
@@ -92,6 +110,7 @@ class ResNetEncoder(nnx.Module):
         block: str = "basic",
         *,
         rngs: nnx.Rngs,
+        dtype=None,
     ):
         if block not in BLOCKS:
             raise ValueError(
@@ -109,15 +128,21 @@ class ResNetEncoder(nnx.Module):
             )
         stem_kernel = (max(3, stem_stride),) * 2 if stem_stride == 1 else (stem_stride,) * 2
         self.stem = nnx.Conv(
-            in_channels, width, stem_kernel, strides=stem_stride, use_bias=False, rngs=rngs
+            in_channels,
+            width,
+            stem_kernel,
+            strides=stem_stride,
+            use_bias=False,
+            dtype=dtype,
+            rngs=rngs,
         )
-        self.stem_norm = _group_norm(width, rngs)
+        self.stem_norm = _group_norm(width, rngs, dtype)
         blocks, channels = [], width
         for stage, num_blocks in enumerate(stage_sizes):
             out_channels = width * 2**stage * BLOCKS[block].EXPANSION
             for index in range(num_blocks):
                 stride = 2 if stage > 0 and index == 0 else 1
-                blocks.append(BLOCKS[block](channels, out_channels, stride, rngs=rngs))
+                blocks.append(BLOCKS[block](channels, out_channels, stride, rngs=rngs, dtype=dtype))
                 channels = out_channels
         self.blocks = nnx.List(blocks)
         self.features_dim = channels
@@ -126,4 +151,5 @@ class ResNetEncoder(nnx.Module):
         x = nnx.relu(self.stem_norm(self.stem(images)))
         for block in self.blocks:
             x = block(x)
-        return jnp.mean(x, axis=(1, 2))
+        # Pool in float32 (a no-op for float32 activations): features leave the encoder exact.
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))

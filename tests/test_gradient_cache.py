@@ -1,0 +1,177 @@
+"""Gradient caching gives the loss and gradients of the whole batch, chunk by chunk."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from sdjax import config_lib, input_pipeline, losses, models, objectives
+from sdjax.gradient_cache import chunked_value_and_grad
+from sdjax.sharding import BATCH_AXIS, data_parallel_mesh, replicate, shard_global_batch
+
+NUM_CLASSES = 10
+
+
+def tiny_batch(batch_size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = rng.random((batch_size, 56, 56, 1), dtype=np.float32)
+    labels = (rng.random((batch_size, NUM_CLASSES)) < 0.3).astype(np.float32)
+    labels[np.arange(batch_size), rng.integers(0, NUM_CLASSES, batch_size)] = 1.0
+    return images, labels
+
+
+def assert_grads_close(grads, expected):
+    """Float32 gradients that differ only in summation order.
+
+    A sum of n terms in another order moves by up to ~n * 2^-24 times the sum of the terms'
+    sizes, not of the result: some leaves (the last bias, whose per-example terms nearly
+    cancel through the normalisation) are 1000x smaller than their terms. So the bound is
+    relative to the largest gradient entry of the model: n = 64 views gives 64 * 6e-8 ~ 4e-6,
+    and the loss's gradient at initialisation is itself a difference (positives' softmax
+    weights minus all) ~100x smaller than its terms, so 4e-4; 1e-4 is what holds in practice
+    (measured <= 1.1e-5). A lost, doubled or misplaced chunk moves gradients by O(1) of it.
+    """
+    assert jax.tree.structure(grads) == jax.tree.structure(expected)
+    scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(expected))
+    assert scale > 0
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        assert got.dtype == want.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_matches_the_trainers_loss_on_the_tiny_config(num_devices):
+    """With augmentations and the sharded S-D loss, as `objectives.make_stage1_loss` has them."""
+    config = config_lib.load_config_file("default", "tiny")
+    mesh = data_parallel_mesh(jax.devices()[:num_devices])
+    model = models.create_model(config, NUM_CLASSES, seed=0)
+    nnx.update(model, replicate(nnx.state(model), mesh))
+    images, labels = tiny_batch(32)
+    inputs, labels = shard_global_batch(images, mesh), shard_global_batch(labels, mesh)
+    step = 3
+
+    expected_loss, expected_grads = nnx.jit(
+        nnx.value_and_grad(objectives.make_stage1_loss(config, mesh))
+    )(model, inputs, labels, step)
+
+    sharded_loss = losses.make_sharded_loss(
+        mesh,
+        BATCH_AXIS,
+        positives=config.loss.positives,
+        temperature=float(config.loss.temperature),
+        jaccard_threshold=float(config.loss.jaccard_threshold),
+        block_size=config.loss.block_size or None,
+    )
+
+    @nnx.jit(static_argnums=4)
+    def cached(model, inputs, labels, step, chunk_size):
+        # The views as make_stage1_loss makes them, before the chunking.
+        key = jax.random.fold_in(jax.random.key(config.seed), step)
+        views = input_pipeline.make_views("image", key, inputs, num_views=config.num_views)
+
+        def loss_of_outputs(outputs):
+            return sharded_loss(outputs.reshape((*views.shape[:2], -1)), labels)
+
+        flat_views = views.reshape((-1, *views.shape[2:]))
+        return chunked_value_and_grad(model, flat_views, loss_of_outputs, chunk_size)
+
+    for chunk_size in (8, 16, 64):  # 64 = the whole batch of 32 examples x 2 views
+        loss, grads = cached(model, inputs, labels, step, chunk_size)
+        # One scalar from the same embeddings up to summation order: a few ulps.
+        np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+        assert_grads_close(grads, expected_grads)
+
+
+def test_sums_chunks_of_a_bfloat16_model_in_float32():
+    config = config_lib.load_config_file("default", "tiny")
+    config.compute_dtype = "bfloat16"
+    model = models.create_model(config, NUM_CLASSES, seed=0)
+    images, labels = tiny_batch(16, seed=1)
+    loss_fn = losses.make_sharded_loss(data_parallel_mesh(jax.devices()[:1]), BATCH_AXIS)
+
+    def loss_of_outputs(outputs):
+        return loss_fn(outputs.reshape((16, 1, -1)), labels)
+
+    expected_loss, expected_grads = nnx.value_and_grad(
+        lambda model: loss_of_outputs(model(images))
+    )(model)
+    loss, grads = chunked_value_and_grad(model, jnp.asarray(images), loss_of_outputs, 4)
+    assert loss.dtype == jnp.float32
+    # A convolution over 4 images may round its bfloat16 outputs otherwise than over 16 (XLA
+    # picks the order of its sums per shape): single roundings flip by a bfloat16 ulp, 2^-8,
+    # and the loss averages many of them.
+    np.testing.assert_allclose(loss, expected_loss, rtol=2**-8 / 4)
+    # Backward passes in bfloat16 are noisy (cosines to float32 gradients are ~0.84 for some
+    # leaves here; chunked to unchunked measured >= 0.978), so this bar only catches a wrong
+    # structure, chunk order or accumulation dtype, which give cosines near 0.
+    assert jax.tree.structure(grads) == jax.tree.structure(expected_grads)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+        assert got.dtype == jnp.float32
+        cosine = jnp.vdot(got, want) / (jnp.linalg.norm(got) * jnp.linalg.norm(want))
+        assert float(cosine) > 0.95
+
+
+def test_dropout_masks_agree_between_the_two_forward_passes():
+    """With dropout, the gradient is that of the loss the chunked forward pass computed.
+
+    Checked by a central difference along the gradient: (L(p + h g) - L(p - h g)) / 2h = |g|^2
+    up to O(h^2) and float32 rounding. Phase 3 drawing other masks than phase 1 would break it.
+    """
+    encoder_config = ml_collections.ConfigDict(
+        dict(name="mlp", in_features=12, hidden_sizes=(32, 32), dropout_rate=0.3)
+    )
+    encoder = models.create_encoder(encoder_config, rngs=nnx.Rngs(0))
+    model = models.ContrastiveModel(encoder, models.ProjectionHead(32, 32, 8, rngs=nnx.Rngs(1)))
+    inputs = jax.random.normal(jax.random.key(2), (16, 12))
+    target = jax.random.normal(jax.random.key(3), (16, 8))
+
+    def loss_of_outputs(outputs):
+        return jnp.mean(jnp.sum((outputs - target) ** 2, axis=1))
+
+    def counts(model):
+        return [int(count) for count in jax.tree.leaves(nnx.state(model, nnx.RngCount))]
+
+    counts_before = counts(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_at(params, inputs=inputs, loss_of_outputs=loss_of_outputs):
+        # The same random state each time, so the same masks.
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        return chunked_value_and_grad(model, inputs, loss_of_outputs, 4)
+
+    _, grads = loss_at(params)
+    norm_squared = sum(float(jnp.sum(g * g)) for g in jax.tree.leaves(grads))
+    h = 1e-3 / np.sqrt(norm_squared)
+    step_along = lambda sign: jax.tree.map(lambda p, g: p + sign * h * g, params, grads)
+    slope = (float(loss_at(step_along(1.0))[0]) - float(loss_at(step_along(-1.0))[0])) / (2 * h)
+    # A step of length 1e-3: losses ~1 differ by ~2e-2, so float32 rounding (1e-7) gives
+    # ~1e-5 relative, and the O(h^2) term measured 3e-3 at 10x the step, so ~3e-5 here.
+    np.testing.assert_allclose(slope, norm_squared, rtol=1e-3)
+
+    # Chunks draw different masks: chunk k of these 16 inputs holds rows k, k + 4, k + 8 and
+    # k + 12, i.e. every chunk holds the same 4 inputs, whose outputs would then agree.
+    repeated = jnp.repeat(inputs[:4], 4, axis=0)
+
+    def spread_over_chunks(outputs):
+        return jnp.sum(jnp.var(outputs.reshape((4, 4, -1)), axis=1))
+
+    assert float(loss_at(params, repeated, spread_over_chunks)[0]) > 1e-3
+    no_dropout = nnx.merge(graphdef, params, rest, copy=True)
+    no_dropout.encoder.dropout.rate = 0.0
+    assert float(spread_over_chunks(no_dropout(repeated))) == 0.0
+
+    # The random counters advance as after one forward call of the model.
+    reference = nnx.merge(graphdef, params, rest, copy=True)
+    reference(inputs)
+    chunked_value_and_grad(model, inputs, loss_of_outputs, 4)
+    assert counts(reference) != counts_before
+    assert counts(model) == counts(reference)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 5, 32])
+def test_a_chunk_size_that_does_not_divide_the_batch_is_named(chunk_size):
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=rf"`chunk_size`: got {chunk_size}, .* inputs, 16"):
+        chunked_value_and_grad(model, jnp.ones((16, 3)), jnp.sum, chunk_size)
