@@ -55,6 +55,13 @@ def get_config(profile: str = "") -> ml_collections.ConfigDict:
     config.loss.joint_weight = 1.0  # method "joint": the weight of `loss` next to the BCE
 
     config.num_views = 2
+    # Mixed precision: "bfloat16" computes the encoder and head in bfloat16; parameters, the
+    # optimiser state and the loss stay float32. "float32" is the model as it always was.
+    config.compute_dtype = "float32"
+    # Gradient caching (sdjax/gradient_cache.py): > 0 embeds, then backpropagates, this many
+    # encoder inputs (views) at a time, so activation memory does not grow with batch_size;
+    # the gradient is the same up to float summation order. 0 = off. In-batch only.
+    config.embedding_chunk_size = 0
     config.batch_size = 256  # global, split over all devices of all hosts
     config.num_train_steps = 400
 

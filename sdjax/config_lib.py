@@ -190,6 +190,7 @@ _NON_NEGATIVE_INTS = (
     "multihost.initialization_timeout_s",
     "optimizer.warmup_steps",
     "loss.block_size",
+    "embedding_chunk_size",
     "dataset.train_examples",
     "dataset.test_examples",
 )
@@ -199,6 +200,7 @@ _CHOICES = {
     "method": ("contrastive", "bce", "joint"),
     "framework": ("in_batch", "moco"),
     "model.encoder.name": ("resnet", "mlp", "transformer"),
+    "compute_dtype": ("float32", "bfloat16"),
 }
 
 
@@ -242,6 +244,17 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
             _fail(field, config[field], f"a multiple of the {num_devices} devices")
         if config[field] % num_processes:
             _fail(field, config[field], f"a multiple of the {num_processes} processes")
+    if config.embedding_chunk_size:  # chunks of the flattened views, split over devices
+        if config.framework != "in_batch" or config.method == "joint":
+            _fail("embedding_chunk_size", config.embedding_chunk_size, "0 with moco or joint")
+        inputs = config.batch_size * (config.num_views if config.method == "contrastive" else 1)
+        if inputs % config.embedding_chunk_size or config.embedding_chunk_size % num_devices:
+            _fail(
+                "embedding_chunk_size",
+                config.embedding_chunk_size,
+                f"a divisor of the {inputs} encoder inputs per step (batch_size x views) and "
+                f"a multiple of the {num_devices} devices",
+            )
     limit = config.dataset.train_examples
     if limit and config.batch_size > limit:
         _fail("batch_size", config.batch_size, f"<= dataset.train_examples = {limit}")

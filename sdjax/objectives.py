@@ -92,14 +92,8 @@ def make_stage1_loss(config: ml_collections.ConfigDict, mesh) -> Callable:
     """
     views_fn = make_views_fn(config)
     moco = config.framework == "moco"
-    sharded_loss = losses.make_sharded_loss(
-        mesh,
-        BATCH_AXIS,
-        positives=config.loss.positives,
-        temperature=float(config.loss.temperature),
-        jaccard_threshold=float(config.loss.jaccard_threshold),
-        block_size=config.loss.block_size or None,
-    )
+    sharded_loss = _sharded_loss(config, mesh)
+    loss_of_outputs = _make_loss_of_outputs(config, sharded_loss)
 
     def loss_fn(model, inputs, labels, step, keys=None):
         views = views_fn(inputs, step)
@@ -116,12 +110,45 @@ def make_stage1_loss(config: ml_collections.ConfigDict, mesh) -> Callable:
             loss = sharded_loss(outputs.reshape((views.shape[0], views.shape[1], -1)), labels)
             view_labels = jnp.repeat(labels, views.shape[1], axis=0)  # views are sample-major
             return _add_joint_bce(config, model, features, view_labels, loss)
-        outputs = model(flat_views)
-        if config.method == "bce":
-            return optax.sigmoid_binary_cross_entropy(outputs, labels).mean()
-        return sharded_loss(outputs.reshape((views.shape[0], views.shape[1], -1)), labels)
+        return loss_of_outputs(model(flat_views), labels)
 
     return loss_fn
+
+
+def make_stage1_parts(config: ml_collections.ConfigDict, mesh) -> tuple[Callable, Callable]:
+    """The in-batch loss of `method` "contrastive" or "bce" in two parts, for gradient caching
+    (`sdjax.gradient_cache`), which runs the model between them chunk by chunk:
+
+    - `flat_views(inputs, step)`: [B, ...] -> [B * V, ...], each example's V views adjacent;
+    - `loss_of_outputs(outputs, labels)`: the loss of the model's [B * V, ...] outputs.
+    """
+    views_fn = make_views_fn(config)
+
+    def flat_views(inputs, step):
+        views = views_fn(inputs, step)
+        return views.reshape((-1, *views.shape[2:]))
+
+    return flat_views, _make_loss_of_outputs(config, _sharded_loss(config, mesh))
+
+
+def _sharded_loss(config, mesh) -> Callable:
+    return losses.make_sharded_loss(
+        mesh,
+        BATCH_AXIS,
+        positives=config.loss.positives,
+        temperature=float(config.loss.temperature),
+        jaccard_threshold=float(config.loss.jaccard_threshold),
+        block_size=config.loss.block_size or None,
+    )
+
+
+def _make_loss_of_outputs(config, sharded_loss) -> Callable:
+    def loss_of_outputs(outputs, labels):
+        if config.method == "bce":
+            return optax.sigmoid_binary_cross_entropy(outputs, labels).mean()
+        return sharded_loss(outputs.reshape((labels.shape[0], -1, outputs.shape[-1])), labels)
+
+    return loss_of_outputs
 
 
 def _add_joint_bce(config, model, features, labels, contrastive_loss):

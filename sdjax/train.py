@@ -17,6 +17,7 @@ model state (with MoCo's momentum encoder and queue) is checkpointed, so a run r
 checkpoint ends with the same metrics as an uninterrupted one.
 """
 
+import functools
 import math
 import os
 import signal
@@ -31,7 +32,14 @@ import ml_collections
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
 from flax import nnx
 
-from sdjax import checkpointing, config_lib, evaluate, input_pipeline, objectives
+from sdjax import (
+    checkpointing,
+    config_lib,
+    evaluate,
+    gradient_cache,
+    input_pipeline,
+    objectives,
+)
 from sdjax.sharding import data_parallel_mesh, shard_host_batch
 
 STOPPED_BEFORE_TRAINING = "SIGTERM before the first training step: stopped; rerun to resume."
@@ -62,10 +70,22 @@ def make_train_step(config: ml_collections.ConfigDict, mesh) -> Callable:
     """
     loss_fn = objectives.make_stage1_loss(config, mesh)
     schedule = objectives.learning_rate_schedule(config)
+    chunk_size = config.embedding_chunk_size
 
-    @nnx.jit
+    def value_and_grad(model, inputs, labels, step):
+        if not chunk_size:
+            return nnx.value_and_grad(loss_fn)(model, inputs, labels, step)
+        flat_views, loss_of_outputs = objectives.make_stage1_parts(config, mesh)
+        return gradient_cache.chunked_value_and_grad(
+            model,
+            flat_views(inputs, step),
+            functools.partial(loss_of_outputs, labels=labels),
+            chunk_size,
+        )
+
+    @functools.partial(nnx.jit, donate_argnums=(0, 1))  # model and optimiser update in place
     def train_step(model, optimizer, inputs, labels, step):
-        loss, grads = nnx.value_and_grad(loss_fn)(model, inputs, labels, step)
+        loss, grads = value_and_grad(model, inputs, labels, step)
         optimizer.update(model, grads)
         return TrainMetrics.single_from_model_output(loss=loss, learning_rate=schedule(step))
 

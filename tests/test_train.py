@@ -158,44 +158,58 @@ def test_kill_and_sigterm_then_resume_give_identical_results(data_dir, tmp_path)
     assert [entry["step"] for entry in history] == list(range(4, 41, 4))
 
 
-def test_data_parallel_step_matches_single_device(data_dir):
-    config = tiny_config(data_dir)
+def one_training_step(data_dir, num_devices, **overrides):
+    """(loss, parameter update) of one SGD step of the tiny model on 32 training mosaics."""
+    config = tiny_config(data_dir, **overrides)
     batch = input_pipeline.load_split(config.dataset.name, "train", data_dir=data_dir)
     images = input_pipeline.to_float(batch["inputs"][:32])
     labels = batch["labels"][:32]
-
-    def one_step(num_devices):
-        mesh = data_parallel_mesh(jax.devices()[:num_devices])
-        model = models.create_model(config, labels.shape[1], config.seed)
-        optimizer = nnx.Optimizer(model, optax.sgd(LARGE_STEP), wrt=nnx.Param)
-        nnx.update(model, replicate(nnx.state(model), mesh))
-        nnx.update(optimizer, replicate(nnx.state(optimizer), mesh))
-        sharding = NamedSharding(mesh, P(BATCH_AXIS))
-        step_metrics = train.make_train_step(config, mesh)(
-            model,
-            optimizer,
-            jax.device_put(images, sharding),
-            jax.device_put(labels, sharding),
-            jnp.int32(3),
-        )
-        return float(step_metrics.loss.compute()), nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-    initial = nnx.to_pure_dict(
-        nnx.state(models.create_model(config, labels.shape[1], config.seed), nnx.Param)
+    mesh = data_parallel_mesh(jax.devices()[:num_devices])
+    model = models.create_model(config, labels.shape[1], config.seed)
+    initial = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # donated
+    optimizer = nnx.Optimizer(model, optax.sgd(LARGE_STEP), wrt=nnx.Param)
+    nnx.update(model, replicate(nnx.state(model), mesh))
+    nnx.update(optimizer, replicate(nnx.state(optimizer), mesh))
+    sharding = NamedSharding(mesh, P(BATCH_AXIS))
+    step_metrics = train.make_train_step(config, mesh)(
+        model,
+        optimizer,
+        jax.device_put(images, sharding),
+        jax.device_put(labels, sharding),
+        jnp.int32(3),
     )
-    single_loss, single_params = one_step(1)
-    parallel_loss, parallel_params = one_step(4)
-    np.testing.assert_allclose(parallel_loss, single_loss, rtol=1e-5)
-    # Compare the updates (the gradient, scaled), not the parameters they barely move.
-    single_update = jax.tree.map(np.subtract, single_params, initial)
-    parallel_update = jax.tree.map(np.subtract, parallel_params, initial)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
-        parallel_update,
-        single_update,
-    )
-    largest = max(float(np.abs(u).max()) for u in jax.tree.leaves(single_update))
+    update = jax.tree.map(np.subtract, nnx.to_pure_dict(nnx.state(model, nnx.Param)), initial)
+    largest = max(float(np.abs(u).max()) for u in jax.tree.leaves(update))
     assert largest > 0.1  # the step did move the parameters
+    return float(step_metrics.loss.compute()), update
+
+
+def assert_same_step(step, reference):
+    """Losses of float32 sums in another order agree to 1e-5; the updates, LARGE_STEP times
+    gradients of O(1e-3), to 1e-4 absolute (gradients that nearly cancel lose relative digits)."""
+    np.testing.assert_allclose(step[0], reference[0], rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), step[1], reference[1]
+    )
+
+
+def test_data_parallel_step_matches_single_device(data_dir):
+    assert_same_step(one_training_step(data_dir, 4), one_training_step(data_dir, 1))
+
+
+def test_gradient_cached_step_matches_the_plain_step(data_dir):
+    """Embeddings 16 views at a time (2 per device), then the backward pass chunk by chunk."""
+    plain = one_training_step(data_dir, 8)
+    assert_same_step(one_training_step(data_dir, 8, embedding_chunk_size=16), plain)
+
+
+def test_bfloat16_tiny_run_trains(data_dir, tmp_path):
+    config = tiny_config(data_dir, compute_dtype="bfloat16")
+    config_lib.override(config, **{"linear_eval.random_init_baseline": False})
+    results = train.train_and_evaluate(config, tmp_path)
+    heldout = results["heldout_stage1_loss"]
+    assert heldout["final"] < heldout["initial"] - 0.01, heldout
+    assert np.isfinite(results["linear_eval"]["mAP"])
 
 
 def test_evaluation_runs_from_a_checkpoint_alone(tiny_results, tmp_path):
