@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sdjax import config_lib, input_pipeline, losses, models, objectives
+from sdjax import config_lib, losses, modalities, models, objectives
 from sdjax.gradient_cache import chunked_value_and_grad
 from sdjax.sharding import BATCH_AXIS, data_parallel_mesh, replicate, shard_global_batch
 
@@ -69,7 +69,7 @@ def test_matches_the_trainers_loss_on_the_tiny_config(num_devices):
     def cached(model, inputs, labels, step, chunk_size):
         # The views as make_stage1_loss makes them, before the chunking.
         key = jax.random.fold_in(jax.random.key(config.seed), step)
-        views = input_pipeline.make_views("image", key, inputs, num_views=config.num_views)
+        views = modalities.IMAGE.make_views(key, inputs, config.num_views)
 
         def loss_of_outputs(outputs):
             return sharded_loss(outputs.reshape((*views.shape[:2], -1)), labels)

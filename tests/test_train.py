@@ -124,22 +124,22 @@ def test_bad_config_on_the_command_line_exits_with_a_clear_message(data_dir, tmp
     assert not (tmp_path / "checkpoints").exists()
 
 
-# Long enough that SIGTERM after checkpoint 16 lands in stage 1.
-LONGER = "--config.num_train_steps=40"
+# Long enough that SIGTERM after checkpoint 16 lands in stage 1; one probe is enough here.
+LONGER = ("--config.num_train_steps=40", "--config.linear_eval.random_init_baseline=False")
 
 
 def test_kill_and_sigterm_then_resume_give_identical_results(data_dir, tmp_path):
-    code, output = run_main(tmp_path / "straight", data_dir, LONGER)
+    code, output = run_main(tmp_path / "straight", data_dir, *LONGER)
     assert code == 0, output[-3000:]
     straight = json.loads((tmp_path / "straight" / "results.json").read_text())
 
     workdir = tmp_path / "interrupted"
-    process = run_main(workdir, data_dir, LONGER, wait=False)
+    process = run_main(workdir, data_dir, *LONGER, wait=False)
     wait_for_checkpoint(workdir, 8, process)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
 
-    process = run_main(workdir, data_dir, LONGER, wait=False)
+    process = run_main(workdir, data_dir, *LONGER, wait=False)
     wait_for_checkpoint(workdir, 16, process)  # written by the resumed run
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
@@ -147,7 +147,7 @@ def test_kill_and_sigterm_then_resume_give_identical_results(data_dir, tmp_path)
     assert "SIGTERM: saved the checkpoint at step" in output
     assert not (workdir / "results.json").exists()
 
-    code, output = run_main(workdir, data_dir, LONGER)
+    code, output = run_main(workdir, data_dir, *LONGER)
     assert code == 0, output[-3000:]
     resumed = json.loads((workdir / "results.json").read_text())
     assert resumed["resumed_from_step"] >= 16
