@@ -226,6 +226,7 @@ MULTIHOST_RUN = (
     "--config.checkpoint_every_steps=4",
     "--config.optimizer.learning_rate=1e-3",
     "--config.linear_eval.save_test_outputs=True",
+    "--config.linear_eval.random_init_baseline=False",
 )
 
 
