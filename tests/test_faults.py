@@ -201,7 +201,11 @@ def test_sigterm_while_data_is_prepared_is_honoured_at_once(tmp_path):
     # An empty data dir: the run builds the dataset first (seconds), and SIGTERM arrives then,
     # as soon as the run holds its workdir (just before it loads data).
     workdir = tmp_path / "run"
-    process = run_main(workdir, str(tmp_path / "tfds"), wait=False)
+    # The run ends inside the dataset build, before tfds's temporary folder is removed.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    environment = clean_environment(TMPDIR=scratch)
+    process = run_main(workdir, str(tmp_path / "tfds"), wait=False, env=environment)
     deadline = time.time() + 240
     while not (workdir / ".lock.process0").exists() and time.time() < deadline:
         assert process.poll() is None, process.stdout.read()[-3000:]

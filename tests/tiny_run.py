@@ -19,7 +19,7 @@ def tiny_config(data_dir, **overrides):
     return config_lib.override(config, **overrides)
 
 
-def run_main(workdir, data_dir, *extra, wait=True):
+def run_main(workdir, data_dir, *extra, wait=True, env=None):
     """`python -m sdjax.main` on the tiny config: (exit code, output), or the running process."""
     command = [
         sys.executable,
@@ -31,7 +31,7 @@ def run_main(workdir, data_dir, *extra, wait=True):
         *extra,
     ]
     process = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     if wait:
         output = process.communicate(timeout=300)[0]
