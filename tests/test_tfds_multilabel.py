@@ -200,7 +200,8 @@ def _consistent_voc_source(builder, split, decoders=None, num_examples=5, **kwar
 def test_voc_streamed_split_resizes_and_multi_hots_each_example():
     with tfds.testing.mock_data(as_data_source_fn=_consistent_voc_source):
         split = tfds_multilabel.streamed_split("voc2007", "test", data_dir=None, image_size=16)
-    raw = _consistent_voc_source(tfds.builder("voc/2007"), "test")
+    with no_stray_tfds_temp_dirs():
+        raw = _consistent_voc_source(tfds.builder("voc/2007"), "test")
     assert split["inputs"].shape == (5, 16, 16, 3) and split["inputs"].dtype == np.uint8
     expected_labels = np.zeros((5, 20), np.float32)
     for row, example in zip(expected_labels, raw, strict=True):
