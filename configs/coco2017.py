@@ -1,8 +1,9 @@
 """S-D pre-training of a ResNet-50 on COCO 2017 (the set of 80 object categories per image).
 
 tfds downloads `coco/2017` (about 25 GB) into the data dir on first use; train on "train",
-test on "validation". Images are streamed (each host decodes only its slice of a batch), so host
-memory does not grow with the dataset. Settings for a GPU/TPU slice; the batch is global and split over every device of every host.
+test on "validation". Images are streamed (each host decodes only its slice of a batch), so
+host memory does not grow with the dataset. Settings for a GPU/TPU slice; the batch is global
+and split over every device of every host.
 
 COMMAND:
   python -m sdjax.main --config configs/coco2017.py --workdir workdirs/coco2017
