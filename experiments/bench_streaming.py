@@ -23,6 +23,7 @@ import psutil
 import tensorflow_datasets as tfds
 from absl import app, flags
 
+from experiments.bench_loss import cpu_model
 from sdjax import input_pipeline, modalities
 from sdjax.datasets import tfds_multilabel
 
@@ -33,6 +34,7 @@ flags.DEFINE_integer("image_size", 224, "the side images are resized to, as for 
 FLAGS = flags.FLAGS
 
 RESULTS = Path(__file__).parent / "results" / "bench_streaming.md"
+RSS_TARGET_MB = 2048  # issue 14: per-host RSS beyond the model's own memory
 SOURCE_SIDE = 160  # stored JPEG side: smooth synthetic images, a few KB each
 NUM_CLASSES = 80
 
@@ -142,7 +144,10 @@ def measure(data_dir: str) -> None:
         "on every host.",
         f"- Build {build_seconds:.0f} s; opening (one pass over the labels, images not decoded) "
         f"{open_seconds:.1f} s; reading {read_seconds / FLAGS.steps * 1000:.0f} ms a step on "
-        f"{psutil.cpu_count()} CPU cores.",
+        f"{psutil.cpu_count()} CPU cores ({cpu_model()}).",
+        "",
+        f"Target: peak RSS {max(samples):.0f} MiB <= {RSS_TARGET_MB} MiB: "
+        f"{'PASS' if max(samples) <= RSS_TARGET_MB else 'FAIL'}",
         "",
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
