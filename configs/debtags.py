@@ -54,4 +54,16 @@ def get_config(profile: str = ""):
         "dataset.test_examples": 2000,
         "linear_eval.num_steps": 300,
     }
-    return config_lib.apply_profile(config, profile, quick=quick, tiny=tiny)
+    # A larger Transformer over longer inputs, 4x the batch, 10x the steps.
+    gpu = {
+        "dataset.max_length": 256,
+        "model.encoder.width": 256,
+        "model.encoder.depth": 4,
+        "model.encoder.num_heads": 8,
+        "model.encoder.mlp_dim": 1024,
+        "batch_size": 512,
+        "num_train_steps": 5000,
+        "optimizer.warmup_steps": 250,
+        "linear_eval.num_steps": 3000,
+    }
+    return config_lib.apply_profile(config, profile, quick=quick, tiny=tiny, gpu=gpu)

@@ -34,4 +34,10 @@ def get_config(profile: str = ""):
         config.model.encoder.hidden_sizes = (32,)
 
     quick = {"num_train_steps": 200, "linear_eval.num_steps": 500}
-    return config_lib.apply_profile(config, profile, quick=quick, tiny=tiny)
+    # Yeast has 1,500 training examples: a wider, deeper MLP and longer training, same batch.
+    gpu = {
+        "model.encoder.hidden_sizes": (1024, 1024, 1024),
+        "num_train_steps": 3000,
+        "linear_eval.num_steps": 2000,
+    }
+    return config_lib.apply_profile(config, profile, quick=quick, tiny=tiny, gpu=gpu)

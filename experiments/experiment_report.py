@@ -9,10 +9,12 @@ It goes into the results directory it was built from (report.md, runs.md, figure
 profile's block in experiments/README.md is rewritten only from the committed results
 (experiments/results/<profile>), whose paths the README links to.
 
-Significance: S-D against a baseline is a paired t-test over seeds (runs with the same seed share
-the data order), scipy.stats.ttest_rel. Long-tail intervals are percentile bootstrap intervals
-over test examples, with the replicates averaged over seeds; a difference is called significant
-when its paired-bootstrap 95% interval excludes 0.
+Significance: S-D against another entry is a paired t-test over seeds (runs with the same seed
+share the data order), scipy.stats.ttest_rel, whose 95% interval of the mean difference is the
+effect size shown. The p-values of one table's comparisons are Holm-corrected together
+(statsmodels). Long-tail intervals are percentile bootstrap intervals over test examples, with
+the replicates averaged over seeds; a difference is called significant when its
+paired-bootstrap 95% interval excludes 0.
 """
 
 from __future__ import annotations
@@ -25,20 +27,22 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
 from experiments.suite import (
     ABLATIONS,
-    BASELINES,
     COMPARED,
     DATASETS,
     DEFAULT_TEMPERATURE,
     PROFILES,
     SEEDS,
+    SETTINGS,
     TEMPERATURES,
     TSNE_DATASET,
     TSNE_METHODS,
     Run,
     best_baseline,
+    entry_run,
     load_result,
     missing_runs,
     plan,
@@ -65,13 +69,16 @@ RELATION_COLORS = {
 }
 
 
-def seed_values(results_dir, dataset, method, metric, temperature=DEFAULT_TEMPERATURE):
-    """{seed: value} over the seeds whose runs have finished."""
+def seed_values(
+    results_dir, dataset, method, metric, temperature=DEFAULT_TEMPERATURE, setting="pretrain"
+):
+    """{seed: value} over the seeds whose runs have finished, scored as `setting` scores."""
     values = {}
     for seed in SEEDS:
-        record = load_result(results_dir, Run(dataset, method, seed, temperature))
+        run = entry_run(dataset, setting, method, seed, temperature)
+        record = load_result(results_dir, run)
         if record is not None:
-            values[seed] = record["linear_eval"][metric]
+            values[seed] = run.score(record)[metric]
     return values
 
 
@@ -84,21 +91,43 @@ def mean_std(values: dict) -> str:
 
 def paired_test(a: dict, b: dict) -> tuple[float, float, int]:
     """(mean of a - b, two-sided p of the paired t-test, n) over the seeds both have."""
+    comparison = paired_effect(a, b)
+    return comparison["diff"], comparison["p"], comparison["n"]
+
+
+def paired_effect(a: dict, b: dict) -> dict:
+    """The paired t-test of a - b over the seeds both have: the mean difference `diff`, its 95%
+    interval [`low`, `high`], the two-sided `p` and `n`. NaN where the test is undefined."""
     seeds = sorted(set(a) & set(b))
     diff = np.array([a[s] - b[s] for s in seeds])
+    nan = float("nan")
+    result = {"diff": float(diff.mean()) if len(diff) else nan, "low": nan, "high": nan}
+    result.update(p=nan, n=len(seeds))
     if len(seeds) < 2 or np.all(diff == diff[0]):
-        return float(diff.mean()) if len(diff) else float("nan"), float("nan"), len(seeds)
-    return (
-        float(diff.mean()),
-        float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue),
-        len(seeds),
-    )
+        return result
+    test = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds])
+    interval = test.confidence_interval(0.95)
+    result.update(p=float(test.pvalue), low=float(interval.low), high=float(interval.high))
+    return result
 
 
-def metric_table(results_dir, dataset, methods, temperature=DEFAULT_TEMPERATURE) -> list[str]:
+def holm_adjusted(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of one family of p-values; NaN (no test) stays out of it."""
+    tested = [i for i, p in enumerate(p_values) if not np.isnan(p)]
+    adjusted = [float("nan")] * len(p_values)
+    if tested:
+        corrected = multipletests([p_values[i] for i in tested], method="holm")[1]
+        for i, p in zip(tested, corrected, strict=True):
+            adjusted[i] = float(p)
+    return adjusted
+
+
+def metric_table(
+    results_dir, dataset, methods, temperature=DEFAULT_TEMPERATURE, setting="pretrain"
+) -> list[str]:
     """A markdown table of mean ± std per method; the best mean of each column in bold."""
     cells = {
-        (m, k): seed_values(results_dir, dataset, m, k, temperature)
+        (m, k): seed_values(results_dir, dataset, m, k, temperature, setting)
         for m in methods
         for k in METRICS
     }
@@ -132,9 +161,9 @@ def significance_line(results_dir, dataset, reference: str, other: str) -> str:
 
 
 def strongest_competitor(results_dir, dataset) -> str | None:
-    """The best of the baselines and BCE by mean mAP over finished seeds."""
+    """The best entry other than S-D by mean mAP over finished seeds (pre-training setting)."""
     means = {}
-    for method in (*BASELINES, "bce"):
+    for method in COMPARED[1:]:
         values = seed_values(results_dir, dataset, method, "mAP")
         if values:
             means[method] = np.mean(list(values.values()))
@@ -146,39 +175,68 @@ def strongest_competitor(results_dir, dataset) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def comparison_section(results_dir) -> list[str]:
+def comparison_section(profile, results_dir) -> list[str]:
     lines = [
         "### 1. Comparison",
         "",
-        "Linear-probe metrics on the test split (mean ± sample std over seeds); the best mean",
-        "in each column is bold. The S-D row is compared with the strongest other entry by mAP",
-        "(a paired t-test over seeds).",
+        "Test metrics (mean ± sample std over seeds) of every loss in each training setting;",
+        "the best mean in each column is bold. `sd_swapped` exchanges the roles of S-D's",
+        "factors, K_s = |S∩T|/|T| and K_d = 1/(1 + |S \\ T|): what ws-MulSupCon computes",
+        "(docs/SPEC.md). `bce` is the same encoder trained with sigmoid BCE alone.",
         "",
     ]
-    for dataset in DATASETS:
-        lines += [f"**{dataset}**", "", *metric_table(results_dir, dataset, COMPARED), ""]
-        rival = strongest_competitor(results_dir, dataset)
-        if rival and seed_values(results_dir, dataset, "sd", "mAP"):
-            lines += [significance_line(results_dir, dataset, "sd", rival), ""]
-    return lines + sd_against_each_table(results_dir)
+    for setting, datasets in PROFILES[profile]["setting_datasets"].items():
+        scored_by = SETTINGS[setting].scored_by
+        lines += [
+            f"#### Setting `{setting}`: {SETTINGS[setting].description}",
+            "",
+            f'Scored by `results["{scored_by}"]`.',
+            "",
+        ]
+        for dataset in datasets:
+            lines += [
+                f"**{dataset}**",
+                "",
+                *metric_table(results_dir, dataset, COMPARED, setting=setting),
+                "",
+            ]
+        lines += sd_against_each_table(results_dir, setting, datasets)
+    return lines
 
 
-def sd_against_each_table(results_dir) -> list[str]:
-    """S-D's mAP minus every other entry's, per dataset: the paper's claim is against each."""
+def sd_against_each_table(results_dir, setting: str, datasets) -> list[str]:
+    """S-D's mAP minus every other entry's, per dataset, with Holm-corrected paired tests: the
+    paper's claim is against each."""
     others = [m for m in COMPARED if m != "sd"]
+    effects = {
+        (dataset, other): paired_effect(
+            seed_values(results_dir, dataset, "sd", "mAP", setting=setting),
+            seed_values(results_dir, dataset, other, "mAP", setting=setting),
+        )
+        for dataset in datasets
+        for other in others
+    }
+    adjusted = dict(zip(effects, holm_adjusted([e["p"] for e in effects.values()]), strict=True))
     lines = [
-        "**S-D against each entry**: mAP of `sd` minus the entry's (paired t-test over seeds;",
-        "`*` marks p < 0.05, with no correction for the many tests).",
+        f"**S-D against each entry (`{setting}`)**: mean mAP of `sd` minus the entry's over",
+        "paired seeds, its 95% interval (paired t), and the p-value after a Holm correction over",
+        f"all {len(effects)} comparisons of this table; `*` marks a Holm-corrected p < 0.05.",
         "",
         "| dataset | " + " | ".join(others) + " |",
         "|---" * (len(others) + 1) + "|",
     ]
-    for dataset in DATASETS:
-        reference = seed_values(results_dir, dataset, "sd", "mAP")
+    for dataset in datasets:
         cells = []
         for other in others:
-            diff, p, n = paired_test(reference, seed_values(results_dir, dataset, other, "mAP"))
-            cells.append("–" if n == 0 else f"{diff:+.4f}{'*' if p < 0.05 else ''} (p = {p:.2f})")
+            effect, p = effects[dataset, other], adjusted[dataset, other]
+            if effect["n"] == 0:
+                cells.append("–")
+                continue
+            mark = "*" if p < 0.05 else ""
+            cells.append(
+                f"{effect['diff']:+.4f}{mark} [{effect['low']:+.4f}, {effect['high']:+.4f}] "
+                f"(p = {p:.2f})"
+            )
         lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -189,8 +247,7 @@ def ablation_section(results_dir) -> list[str]:
         "",
         "`sd_similarity_only` keeps K_s = |S∩T|/|S| and `sd_dissimilarity_only` keeps",
         "K_d = 1/(1 + |T \\ S|); `sd` multiplies them (docs/SPEC.md; S is the anchor's label set).",
-        "`sd_swapped` exchanges the factors' roles, K_s = |S∩T|/|T| and K_d = 1/(1 + |S \\ T|):",
-        "what ws-MulSupCon computes.",
+        "Pre-training setting.",
         "",
     ]
     for dataset in DATASETS:
@@ -217,7 +274,7 @@ def temperature_section(profile, results_dir, figure_path) -> list[str]:
     ]
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
-        baseline = best_baseline(results_dir, dataset)
+        baseline = best_baseline(profile, results_dir, dataset)
         methods = ("sd", baseline) if baseline else ("sd",)
         lines += [
             f"**{dataset}**",
@@ -434,18 +491,13 @@ def tsne_section(results_dir, figure_path) -> list[str]:
 def runs_table(results_dir) -> tuple[list[str], list[dict]]:
     records = sorted(
         (json.loads(p.read_text()) for p in (results_dir / "runs").rglob("*.json")),
-        key=lambda r: (
-            r["run"]["dataset"],
-            r["run"]["method"],
-            r["run"]["temperature"],
-            r["run"]["seed"],
-        ),
+        key=lambda r: Run(**r["run"]).name,
     )
     lines = ["| run | mAP | wall time (s) | hardware |", "|---|---|---|---|"]
     for r in records:
         run = Run(**r["run"])
         lines.append(
-            f"| {run.name} | {r['linear_eval']['mAP']:.4f} | {r['wall_seconds']:.0f} | "
+            f"| {run.name} | {run.score(r)['mAP']:.4f} | {r['wall_seconds']:.0f} | "
             f"{r['hardware']} |"
         )
     return lines, records
@@ -468,7 +520,7 @@ def write_report(profile: str, results_dir: Path, readme: Path | None = None) ->
         f"{'; '.join(sorted(hardware)) or '–'}. Every run's wall time and hardware: "
         f"[results/{profile}/runs.md](results/{profile}/runs.md).",
         "",
-        *comparison_section(results_dir),
+        *comparison_section(profile, results_dir),
         *ablation_section(results_dir),
         *temperature_section(profile, results_dir, results_dir / "temperature.png"),
         *longtail_section(results_dir, results_dir / "longtail.png"),

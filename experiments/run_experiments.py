@@ -48,7 +48,7 @@ from experiments.suite import (
 EXPERIMENTS = Path(__file__).resolve().parent
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("profile", "quick", ["quick", "full"], "Which budget to run.")
+flags.DEFINE_enum("profile", "quick", list(PROFILES), "Which budget to run.")
 flags.DEFINE_string("results_dir", str(EXPERIMENTS / "results"), "Where result files go.")
 flags.DEFINE_string("workdir", str(EXPERIMENTS / "workdirs"), "Scratch space for checkpoints.")
 flags.DEFINE_string("data_dir", "", "tfds data dir; '' = $TFDS_DATA_DIR or the sdjax cache.")
@@ -82,14 +82,10 @@ def run_config(profile: str, run: Run, data_dir: str):
     config = config_lib.load_config_file(CONFIG_FILES[run.dataset], config_profile)
     overrides = {
         **COMMON_OVERRIDES,
+        **run.config_overrides(),
         "seed": run.seed,
         "dataset.data_dir": data_dir,
     }
-    if run.method == "bce":
-        overrides["method"] = "bce"
-    else:
-        overrides["loss.positives"] = run.method
-        overrides["loss.temperature"] = run.temperature
     return config_lib.override(config, **overrides)
 
 
@@ -109,6 +105,7 @@ def execute(profile: str, run: Run, results_dir: Path, workdir_root: Path, data_
         "run": dataclasses.asdict(run),
         "profile": profile,
         "linear_eval": results["linear_eval"],
+        **({"classifier": results["classifier"]} if "classifier" in results else {}),
         "final_train_loss": results["final_train_loss"],
         "heldout_stage1_loss": results["heldout_stage1_loss"],
         "train_label_counts": outputs["train_label_counts"].astype(int).tolist(),
@@ -118,7 +115,8 @@ def execute(profile: str, run: Run, results_dir: Path, workdir_root: Path, data_
         "hardware": hardware_name(),
         "config": f"configs/{CONFIG_FILES[run.dataset]}.py:{PROFILES[profile]['config_profile']}",
     }
-    if run.dataset == TSNE_DATASET and run.method in TSNE_METHODS and run.seed == 0:
+    tsne_run = (TSNE_DATASET, "pretrain", 0) == (run.dataset, run.setting, run.seed)
+    if tsne_run and run.method in TSNE_METHODS:
         if run.temperature == DEFAULT_TEMPERATURE:
             path = results_dir / "embeddings" / f"{run.dataset}_{run.method}.npz"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +159,7 @@ def main(argv):
             eta = elapsed / (i + 1) * (len(pending) - i - 1)
             print(
                 f"[{i + 1}/{len(pending)}] {run.name}: mAP "
-                f"{record['linear_eval']['mAP']:.4f} in {record['wall_seconds']:.0f} s; "
+                f"{run.score(record)['mAP']:.4f} in {record['wall_seconds']:.0f} s; "
                 f"ETA {eta / 60:.0f} min",
                 flush=True,
             )

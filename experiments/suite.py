@@ -20,20 +20,79 @@ CONFIG_FILES = {  # configs/<file>.py for each dataset
     "debtags": "debtags",
 }
 BASELINES = ("all", "any", "jaccard", "mulsupcon")
-COMPARED = ("sd", *BASELINES, "bce")
-ABLATIONS = ("sd_similarity_only", "sd_dissimilarity_only", "sd_swapped")
+COMPARED = ("sd", "sd_swapped", *BASELINES, "bce")
+ABLATIONS = ("sd_similarity_only", "sd_dissimilarity_only")
 TEMPERATURES = (0.05, 0.07, 0.1, 0.2, 0.5)
 DEFAULT_TEMPERATURE = 0.1
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)  # every seed any profile runs; a profile runs its first `num_seeds`
 TSNE_DATASET = "mnist_mosaic"
 TSNE_METHODS = ("sd", "any")
 TSNE_POINTS = 1500
 
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One way to train with a contrastive loss, and how its runs are scored.
+
+    Attributes:
+      description: one line for tables.
+      overrides: config overrides of its contrastive runs.
+      bce_overrides: those of its BCE-only baseline.
+      scored_by: the results entry that scores a run: "linear_eval" (a linear probe on the
+        frozen encoder) or "classifier" (the jointly trained classifier itself).
+    """
+
+    description: str
+    overrides: dict
+    bce_overrides: dict
+    scored_by: str
+
+
+SETTINGS = {
+    "pretrain": Setting(
+        "in-batch contrastive pre-training, then a linear probe",
+        {},
+        {"method": "bce"},
+        "linear_eval",
+    ),
+    # MoCo changes nothing for BCE: its baseline is the pre-training setting's BCE run.
+    "moco": Setting(
+        "MulSupCon's query/key setting (momentum encoder, label queue), then a linear probe",
+        {"framework": "moco"},
+        {"method": "bce"},
+        "linear_eval",
+    ),
+    "joint": Setting(
+        "joint BCE + contrastive fine-tuning, scored by its own classifier",
+        {"method": "joint"},
+        {"method": "joint", "loss.joint_weight": 0.0},
+        "classifier",
+    ),
+}
+
 # Each profile is a profile of the config files (configs/<file>.py:quick holds the quick
 # profile's steps and examples: the same models and protocol on a smaller budget).
 PROFILES = {
-    "quick": {"config_profile": "quick", "temperature_datasets": ("yeast",)},
-    "full": {"config_profile": "", "temperature_datasets": ("yeast", "mnist_mosaic")},
+    "quick": {
+        "config_profile": "quick",
+        "num_seeds": 3,
+        "temperature_datasets": ("yeast",),
+        # The other settings on every dataset would not fit the quick profile's hour.
+        "setting_datasets": {"pretrain": DATASETS, "moco": ("yeast",), "joint": ("yeast",)},
+    },
+    "full": {
+        "config_profile": "",
+        "num_seeds": 5,
+        "temperature_datasets": ("yeast", "mnist_mosaic"),
+        "setting_datasets": {setting: DATASETS for setting in SETTINGS},
+    },
+    # Larger encoders, batches and step counts, in bfloat16: for an accelerator.
+    "gpu": {
+        "config_profile": "gpu",
+        "num_seeds": 5,
+        "temperature_datasets": ("yeast", "mnist_mosaic"),
+        "setting_datasets": {setting: DATASETS for setting in SETTINGS},
+    },
 }
 COMMON_OVERRIDES = {
     "linear_eval.random_init_baseline": False,
@@ -49,12 +108,43 @@ class Run:
     method: str  # a `positives` value, or "bce"
     seed: int
     temperature: float = DEFAULT_TEMPERATURE
+    setting: str = "pretrain"
 
     @property
     def name(self) -> str:
+        # The pre-training setting's runs keep the names they had before settings existed.
+        prefix = self.dataset if self.setting == "pretrain" else f"{self.dataset}/{self.setting}"
         if self.method == "bce":
-            return f"{self.dataset}/bce_s{self.seed}"
-        return f"{self.dataset}/{self.method}_t{self.temperature:g}_s{self.seed}"
+            return f"{prefix}/bce_s{self.seed}"
+        return f"{prefix}/{self.method}_t{self.temperature:g}_s{self.seed}"
+
+    def config_overrides(self) -> dict:
+        """The overrides that make this run out of its dataset's config file."""
+        setting = SETTINGS[self.setting]
+        if self.method == "bce":
+            return dict(setting.bce_overrides)
+        return {
+            **setting.overrides,
+            "loss.positives": self.method,
+            "loss.temperature": self.temperature,
+        }
+
+    def score(self, record: dict) -> dict:
+        """The test metrics that score this run in its result file."""
+        return record[SETTINGS[self.setting].scored_by]
+
+
+def entry_run(dataset: str, setting: str, method: str, seed: int, temperature=None) -> Run:
+    """The run that holds (dataset, setting, method, seed)'s result; settings share BCE runs
+    whose training they do not change."""
+    temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
+    if method == "bce" and SETTINGS[setting].bce_overrides == SETTINGS["pretrain"].bce_overrides:
+        setting = "pretrain"
+    return Run(dataset, method, seed, temperature, setting)
+
+
+def profile_seeds(profile: str) -> tuple[int, ...]:
+    return SEEDS[: PROFILES[profile]["num_seeds"]]
 
 
 def result_path(results_dir: Path, run: Run) -> Path:
@@ -66,14 +156,16 @@ def load_result(results_dir: Path, run: Run) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def best_baseline(results_dir: Path, dataset: str) -> str | None:
-    """The contrastive baseline with the highest mean mAP on `dataset`, once all seeds ran."""
+def best_baseline(profile: str, results_dir: Path, dataset: str) -> str | None:
+    """The contrastive baseline with the highest mean mAP on `dataset` (pre-training setting),
+    once all of the profile's seeds ran."""
     means = {}
     for method in BASELINES:
-        results = [load_result(results_dir, Run(dataset, method, seed)) for seed in SEEDS]
+        runs = [Run(dataset, method, seed) for seed in profile_seeds(profile)]
+        results = [load_result(results_dir, run) for run in runs]
         if any(r is None for r in results):
             return None
-        means[method] = np.mean([r["linear_eval"]["mAP"] for r in results])
+        means[method] = np.mean([run.score(r)["mAP"] for run, r in zip(runs, results, strict=True)])
     return max(means, key=means.get)
 
 
@@ -88,20 +180,27 @@ def plan(
     if unknown:
         raise ValueError(f"datasets: unknown {sorted(unknown)}; expected some of {DATASETS}")
     wanted = set(sections or ("comparison", "ablation", "temperature", "longtail", "tsne"))
+    seeds = profile_seeds(profile)
     runs = []
     if wanted & {"comparison", "longtail", "tsne"}:
-        runs += [Run(d, m, s) for d in DATASETS for m in COMPARED for s in SEEDS]
+        for setting, setting_datasets in PROFILES[profile]["setting_datasets"].items():
+            runs += [
+                entry_run(d, setting, m, s)
+                for d in setting_datasets
+                for m in COMPARED
+                for s in seeds
+            ]
     if "ablation" in wanted:
-        runs += [Run(d, m, s) for d in DATASETS for m in ABLATIONS for s in SEEDS]
+        runs += [Run(d, m, s) for d in DATASETS for m in ABLATIONS for s in seeds]
     if "temperature" in wanted:
         for dataset in PROFILES[profile]["temperature_datasets"]:
-            baseline = best_baseline(results_dir, dataset)
+            baseline = best_baseline(profile, results_dir, dataset)
             for method in ("sd", baseline) if baseline else ("sd",):
                 runs += [
                     Run(dataset, method, s, t)
                     for t in TEMPERATURES
                     if t != DEFAULT_TEMPERATURE
-                    for s in SEEDS
+                    for s in seeds
                 ]
     if datasets:
         runs = [run for run in runs if run.dataset in datasets]

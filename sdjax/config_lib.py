@@ -20,8 +20,9 @@ import ml_collections
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # "": the file's own settings; "tiny": the whole pipeline in seconds (tests, smoke checks);
-# "quick": the experiment suite's quick profile (fewer steps and examples, same models).
-PROFILES = ("", "tiny", "quick")
+# "quick": the experiment suite's quick profile (fewer steps and examples, same models);
+# "gpu": its accelerator profile (larger encoders, batches and step counts, in bfloat16).
+PROFILES = ("", "tiny", "quick", "gpu")
 
 # Fields that cannot change a run's results: a resumed run may change them.
 RESULT_NEUTRAL_FIELDS = (
@@ -65,15 +66,18 @@ def apply_profile(
     *,
     quick: Mapping[str, Any] | None = None,
     tiny: Callable[[ml_collections.ConfigDict], None] | None = None,
+    gpu: Mapping[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
     """The one profile parser of every config file.
 
     Args:
       config: the file's full settings.
-      profile: "" (as is), "tiny" or "quick".
+      profile: "" (as is), "tiny", "quick" or "gpu".
       quick: the file's dotted overrides for the experiment suite's quick profile; None = the
         file has no quick profile.
       tiny: the file's model shrinking for "tiny", applied before the shared short run.
+      gpu: the file's dotted overrides for the suite's accelerator profile, which also computes
+        in bfloat16; None = the file has none.
 
     Returns:
       `config`, changed in place.
@@ -96,10 +100,13 @@ def apply_profile(
                 "linear_eval.batch_size": 64,
             },
         )
-    elif profile == "quick":
-        if quick is None:
-            raise ConfigError(f"profile: got 'quick', but {config.dataset.name} has none.")
-        override(config, **quick)
+    elif profile in ("quick", "gpu"):
+        overrides = {"quick": quick, "gpu": gpu}[profile]
+        if overrides is None:
+            raise ConfigError(f"profile: got {profile!r}, but {config.dataset.name} has none.")
+        if profile == "gpu":
+            overrides = {"compute_dtype": "bfloat16", **overrides}
+        override(config, **overrides)
     return config
 
 

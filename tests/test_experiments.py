@@ -1,5 +1,6 @@
 """The experiment suite's planning, skipping and report, on result files written here."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -13,18 +14,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import experiment_report, suite
 
+METRICS = experiment_report.METRICS
+
 
 def fake_record(run, value):
+    """A result file whose scoring metrics are all `value` (its other metrics are -1)."""
     groups = {"head": [0], "medium": [1], "tail": [2]}
     bootstrap = {g: {"macro_f1": [value] * 11, "mAP": [value] * 11} for g in groups}
+    scored_by = suite.SETTINGS[run.setting].scored_by
     return {
-        "run": {
-            "dataset": run.dataset,
-            "method": run.method,
-            "seed": run.seed,
-            "temperature": run.temperature,
-        },
-        "linear_eval": {k: value for k in experiment_report.METRICS},
+        "run": dataclasses.asdict(run),
+        "linear_eval": {k: value if scored_by == "linear_eval" else -1.0 for k in METRICS},
+        "classifier": {k: value if scored_by == "classifier" else -1.0 for k in METRICS},
         "train_label_counts": [100, 10, 1] if run.dataset == "debtags" else [5, 5, 5],
         "label_groups": groups,
         "group_bootstrap": bootstrap,
@@ -43,8 +44,15 @@ def test_plan_skips_nothing_it_needs_and_adds_the_best_baseline_sweep(tmp_path):
     runs = suite.plan("quick", tmp_path, [])
     assert len(runs) == len(set(runs))
     comparison = [r for r in runs if r.temperature == suite.DEFAULT_TEMPERATURE]
-    assert len(comparison) == 4 * (6 + 3) * 3  # 6 compared + 3 ablations, 4 datasets, 3 seeds
+    # Pre-training: 7 compared + 2 ablations, 4 datasets, 3 seeds. MoCo and joint on yeast:
+    # 6 contrastive losses each, and joint's own BCE (MoCo's BCE is pre-training's).
+    assert len(comparison) == 4 * (7 + 2) * 3 + (6 + 7) * 3
+    assert {r.setting for r in comparison if r.dataset != "yeast"} == {"pretrain"}
+    assert suite.entry_run("yeast", "moco", "bce", 1) == suite.Run("yeast", "bce", 1)
+    assert suite.Run("yeast", "bce", 1, setting="joint") in runs
     assert {r.method for r in runs if r.temperature != suite.DEFAULT_TEMPERATURE} == {"sd"}
+    full = suite.plan("full", tmp_path, ["comparison"])
+    assert len(full) == 4 * (7 + 6 + 7) * 5 and {r.seed for r in full} == set(suite.SEEDS)
     for run in comparison:  # the baselines on yeast finish: "jaccard" is the best
         if run.dataset == "yeast" and run.method in suite.BASELINES:
             write(tmp_path, run, 0.6 if run.method == "jaccard" else 0.5)
@@ -56,7 +64,35 @@ def test_plan_skips_nothing_it_needs_and_adds_the_best_baseline_sweep(tmp_path):
         suite.plan("quick", tmp_path, [], ["imagenet"])
 
 
-def test_report_means_bold_and_paired_t_test(tmp_path):
+def holm_by_hand(p_values):
+    """Holm's step-down adjustment, written out: the k-th smallest p times (m - k), running max."""
+    order = np.argsort(p_values)
+    adjusted, running = np.empty(len(p_values)), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def test_holm_adjustment_and_paired_interval():
+    p_values = [0.01, 0.04, 0.03, 0.2, float("nan")]
+    expected = holm_by_hand(np.array(p_values[:4]))
+    adjusted = experiment_report.holm_adjusted(p_values)
+    np.testing.assert_allclose(adjusted[:4], expected, rtol=1e-12)
+    assert np.isnan(adjusted[4])
+    a, b = {0: 0.71, 1: 0.69, 2: 0.74, 3: 0.70}, {0: 0.65, 1: 0.66, 2: 0.70, 3: 0.69, 4: 0.1}
+    diff = np.array([a[s] - b[s] for s in range(4)])
+    half_width = stats.t.ppf(0.975, 3) * diff.std(ddof=1) / np.sqrt(4)
+    effect = experiment_report.paired_effect(a, b)  # seed 4 is not paired
+    assert effect["n"] == 4
+    np.testing.assert_allclose(
+        [effect["diff"], effect["low"], effect["high"]],
+        [diff.mean(), diff.mean() - half_width, diff.mean() + half_width],
+        rtol=1e-12,
+    )
+
+
+def test_report_means_bold_and_holm_corrected_tests(tmp_path):
     rng = np.random.default_rng(0)
     values = {}
     for run in suite.plan("quick", tmp_path, ["comparison", "ablation"]):
@@ -73,21 +109,44 @@ def test_report_means_bold_and_paired_t_test(tmp_path):
     experiment_report.write_report("quick", tmp_path, readme)
     text = readme.read_text()
     assert text.startswith("intro") and "\nold\n" not in text and text.count("report:quick") == 2
-    sd = [values[suite.Run("yeast", "sd", s)] for s in suite.SEEDS]
-    rival = [values[suite.Run("yeast", "all", s)] for s in suite.SEEDS]
+    seeds = suite.profile_seeds("quick")
+
+    def entry(dataset, method, setting="pretrain"):
+        return [values[suite.entry_run(dataset, setting, method, s)] for s in seeds]
+
+    sd, rival = entry("yeast", "sd"), entry("yeast", "all")
     row = f"| sd | **{np.mean(sd):.4f} ± {np.std(sd, ddof=1):.4f}**"
     assert row in text
+    ablation = entry("yeast", "sd_similarity_only")
+    p = stats.ttest_rel(sd, ablation).pvalue
+    assert f"mAP Δ = {np.mean(sd) - np.mean(ablation):+.4f} (p = {p:.3f}, n = 3" in text
+    # The temperature table's τ = 0.1 row pairs sd with the best baseline (`all`).
     p = stats.ttest_rel(sd, rival).pvalue
-    assert f"mAP Δ = {np.mean(sd) - np.mean(rival):+.4f} (p = {p:.3f}, n = 3" in text
-    # The temperature table's τ = 0.1 row pairs sd with the best baseline (`all`) too.
     tau_row = next(line for line in text.splitlines() if line.startswith("| 0.1 | "))
     assert tau_row.endswith(f"| {np.mean(sd) - np.mean(rival):+.4f} (p = {p:.2f}) |")
-    # The S-D-against-each table: yeast's cell for `any` (the table's second column).
-    other = [values[suite.Run("yeast", "any", s)] for s in suite.SEEDS]
-    p_any = stats.ttest_rel(sd, other).pvalue
-    yeast_row = next(line for line in text.splitlines() if line.startswith("| yeast | "))
-    cell = f"{np.mean(sd) - np.mean(other):+.4f}{'*' if p_any < 0.05 else ''} (p = {p_any:.2f})"
-    assert yeast_row.split(" | ")[2] == cell
+    # Each setting's S-D-against-each table: Holm over all its cells; yeast's row is checked.
+    others = [m for m in suite.COMPARED if m != "sd"]
+    yeast_rows = [line for line in text.splitlines() if line.startswith("| yeast | ")]
+    assert len(yeast_rows) == len(suite.SETTINGS)
+    for setting, yeast_row in zip(suite.SETTINGS, yeast_rows, strict=True):
+        datasets = suite.PROFILES["quick"]["setting_datasets"][setting]
+        raw = {
+            (d, o): stats.ttest_rel(entry(d, "sd", setting), entry(d, o, setting)).pvalue
+            for d in datasets
+            for o in others
+        }
+        adjusted = dict(zip(raw, holm_by_hand(np.array(list(raw.values()))), strict=True))
+        for column, other in enumerate(others):
+            diff = np.array(entry("yeast", "sd", setting)) - np.array(
+                entry("yeast", other, setting)
+            )
+            half_width = stats.t.ppf(0.975, len(seeds) - 1) * diff.std(ddof=1) / np.sqrt(3)
+            p = adjusted["yeast", other]
+            cell = (
+                f"{diff.mean():+.4f}{'*' if p < 0.05 else ''} [{diff.mean() - half_width:+.4f}, "
+                f"{diff.mean() + half_width:+.4f}] (p = {p:.2f})"
+            )
+            assert yeast_row.strip(" |").split(" | ")[1 + column] == cell, (setting, other)
     assert "On **debtags**" in text  # the most imbalanced labels
     for figure in ("temperature.png", "longtail.png", "tsne.png"):
         assert (tmp_path / figure).stat().st_size > 5000
