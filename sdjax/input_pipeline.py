@@ -2,7 +2,8 @@
 
 The data contract: every dataset gives a split as {"inputs": [N, ...], "labels": float32 [N, C]
 multi-hot}, and its `Dataset.modality` (sdjax.modalities) says how inputs become encoder inputs
-and views. The builders write array_record files, which `tfds.data_source` reads by index.
+and views. sdjax's builders store examples in that form too (debtags's `inputs` is the text,
+which its loader tokenises), in array_record files that `tfds.data_source` reads by index.
 
 Small datasets are held in memory as numpy arrays. Streamed datasets (VOC, COCO) keep only their
 labels in memory; `inputs` is a `StreamedInputs`, which reads and decodes the examples it is
@@ -52,25 +53,15 @@ class Dataset:
 def debtags_corpus(data_dir: str = "", source_dir: str = "") -> tuple[dict, list[str]]:
     """Debtags texts and multi-hot tags: ({split: (texts, float32 [N, C])}, the C tag names).
 
-    The columns are the sorted tags of both splits, so train and test share them.
+    Both come from the builder as they are stored; train and test share the tag columns.
     """
-    from sklearn.preprocessing import MultiLabelBinarizer
-
     data_dir = data_dir or default_data_dir()
-    splits = {
-        split: _stack(tfds_source("debtags/default", split, data_dir, source_dir))
-        for split in ("train", "test")
-    }
-    tag_lists = {s: [t.decode().split(", ") for t in splits[s]["tags"]] for s in splits}
-    binarizer = MultiLabelBinarizer().fit(tag_lists["train"] + tag_lists["test"])  # sorts tags
-    corpus = {
-        split: (
-            [t.decode() for t in splits[split]["text"]],
-            binarizer.transform(tag_lists[split]).astype(np.float32),
-        )
-        for split in splits
-    }
-    return corpus, binarizer.classes_.tolist()
+    corpus = {}
+    for split in ("train", "test"):
+        source = tfds_source("debtags/default", split, data_dir, source_dir)
+        examples = _stack(source)
+        corpus[split] = ([text.decode() for text in examples["inputs"]], examples["labels"])
+    return corpus, list(source.dataset_info.metadata["tags"])
 
 
 def _load_debtags(split: str, *, data_dir: str, source_dir: str, options: dict) -> dict:

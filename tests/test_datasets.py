@@ -222,6 +222,30 @@ def test_debtags_split_is_a_deterministic_partition(apt_lists):
     assert debtags.split_names(names, "test") == test
 
 
+def test_debtags_builder_stores_inputs_and_multi_hot_labels(apt_lists, tmp_path):
+    import tensorflow_datasets as tfds
+
+    kept = sorted([*TOPIC_TAGS, "role::program"])  # the fixture's tags that survive cleaning
+    expected = {name: (text, tags) for name, _, _, text, tags in fake_corpus()}
+    for split in ("train", "test"):
+        source = input_pipeline.tfds_source("debtags/default", split, str(tmp_path), str(apt_lists))
+        names = debtags.split_names(sorted(expected), split)
+        assert len(source) == len(names)
+        for i, name in enumerate(names):
+            example = source[i]
+            assert set(example) == {"inputs", "labels", "package"}
+            assert example["package"].decode() == name
+            text, tags = expected[name]
+            assert example["inputs"].decode() == f"{text}\n\nSecond paragraph of {name}."
+            assert example["labels"].dtype == np.float32
+            assert example["labels"].tolist() == [float(tag in tags) for tag in kept]
+    # Prepared data declares its label columns without reading the apt lists again.
+    builder = tfds.builder("debtags/default", data_dir=str(tmp_path), source_dir=str(tmp_path))
+    assert builder.info.metadata["tags"] == kept
+    assert builder.info.features["labels"].shape == (len(kept),)
+    assert str(builder.info.version) == "1.3.0"
+
+
 def test_debtags_loads_token_ids_and_multi_hot_tags(apt_lists, tmp_path):
     options = dict(data_dir=str(tmp_path), source_dir=str(apt_lists), vocab_size=64, max_length=12)
     train = input_pipeline.load_split("debtags", "train", **options)

@@ -14,12 +14,18 @@ Decisions (recorded in the dataset statistics):
 - Then tags with fewer than `min_tag_count` (50) packages are dropped, and packages left with
   no tag or an empty long description are dropped.
 - Split: a seeded 80/20 permutation of the package names.
+
+Each example is {"inputs": the long description (text), "labels": float32 [C] multi-hot over the
+C kept tags in sorted order, "package": its name}, stored in package name order. The tag names,
+in column order, are `info.metadata["tags"]`; they are saved with the prepared data, so loading
+it does not read the apt lists again.
 """
 
 from __future__ import annotations
 
 import bz2
 import collections
+import functools
 import gzip
 import lzma
 import re
@@ -179,6 +185,7 @@ def split_names(names: list[str], split: str, seed: int = SPLIT_SEED) -> list[st
 
 
 RELEASE_NOTES = {
+    "1.3.0": "Examples are {inputs, labels (float32 multi-hot over metadata['tags']), package}.",
     "1.2.0": "array_record files (random access).",
     "1.1.0": "Examples are stored in name order (disable_shuffling); no `index` feature.",
     "1.0.0": "Examples carry an `index` feature, their position in name order.",
@@ -187,7 +194,7 @@ RELEASE_NOTES = {
 
 class DebtagsConfig(tfds.core.BuilderConfig):
     def __init__(self, *, min_tag_count: int = MIN_TAG_COUNT, **kwargs):
-        kwargs.setdefault("version", tfds.core.Version("1.2.0"))
+        kwargs.setdefault("version", tfds.core.Version("1.3.0"))
         kwargs.setdefault("release_notes", RELEASE_NOTES)
         super().__init__(**kwargs)
         self.min_tag_count = min_tag_count
@@ -196,42 +203,67 @@ class DebtagsConfig(tfds.core.BuilderConfig):
 class Debtags(LocalSourceBuilder):
     """tfds builder for Debtags from local apt lists (`source_dir`, default /var/lib/apt/lists).
 
-    Each example is {"text", "tags" (", "-joined, kept tags only), "package"}, in package name
-    order; the tag vocabulary is in `info.metadata["tags"]`.
+    Each example is {"inputs" (text), "labels" (float32 multi-hot), "package"}, in package name
+    order; the label columns are the sorted kept tags, `info.metadata["tags"]`.
     """
 
     BUILDER_CONFIGS = [DebtagsConfig(name="default")]  # noqa: RUF012 (tfds declares a list)
 
     def _info(self) -> tfds.core.DatasetInfo:
+        # The label width is the number of kept tags. Prepared data has them in its metadata.json
+        # (read in milliseconds); otherwise they come from the apt lists, parsed once per builder.
+        metadata = tfds.core.MetadataDict()
+        if (self.data_path / "metadata.json").exists():
+            metadata.load_metadata(self.data_path)
+        else:
+            _, kept, decisions = self._cleaned_corpus
+            metadata.update({"tags": kept, "lists_dir": str(self._lists_dir), **decisions})
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
             features=tfds.features.FeaturesDict(
                 {
-                    "text": tfds.features.Text(),
-                    "tags": tfds.features.Text(),
+                    "inputs": tfds.features.Text(),
+                    "labels": tfds.features.Tensor(
+                        shape=(len(metadata["tags"]),), dtype=np.float32
+                    ),
                     "package": tfds.features.Text(),
                 }
             ),
-            metadata=tfds.core.MetadataDict(),
+            supervised_keys=("inputs", "labels"),
+            metadata=metadata,
             disable_shuffling=True,  # stored, hence read, in name order
         )
 
+    @property
+    def _lists_dir(self) -> Path:
+        return Path(self.source_dir or APT_LISTS_DIR)
+
+    @functools.cached_property
+    def _cleaned_corpus(self):
+        """`clean_corpus` of the apt lists: (examples, kept tags, decisions), parsed once."""
+        return clean_corpus(read_corpus(self._lists_dir), self.builder_config.min_tag_count)
+
     def _split_generators(self, dl_manager):
         del dl_manager  # the lists are local files
-        lists_dir = Path(self.source_dir or APT_LISTS_DIR)
-        examples, kept, decisions = clean_corpus(
-            read_corpus(lists_dir), self.builder_config.min_tag_count
-        )
-        self.info.metadata.update({"tags": kept, "lists_dir": str(lists_dir), **decisions})
+        examples, kept, _ = self._cleaned_corpus
+        if kept != self.info.metadata["tags"]:  # a rebuild over data made from other lists
+            raise ValueError(
+                f"`source_dir`: {self._lists_dir} gives {len(kept)} kept tags, expected the "
+                f"{len(self.info.metadata['tags'])} of the data in {self.data_path}; build into "
+                "a fresh data dir."
+            )
         by_name = {name: (text, labels) for name, text, labels in examples}
         names = sorted(by_name)
+        column = {tag: i for i, tag in enumerate(kept)}
         return {
-            split: self._generate_examples(split_names(names, split), by_name)
+            split: self._generate_examples(split_names(names, split), by_name, column)
             for split in ("train", "test")
         }
 
-    def _generate_examples(self, names, by_name):
+    def _generate_examples(self, names, by_name, column):
         for name in names:
-            text, labels = by_name[name]
-            yield name, {"text": text, "tags": ", ".join(labels), "package": name}
+            text, tags = by_name[name]
+            labels = np.zeros(len(column), np.float32)
+            labels[[column[tag] for tag in tags]] = 1.0
+            yield name, {"inputs": text, "labels": labels, "package": name}

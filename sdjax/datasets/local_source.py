@@ -18,8 +18,8 @@ class LocalSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     """
 
     def __init__(self, *, source_dir: str = "", **kwargs):
+        self.source_dir = source_dir  # first: tfds's __init__ calls `_info`, which may read it
         super().__init__(**kwargs)
-        self.source_dir = source_dir
 
 
 @contextlib.contextmanager
