@@ -29,6 +29,7 @@ def get_config(profile: str = ""):
     config.eval_batch_size = 256
     config.log_every_steps = 50
     config.checkpoint_every_steps = 200
+    config.moco.queue_size = 1024  # framework "moco": fewer keys than the 1,500 examples
 
     def tiny(config):
         config.model.encoder.hidden_sizes = (32,)
