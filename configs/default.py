@@ -110,13 +110,13 @@ def get_config(profile: str = "") -> ml_collections.ConfigDict:
         "dataset.test_examples": 1000,
         "linear_eval.num_steps": 300,
     }
-    # The suite's accelerator profile: a ResNet-18-sized encoder, 4x the batch, about 150
+    # The suite's accelerator profile: a ResNet-18-sized encoder, 4x the batch, about 160
     # epochs of the 10,000 mosaics instead of 10.
     gpu = {
         "model.encoder.stage_sizes": (2, 2, 2, 2),
         "model.encoder.width": 64,
         "batch_size": 1024,
-        "num_train_steps": 1500,
+        "num_train_steps": 1600,
         "optimizer.warmup_steps": 100,
         "moco.queue_size": 8192,
         "linear_eval.num_steps": 3000,

@@ -70,4 +70,5 @@ def get_config(profile: str = ""):
         config.model.projection_dim = 16
 
     quick = {"num_train_steps": 3000, "linear_eval.num_steps": 500}
-    return config_lib.apply_profile(config, profile, quick=quick, tiny=tiny)
+    gpu = {}  # MulSupCon's own budget already; the profile adds bfloat16
+    return config_lib.apply_profile(config, profile, quick=quick, tiny=tiny, gpu=gpu)

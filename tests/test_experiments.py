@@ -153,6 +153,26 @@ def test_report_means_bold_and_holm_corrected_tests(tmp_path):
     assert len((tmp_path / "runs.md").read_text().splitlines()) == 2 + 2 + len(values)
 
 
+@pytest.mark.parametrize("dataset", suite.DATASETS)
+def test_gpu_profile_is_larger_and_in_bfloat16(dataset):
+    from sdjax import config_lib
+
+    full = config_lib.load_config_file(suite.CONFIG_FILES[dataset])
+    gpu = config_lib.load_config_file(suite.CONFIG_FILES[dataset], "gpu")
+    config_lib.check_config(gpu, num_devices=1, num_processes=1)
+    assert gpu.compute_dtype == "bfloat16" and full.compute_dtype == "float32"
+    assert gpu.num_train_steps >= 4 * full.num_train_steps
+    assert gpu.batch_size >= full.batch_size
+    wider = {  # each encoder's size field grows
+        "resnet": lambda e: (e.width, sum(e.stage_sizes)),
+        "mlp": lambda e: (max(e.hidden_sizes), len(e.hidden_sizes)),
+        "transformer": lambda e: (e.width, e.depth),
+    }[gpu.model.encoder.name]
+    assert all(
+        g > f for g, f in zip(wider(gpu.model.encoder), wider(full.model.encoder), strict=True)
+    )
+
+
 def test_anchor_choice_balances_the_relations():
     # Row 0 has every relation at least once; row 1 lacks three of them.
     relations = np.array([[0, 1, 2, 3, 4, 4], [0, 0, 0, 4, 4, 4]])
