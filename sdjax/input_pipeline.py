@@ -342,6 +342,11 @@ class HostBatches:
         return next(self._iterator)
 
 
+def modality_of(config) -> Modality:
+    """The modality of `config.dataset.name`: its model-input and view functions."""
+    return DATASETS[config.dataset.name].modality
+
+
 def training_batches(config, train: dict) -> HostBatches:
     """The `HostBatches` of stage 1 for `config`, on this process; streamed data reads ahead."""
     dataset = DATASETS[config.dataset.name]

@@ -68,7 +68,7 @@ def create_optimizer(config: ml_collections.ConfigDict, model) -> nnx.Optimizer:
 def make_views_fn(config: ml_collections.ConfigDict) -> Callable:
     """`views(inputs, step) -> [B, V, ...]`: the step's augmented views, a pure function of
     (seed, step), so a resumed run sees the same views."""
-    modality = input_pipeline.DATASETS[config.dataset.name].modality
+    modality = input_pipeline.modality_of(config)
     base_key = jax.random.key(config.seed)
     num_views = 1 if config.method == "bce" else config.num_views
 

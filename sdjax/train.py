@@ -68,20 +68,23 @@ def make_train_step(config: ml_collections.ConfigDict, mesh) -> Callable:
     place, in MoCo's order: the EMA step, the keys of view 1, the loss of the queries (view 0)
     against those keys and the queue, the gradient step, then the keys and labels enqueued.
     """
-    loss_fn = objectives.make_stage1_loss(config, mesh)
     schedule = objectives.learning_rate_schedule(config)
     chunk_size = config.embedding_chunk_size
-
-    def value_and_grad(model, inputs, labels, step):
-        if not chunk_size:
-            return nnx.value_and_grad(loss_fn)(model, inputs, labels, step)
+    if chunk_size:
         flat_views, loss_of_outputs = objectives.make_stage1_parts(config, mesh)
-        return gradient_cache.chunked_value_and_grad(
-            model,
-            flat_views(inputs, step),
-            functools.partial(loss_of_outputs, labels=labels),
-            chunk_size,
-        )
+
+        def value_and_grad(model, inputs, labels, step):
+            return gradient_cache.chunked_value_and_grad(
+                model,
+                flat_views(inputs, step),
+                functools.partial(loss_of_outputs, labels=labels),
+                chunk_size,
+            )
+    else:
+        loss_fn = objectives.make_stage1_loss(config, mesh)
+
+        def value_and_grad(model, inputs, labels, step):
+            return nnx.value_and_grad(loss_fn)(model, inputs, labels, step)
 
     @functools.partial(nnx.jit, donate_argnums=(0, 1))  # model and optimiser update in place
     def train_step(model, optimizer, inputs, labels, step):

@@ -20,7 +20,7 @@ class HeldoutLoss:
     """
 
     def __init__(self, config, mesh, test: dict):
-        modality = input_pipeline.DATASETS[config.dataset.name].modality
+        modality = input_pipeline.modality_of(config)
         size = min(
             config.batch_size, len(test["labels"]) // jax.device_count() * jax.device_count()
         )

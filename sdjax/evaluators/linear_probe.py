@@ -46,7 +46,7 @@ class LinearProbe:
     def __init__(self, config, mesh):
         self._config = config
         self._mesh = mesh
-        self._modality = input_pipeline.DATASETS[config.dataset.name].modality
+        self._modality = input_pipeline.modality_of(config)
 
     def features(self, model, inputs: np.ndarray) -> np.ndarray:
         """Frozen encoder features of every example, on every host (numpy in, numpy out)."""
