@@ -391,11 +391,11 @@ import sys
 from absl import app
 sys.path.insert(1, sys.argv.pop(1))  # tests/, after the working directory (the copy's parent)
 from experiments import run_experiments
-from test_experiments import write
+from test_experiments import fake_record, write
 
 def execute(profile, run, results_dir, workdir_root, data_dir):
     write(results_dir, run, 0.5)
-    return {"linear_eval": {"mAP": 0.5}, "wall_seconds": 0.0}
+    return {**fake_record(run, 0.5), "wall_seconds": 0.0}
 
 run_experiments.execute = execute
 app.run(run_experiments.main)
@@ -456,9 +456,10 @@ def test_runner_on_a_subset_writes_no_report_and_leaves_tracked_files_alone(tmp_
         )
         assert done.returncode == 0, done.stderr
         assert [path.read_bytes() for path in tracked] == before
-        assert "18 runs planned, 18 to do." in done.stdout  # 6 losses x 3 seeds
-        assert "incomplete: 114 of 132 runs have no result file" in done.stdout
-        assert len(list((results_dir / "quick" / "runs").rglob("*.json"))) == 18
+        # 7 losses (pretrain, joint) or 6 (moco: its BCE is pretrain's) x 3 seeds
+        assert "60 runs planned, 60 to do." in done.stdout
+        assert "incomplete: 111 of 171 runs have no result file" in done.stdout
+        assert len(list((results_dir / "quick" / "runs").rglob("*.json"))) == 60
     assert sorted(p.name for p in (custom / "quick").iterdir()) == ["runs"]
     assert sorted(p.name for p in (copy / "results" / "quick").iterdir()) == ["report.md", "runs"]
 
@@ -477,9 +478,9 @@ def test_runner_finishing_a_profile_reports_into_its_own_results_dir(tmp_path):
         fake_training=True,
     )
     assert done.returncode == 0, done.stderr
-    assert "132 runs planned, 1 to do." in done.stdout
+    assert "171 runs planned, 1 to do." in done.stdout
     report = (custom / "quick" / "report.md").read_text()
-    assert report.startswith("## Results: the `quick` profile\n\n132 finished runs, 0.07 h")
+    assert report.startswith("## Results: the `quick` profile\n\n171 finished runs, 0.10 h")
     assert (copy / "README.md").read_bytes() == readme
 
 
@@ -491,7 +492,7 @@ def test_report_command_needs_a_complete_profile_and_the_committed_dir_for_the_r
     write_fake_profile(copy / "results" / "quick", skip={missing})
     done = run_entry_point(copy, "experiment_report", "--profiles=quick")
     assert done.returncode == 1
-    assert "incomplete: 1 of 132 runs have no result file (e.g. yeast/sd_t0.1_s0)" in done.stderr
+    assert "incomplete: 1 of 171 runs have no result file (e.g. yeast/sd_t0.1_s0)" in done.stderr
     assert (copy / "README.md").read_text() == readme
     assert (copy / "results" / "quick" / "report.md").read_text() == committed_report
 
@@ -506,7 +507,7 @@ def test_report_command_needs_a_complete_profile_and_the_committed_dir_for_the_r
     done = run_entry_point(copy, "experiment_report", "--profiles=quick")
     assert done.returncode == 0, done.stderr
     report = (copy / "results" / "quick" / "report.md").read_text()
-    assert report != committed_report and "132 finished runs" in report
+    assert report != committed_report and "171 finished runs" in report
     begin, end = "<!-- report:quick:begin -->\n", "\n<!-- report:quick:end -->"
     head, rest = readme.split(begin)
     tail = rest.split(end)[1]
@@ -520,7 +521,7 @@ def test_report_command_needs_a_complete_profile_and_the_committed_dir_for_the_r
 def test_dry_run_lists_finished_runs_as_done(tmp_path):
     copy = experiments_copy(tmp_path)
     results_dir = tmp_path / "results"
-    finished = [suite.Run("yeast", "sd", seed) for seed in suite.SEEDS]
+    finished = [suite.Run("yeast", "sd", seed) for seed in suite.profile_seeds("quick")]
     for run in finished:
         write(results_dir / "quick", run, 0.5)
     files = sorted(results_dir.rglob("*"))
