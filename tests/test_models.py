@@ -43,11 +43,13 @@ def test_resnet_parameter_counts_match_torchvision(
     config = encoder_config(
         name="resnet", stage_sizes=stage_sizes, width=64, in_channels=3, block=block
     )
-    encoder = models.create_encoder(config, rngs=nnx.Rngs(0))
+    # Shapes only: initialising and running 11-26M parameters eagerly would take most of a minute.
+    encoder = nnx.eval_shape(lambda: models.create_encoder(config, rngs=nnx.Rngs(0)))
     count = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(encoder, nnx.Param)))
     assert count == expected
     assert encoder.features_dim == (2048 if block == "bottleneck" else 512)
-    assert encoder(jnp.ones((2, 32, 32, 3))).shape == (2, encoder.features_dim)
+    images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    assert nnx.eval_shape(lambda e, x: e(x), encoder, images).shape == (2, encoder.features_dim)
 
 
 def test_mlp_encoder_and_heads():
@@ -155,17 +157,19 @@ def test_bfloat16_keeps_float32_parameters_and_close_outputs(name):
     # Same initialisation: the compute dtype does not touch the parameters.
     for got, want in zip(params, jax.tree.leaves(nnx.state(full, nnx.Param)), strict=True):
         np.testing.assert_array_equal(got, want)
-    embeddings, features = mixed(x), mixed.encode(x)
+    # Jitted, as the trainer runs them (and one compile is faster than eager op-by-op calls).
+    embed_and_encode = nnx.jit(lambda model, x: (model(x), model.encode(x)))
+    embeddings, features = embed_and_encode(mixed, x)
+    full_embeddings, full_features = embed_and_encode(full, x)
     assert embeddings.dtype == features.dtype == jnp.float32
     # bfloat16 keeps 8 significant bits: each rounding is within 2^-9 relative, and the
     # ~8 rounded layers between input and embedding add up to at most ~8 * 2^-8 = 2^-5 on
     # these unit vectors (measured <= 0.013); the features are checked relative to their size.
-    np.testing.assert_allclose(embeddings, full(x), rtol=0, atol=2**-5)
-    full_features = full.encode(x)
+    np.testing.assert_allclose(embeddings, full_embeddings, rtol=0, atol=2**-5)
     scale = float(jnp.max(jnp.abs(full_features)))
     np.testing.assert_allclose(features, full_features, rtol=0, atol=2**-5 * scale)
     # ...and it is not float32 in disguise: the activations really were rounded.
-    assert float(jnp.max(jnp.abs(embeddings - full(x)))) > 2**-12
+    assert float(jnp.max(jnp.abs(embeddings - full_embeddings))) > 2**-12
 
 
 def test_float32_compute_dtype_is_todays_model():
