@@ -2,6 +2,8 @@
 
 configs/debtags.py's data and loss, with a bag of token and hashed bigram embeddings
 (sdjax/models/bag_of_ngrams.py) over longer inputs, `method = "joint"`, and more steps.
+Its classifier reaches test mAP 0.393 (the TF-IDF + LR reference: 0.463), the linear probe
+0.407; about 2 minutes on a 2-core CPU once the data is built.
 
 COMMAND:
   python -m sdjax.main --config configs/debtags_joint.py --workdir workdirs/debtags_joint
@@ -22,18 +24,22 @@ def get_config(profile: str = ""):
             "name": "bag_of_ngrams",
             # A reference: a profile or override of dataset.vocab_size changes the model's.
             "vocab_size": config.dataset.get_ref("vocab_size"),
-            "width": 128,
-            "num_buckets": 2**17,
+            # Width mattered most (128: 0.37, 512: 0.39-0.40 test mAP); bigram buckets did not
+            # help (2^17 buckets: -0.003) and cost twice the time.
+            "width": 512,
+            "num_buckets": 0,
             "hidden_dim": 0,
         }
     )
+    config.loss.joint_weight = 0.1  # the BCE is a mean over 218 tags: ~0.05 against S-D's ~2
     config.num_train_steps = 1000
-    config.optimizer.learning_rate = 1e-2
+    # Mean-pooled embeddings move slowly: 1e-2 left the classifier at 0.12 test mAP.
+    config.optimizer.learning_rate = 5e-2
 
     def tiny(config):
         config.dataset.vocab_size = 256
         config.dataset.max_length = 32
-        config.model.encoder.update({"width": 32, "num_buckets": 512})
+        config.model.encoder.update({"width": 32, "num_buckets": 512})  # bigrams exercised
         config.dataset.train_examples = 512
         config.dataset.test_examples = 256
 
