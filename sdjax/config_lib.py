@@ -206,7 +206,7 @@ _NON_NEGATIVE_FLOATS = ("optimizer.weight_decay", "linear_eval.weight_decay", "l
 _CHOICES = {
     "method": ("contrastive", "bce", "joint"),
     "framework": ("in_batch", "moco"),
-    "model.encoder.name": ("resnet", "mlp", "transformer"),
+    "model.encoder.name": ("resnet", "mlp", "transformer", "bag_of_ngrams"),
     "compute_dtype": ("float32", "bfloat16"),
 }
 
@@ -295,13 +295,13 @@ def check_data_fits(config: ml_collections.ConfigDict, train: dict) -> None:
         "resnet": ("in_channels", inputs.shape[-1]),
         "mlp": ("in_features", inputs.shape[-1]),
         "transformer": ("max_length", inputs.shape[-1]),
-    }[encoder.name]
-    if encoder[expected[0]] != expected[1]:
+    }.get(encoder.name)  # bag_of_ngrams takes texts of any length
+    if expected and encoder[expected[0]] != expected[1]:
         raise ConfigError(
             f"config.model.encoder.{expected[0]}: got {encoder[expected[0]]!r}, expected "
             f"{expected[1]} for {config.dataset.name} inputs of shape {inputs.shape[1:]}."
         )
-    if encoder.name == "transformer" and inputs.max() >= encoder.vocab_size:
+    if encoder.name in ("transformer", "bag_of_ngrams") and inputs.max() >= encoder.vocab_size:
         raise ConfigError(
             f"config.model.encoder.vocab_size: got {encoder.vocab_size}, expected > "
             f"{inputs.max()}, the largest token id of {config.dataset.name}."

@@ -9,6 +9,8 @@ import pytest
 from flax import nnx
 
 from sdjax import config_lib, losses, models
+from sdjax.models import bag_of_ngrams
+from sdjax.tokenizer import PAD_ID
 
 
 def encoder_config(**fields):
@@ -76,6 +78,18 @@ def test_mlp_encoder_and_heads():
             r"block: got 'wide', expected one of \['basic', 'bottleneck'\]",
         ),
         (dict(name="mlp", in_features=0, hidden_sizes=[4]), "in_features=0"),
+        (
+            dict(name="bag_of_ngrams", vocab_size=0, width=8),
+            r"config.model.encoder.vocab_size: got 0, expected an int >= 1",
+        ),
+        (
+            dict(name="bag_of_ngrams", vocab_size=10, width=8, num_buckets=-1),
+            r"config.model.encoder.num_buckets: got -1, expected an int >= 0",
+        ),
+        (
+            dict(name="bag_of_ngrams", vocab_size=10, width=8, hidden_dim=2.5),
+            r"config.model.encoder.hidden_dim: got 2.5, expected an int >= 0",
+        ),
     ],
 )
 def test_bad_encoder_configs_name_the_field(fields, message):
@@ -130,7 +144,12 @@ MIXED_PRECISION_ENCODERS = {
         ),
         (8, 12),
     ),
+    "bag_of_ngrams": (
+        dict(name="bag_of_ngrams", vocab_size=50, width=16, num_buckets=64, hidden_dim=24),
+        (8, 12),
+    ),
 }
+TEXT_ENCODERS = ("transformer", "bag_of_ngrams")
 
 
 def mixed_precision_model(name, dtype):
@@ -142,7 +161,7 @@ def mixed_precision_model(name, dtype):
 
 def mixed_precision_inputs(name):
     _, shape = MIXED_PRECISION_ENCODERS[name]
-    if name == "transformer":
+    if name in TEXT_ENCODERS:
         return jax.random.randint(jax.random.key(1), shape, 0, 50)
     return jax.random.uniform(jax.random.key(1), shape)
 
@@ -205,3 +224,126 @@ def test_a_bfloat16_training_step_reduces_the_sd_loss():
     values = [float(step(model, optimizer)) for _ in range(15)]
     assert values[-1] < values[0] - 0.05, values
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def numpy_bigram_buckets(tokens: np.ndarray, num_buckets: int) -> np.ndarray:
+    """`bag_of_ngrams.bigram_buckets` in Python ints, reduced modulo 2^32 by hand."""
+    mask = 2**32 - 1
+    buckets = np.zeros((tokens.shape[0], tokens.shape[1] - 1), np.int64)
+    for row, col in np.ndindex(buckets.shape):
+        h = (int(tokens[row, col]) * 0x9E3779B1 + int(tokens[row, col + 1])) & mask
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & mask
+        h ^= h >> 13
+        buckets[row, col] = h % num_buckets
+    return buckets
+
+
+def numpy_bag_of_ngrams(tokens, token_table, bigram_table, num_buckets):
+    """The mean of the embeddings of the non-pad tokens and of the bigrams of two non-pad
+    tokens, a float64 loop; zeros for a text of padding only."""
+    buckets = numpy_bigram_buckets(tokens, num_buckets) if bigram_table is not None else None
+    features = np.zeros((tokens.shape[0], token_table.shape[1]))
+    for row, text in enumerate(tokens):
+        rows = [token_table[t] for t in text if t != PAD_ID]
+        if bigram_table is not None:
+            rows += [
+                bigram_table[buckets[row, i]]
+                for i in range(len(text) - 1)
+                if text[i] != PAD_ID and text[i + 1] != PAD_ID
+            ]
+        if rows:
+            features[row] = np.mean(np.asarray(rows, np.float64), axis=0)
+    return features
+
+
+def test_bigram_buckets_match_python_integers_and_spread():
+    tokens = np.array([[0, 1, 7999, 31999], [31999, 7999, 1, 0], [5, 5, 5, 5]], np.int32)
+    for num_buckets in (1, 7, 2**17):
+        got = bag_of_ngrams.bigram_buckets(jnp.asarray(tokens), num_buckets)
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(got, numpy_bigram_buckets(tokens, num_buckets))
+    # All 50 x 50 pairs in 4096 buckets: a uniform hash fills 4096 (1 - e^(-2500/4096)) = 1868
+    # buckets on average (sd ~ 20); a structured collision pattern would fill far fewer.
+    a, b = np.meshgrid(np.arange(50), np.arange(50))
+    pairs = jnp.asarray(np.stack([a.ravel(), b.ravel()], axis=1))
+    assert len(np.unique(bag_of_ngrams.bigram_buckets(pairs, 4096))) > 1700
+
+
+@pytest.mark.parametrize("num_buckets", [0, 13])
+def test_bag_of_ngrams_is_the_mean_of_token_and_bigram_embeddings(num_buckets):
+    config = encoder_config(name="bag_of_ngrams", vocab_size=30, width=8, num_buckets=num_buckets)
+    encoder = models.create_encoder(config, rngs=nnx.Rngs(0))
+    tokens = np.array(
+        [
+            [3, 4, 5, 6, 7, 8],
+            [3, PAD_ID, 5, 6, PAD_ID, PAD_ID],  # a dropped token splits the bigrams
+            [29, 29, 29, 1, PAD_ID, PAD_ID],
+            [PAD_ID] * 6,
+            [PAD_ID, PAD_ID, 12, PAD_ID, PAD_ID, PAD_ID],
+        ],
+        np.int32,
+    )
+    token_table = np.asarray(encoder.token_embedding.embedding.value, np.float64)
+    bigram_table = (
+        np.asarray(encoder.bigram_embedding.embedding.value, np.float64) if num_buckets else None
+    )
+    want = numpy_bag_of_ngrams(tokens, token_table, bigram_table, num_buckets)
+    got = encoder(jnp.asarray(tokens))
+    assert got.shape == (5, 8) == (5, encoder.features_dim) and got.dtype == jnp.float32
+    # float32 sums of n <= 11 terms of size <= m round by at most n * 2^-24 * m (one rounding
+    # per addition), the division adds 2^-24 relative: 16 * 2^-24 * m bounds both.
+    tables = [token_table] if bigram_table is None else [token_table, bigram_table]
+    scale = max(np.abs(table).max() for table in tables)
+    np.testing.assert_allclose(got, want, rtol=0, atol=16 * 2**-24 * scale)
+    np.testing.assert_array_equal(got[3], 0.0)
+    # The single-token text is that token's embedding, exactly: nothing to round.
+    np.testing.assert_array_equal(got[4], encoder.token_embedding.embedding.value[12])
+
+
+def test_bag_of_ngrams_hidden_layer_is_layernorm_linear_gelu():
+    config = encoder_config(
+        name="bag_of_ngrams", vocab_size=30, width=8, num_buckets=13, hidden_dim=5
+    )
+    encoder = models.create_encoder(config, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(3), (4, 9), 0, 30)
+    pooled = numpy_bag_of_ngrams(
+        np.asarray(tokens),
+        np.asarray(encoder.token_embedding.embedding.value, np.float64),
+        np.asarray(encoder.bigram_embedding.embedding.value, np.float64),
+        13,
+    )
+    # LayerNorm (flax's epsilon 1e-6, fresh scale 1 and bias 0), Linear, tanh-approximate GELU.
+    assert np.all(np.asarray(encoder.norm.scale.value) == 1)
+    assert np.all(np.asarray(encoder.norm.bias.value) == 0)
+    centred = pooled - pooled.mean(axis=1, keepdims=True)
+    normed = centred / np.sqrt((centred**2).mean(axis=1, keepdims=True) + 1e-6)
+    pre = normed @ np.asarray(encoder.hidden.kernel.value, np.float64) + np.asarray(
+        encoder.hidden.bias.value, np.float64
+    )
+    want = 0.5 * pre * (1 + np.tanh(np.sqrt(2 / np.pi) * (pre + 0.044715 * pre**3)))
+    got = encoder(tokens)
+    assert got.shape == (4, 5) == (4, encoder.features_dim)
+    # float32 through a normalisation and an 8-term dot product on O(1) values: a few hundred
+    # ulps of 1 at most (measured ~1e-6); 2^-14 ~ 6e-5 leaves room without hiding a wrong layer.
+    np.testing.assert_allclose(got, want, rtol=0, atol=2**-14)
+
+
+def test_debtags_joint_config_builds_its_encoder_in_every_profile():
+    for profile in config_lib.PROFILES:
+        config = config_lib.load_config_file("debtags_joint", profile)
+        assert config.method == "joint" and config.model.encoder.name == "bag_of_ngrams"
+        config_lib.check_config(config, num_devices=8, num_processes=1)
+        encoder = models.create_encoder(config.model.encoder, rngs=nnx.Rngs(0))
+        assert encoder.vocab_size == config.dataset.vocab_size
+        tokens = jnp.ones((2, config.dataset.max_length), jnp.int32)
+        assert encoder(tokens).shape == (2, encoder.features_dim)
+
+
+def test_check_data_fits_bounds_the_bag_of_ngrams_vocabulary():
+    config = config_lib.load_config_file("debtags_joint", "tiny")
+    train = {"inputs": np.array([[1, 2, 255]] * 64, np.int32), "labels": np.zeros((64, 3))}
+    config_lib.check_data_fits(config, train)  # any length: no max_length to match
+    train["inputs"][0, 0] = 256
+    with pytest.raises(config_lib.ConfigError, match=r"vocab_size: got 256, expected > 256"):
+        config_lib.check_data_fits(config, train)

@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 from flax import nnx
 
+from sdjax.models.bag_of_ngrams import BagOfNgramsEncoder
 from sdjax.models.contrastive import ContrastiveModel
 from sdjax.models.heads import LinearClassifier, ProjectionHead
 from sdjax.models.mlp import MLPEncoder
@@ -11,6 +12,7 @@ from sdjax.models.transformer import TextTransformerEncoder
 
 __all__ = [
     "COMPUTE_DTYPES",
+    "BagOfNgramsEncoder",
     "ContrastiveModel",
     "LinearClassifier",
     "MLPEncoder",
@@ -58,8 +60,8 @@ def create_model(config, num_classes: int, seed: int) -> ContrastiveModel:
 
 
 def create_encoder(config, *, rngs, dtype=None):
-    """An encoder from `config.name` ("resnet", "mlp" or "transformer") and its fields, computing
-    in `dtype` (None: float32)."""
+    """An encoder from `config.name` ("resnet", "mlp", "transformer" or "bag_of_ngrams") and its
+    fields, computing in `dtype` (None: float32)."""
     if config.name == "resnet":
         return ResNetEncoder(
             stage_sizes=tuple(config.stage_sizes),
@@ -89,7 +91,16 @@ def create_encoder(config, *, rngs, dtype=None):
             rngs=rngs,
             dtype=dtype,
         )
+    if config.name == "bag_of_ngrams":
+        return BagOfNgramsEncoder(
+            vocab_size=config.vocab_size,
+            width=config.width,
+            num_buckets=config.get("num_buckets", 0),
+            hidden_dim=config.get("hidden_dim", 0),
+            rngs=rngs,
+            dtype=dtype,
+        )
     raise ValueError(
-        f"config.model.encoder.name: got {config.name!r}, expected 'resnet', 'mlp' or "
-        "'transformer'."
+        f"config.model.encoder.name: got {config.name!r}, expected 'resnet', 'mlp', "
+        "'transformer' or 'bag_of_ngrams'."
     )
