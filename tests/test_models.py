@@ -90,6 +90,10 @@ def test_mlp_encoder_and_heads():
             dict(name="bag_of_ngrams", vocab_size=10, width=8, hidden_dim=2.5),
             r"config.model.encoder.hidden_dim: got 2.5, expected an int >= 0",
         ),
+        (
+            dict(name="bag_of_ngrams", vocab_size=10, width=8, token_weights=1),
+            r"config.model.encoder.token_weights: got 1, expected a bool",
+        ),
     ],
 )
 def test_bad_encoder_configs_name_the_field(fields, message):
@@ -299,6 +303,41 @@ def test_bag_of_ngrams_is_the_mean_of_token_and_bigram_embeddings(num_buckets):
     np.testing.assert_array_equal(got[3], 0.0)
     # The single-token text is that token's embedding, exactly: nothing to round.
     np.testing.assert_array_equal(got[4], encoder.token_embedding.embedding.value[12])
+
+
+def test_bag_of_ngrams_token_weights_make_a_weighted_mean_of_unigrams():
+    config = encoder_config(
+        name="bag_of_ngrams", vocab_size=30, width=8, num_buckets=13, token_weights=True
+    )
+    encoder = models.create_encoder(config, rngs=nnx.Rngs(0))
+    tokens = np.array([[3, 4, 5, PAD_ID, 7], [29, 29, 1, PAD_ID, PAD_ID]], np.int32)
+    # Fresh log-weights are 0: the plain mean, bit for bit (exp(0) = 1 exactly).
+    plain = models.create_encoder(
+        encoder_config(name="bag_of_ngrams", vocab_size=30, width=8, num_buckets=13),
+        rngs=nnx.Rngs(0),
+    )
+    np.testing.assert_array_equal(encoder(jnp.asarray(tokens)), plain(jnp.asarray(tokens)))
+    log_weight = np.linspace(-1.5, 1.5, 30)
+    encoder.token_log_weight.value = jnp.asarray(log_weight, jnp.float32)
+    token_table = np.asarray(encoder.token_embedding.embedding.value, np.float64)
+    bigram_table = np.asarray(encoder.bigram_embedding.embedding.value, np.float64)
+    buckets = numpy_bigram_buckets(tokens, 13)
+    want = np.zeros((2, 8))
+    for row, text in enumerate(tokens):
+        # sum_i w_i e_i + sum_pairs b_pair over sum_i w_i + number of pairs (weight 1 each).
+        total, count = np.zeros(8), 0.0
+        for i, token in enumerate(text):
+            if token != PAD_ID:
+                total += np.exp(log_weight[token]) * token_table[token]
+                count += np.exp(log_weight[token])
+            if i + 1 < len(text) and token != PAD_ID and text[i + 1] != PAD_ID:
+                total += bigram_table[buckets[row, i]]
+                count += 1
+        want[row] = total / count
+    # float32 exp is within a few ulps; sums of <= 8 terms of size <= 4.5 m (e^1.5 m) round
+    # by <= 8 * 2^-24 * 4.5 m each, the division 2^-24 relative: 64 * 2^-24 * m bounds them.
+    scale = max(np.abs(token_table).max(), np.abs(bigram_table).max())
+    np.testing.assert_allclose(encoder(jnp.asarray(tokens)), want, rtol=0, atol=64 * 2**-24 * scale)
 
 
 def test_bag_of_ngrams_hidden_layer_is_layernorm_linear_gelu():

@@ -97,6 +97,7 @@ def create_encoder(config, *, rngs, dtype=None):
             width=config.width,
             num_buckets=config.get("num_buckets", 0),
             hidden_dim=config.get("hidden_dim", 0),
+            token_weights=config.get("token_weights", False),
             rngs=rngs,
             dtype=dtype,
         )

@@ -47,6 +47,8 @@ class BagOfNgramsEncoder(nnx.Module):
     tokens, of their embeddings: token ids index a [vocab_size, width] table, bigrams are hashed
     (`bigram_buckets`) into a [num_buckets, width] table. Word order beyond bigrams is ignored,
     as in fastText, so long texts cost O(L), not O(L^2). `num_buckets = 0` keeps unigrams only.
+    `token_weights = True` makes the unigram mean a weighted one, each token id weighing
+    exp(a learned scalar, initially 0), so that the model can learn idf-like weights.
     `hidden_dim > 0` adds LayerNorm, Linear(width -> hidden_dim) and GELU on top.
 
     Lookups and the MLP compute in `dtype` (None: float32); the pooling sums in float32;
@@ -62,6 +64,7 @@ class BagOfNgramsEncoder(nnx.Module):
         width: int = 128,
         num_buckets: int = 0,
         hidden_dim: int = 0,
+        token_weights: bool = False,
         *,
         rngs: nnx.Rngs,
         dtype=None,
@@ -76,6 +79,14 @@ class BagOfNgramsEncoder(nnx.Module):
                 raise ValueError(
                     f"config.model.encoder.{field}: got {value!r}, expected an int >= {low}."
                 )
+        if not isinstance(token_weights, bool):
+            raise ValueError(
+                f"config.model.encoder.token_weights: got {token_weights!r}, expected a bool."
+            )
+        # One learned log-weight per token id (0: every token weighs 1), an idf-like weighting.
+        self.token_log_weight = (
+            nnx.Param(jnp.zeros((vocab_size,), jnp.float32)) if token_weights else None
+        )
         self.token_embedding = nnx.Embed(vocab_size, width, dtype=dtype, rngs=rngs)
         self.bigram_embedding = (
             nnx.Embed(num_buckets, width, dtype=dtype, rngs=rngs) if num_buckets else None
@@ -93,6 +104,8 @@ class BagOfNgramsEncoder(nnx.Module):
             raise ValueError(f"`tokens`: got shape {tokens.shape}, expected [batch, length >= 1].")
         is_token = tokens != PAD_ID
         weights = is_token.astype(jnp.float32)
+        if self.token_log_weight is not None:
+            weights = weights * jnp.exp(self.token_log_weight[...][tokens])
         total = jnp.einsum("bl,blw->bw", weights, self.token_embedding(tokens).astype(jnp.float32))
         count = weights.sum(axis=1)
         if self.bigram_embedding is not None and tokens.shape[1] > 1:
