@@ -55,4 +55,5 @@ def get_config(profile: str = ""):
         "dataset.test_examples": 2000,
         "linear_eval.num_steps": 300,
     }
-    return config_lib.apply_profile(config, profile, quick=quick, tiny=tiny)
+    gpu = {}  # the same budget (minutes on a CPU); the profile adds bfloat16
+    return config_lib.apply_profile(config, profile, quick=quick, tiny=tiny, gpu=gpu)
