@@ -34,7 +34,6 @@ from experiments import experiment_report
 from experiments.suite import (
     COMMON_OVERRIDES,
     CONFIG_FILES,
-    DEFAULT_TEMPERATURE,
     PROFILES,
     TSNE_DATASET,
     TSNE_METHODS,
@@ -115,16 +114,15 @@ def execute(profile: str, run: Run, results_dir: Path, workdir_root: Path, data_
         "hardware": hardware_name(),
         "config": f"configs/{CONFIG_FILES[run.dataset]}.py:{PROFILES[profile]['config_profile']}",
     }
-    tsne_run = (TSNE_DATASET, "pretrain", 0) == (run.dataset, run.setting, run.seed)
-    if tsne_run and run.method in TSNE_METHODS:
-        if run.temperature == DEFAULT_TEMPERATURE:
-            path = results_dir / "embeddings" / f"{run.dataset}_{run.method}.npz"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(
-                path,
-                features=outputs["features"][:TSNE_POINTS],
-                labels=labels[:TSNE_POINTS],
-            )
+    # The embedding picture: seed 0 of each pictured loss, pre-training setting, default τ.
+    if run.method in TSNE_METHODS and run == Run(TSNE_DATASET, run.method, 0):
+        path = results_dir / "embeddings" / f"{run.dataset}_{run.method}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            path,
+            features=outputs["features"][:TSNE_POINTS],
+            labels=labels[:TSNE_POINTS],
+        )
     path = result_path(results_dir, run)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written last and atomically: a file exists only for a finished run.

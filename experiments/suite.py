@@ -88,14 +88,10 @@ PROFILES = {
         "temperature_datasets": ("yeast", "mnist_mosaic"),
         "setting_datasets": {setting: DATASETS for setting in SETTINGS},
     },
-    # Larger encoders, batches and step counts, in bfloat16: for an accelerator.
-    "gpu": {
-        "config_profile": "gpu",
-        "num_seeds": 5,
-        "temperature_datasets": ("yeast", "mnist_mosaic"),
-        "setting_datasets": {setting: DATASETS for setting in SETTINGS},
-    },
 }
+# `full` on the config files' accelerator profile: larger encoders, batches and step counts,
+# in bfloat16.
+PROFILES["gpu"] = {**PROFILES["full"], "config_profile": "gpu"}
 COMMON_OVERRIDES = {
     "linear_eval.random_init_baseline": False,
     "linear_eval.save_test_outputs": True,

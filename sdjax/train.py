@@ -68,6 +68,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh) -> Callable:
     place, in MoCo's order: the EMA step, the keys of view 1, the loss of the queries (view 0)
     against those keys and the queue, the gradient step, then the keys and labels enqueued.
     """
+    loss_fn = objectives.make_stage1_loss(config, mesh)  # the MoCo step uses it too
     schedule = objectives.learning_rate_schedule(config)
     chunk_size = config.embedding_chunk_size
     if chunk_size:
@@ -81,7 +82,6 @@ def make_train_step(config: ml_collections.ConfigDict, mesh) -> Callable:
                 chunk_size,
             )
     else:
-        loss_fn = objectives.make_stage1_loss(config, mesh)
 
         def value_and_grad(model, inputs, labels, step):
             return nnx.value_and_grad(loss_fn)(model, inputs, labels, step)
