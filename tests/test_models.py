@@ -94,6 +94,10 @@ def test_mlp_encoder_and_heads():
             dict(name="bag_of_ngrams", vocab_size=10, width=8, token_weights=1),
             r"config.model.encoder.token_weights: got 1, expected a bool",
         ),
+        (
+            dict(name="bag_of_ngrams", vocab_size=10, width=8, dropout_rate=1.0),
+            r"config.model.encoder.dropout_rate: got 1.0, expected \[0, 1\)",
+        ),
     ],
 )
 def test_bad_encoder_configs_name_the_field(fields, message):
@@ -340,6 +344,22 @@ def test_bag_of_ngrams_token_weights_make_a_weighted_mean_of_unigrams():
     np.testing.assert_allclose(encoder(jnp.asarray(tokens)), want, rtol=0, atol=64 * 2**-24 * scale)
 
 
+def test_bag_of_ngrams_dropout_trains_and_the_evaluation_view_turns_it_off():
+    fields = dict(name="bag_of_ngrams", vocab_size=30, width=64)
+    encoder = models.create_encoder(encoder_config(**fields, dropout_rate=0.5), rngs=nnx.Rngs(0))
+    plain = models.create_encoder(encoder_config(**fields), rngs=nnx.Rngs(0))
+    tokens = jnp.asarray([[3, 4, 5, PAD_ID], [29, 1, PAD_ID, PAD_ID]], jnp.int32)
+    pooled = np.asarray(plain(tokens))
+    # Training: inverted dropout, each feature 0 or doubled (1 / (1 - 0.5), exact in binary).
+    dropped = np.asarray(encoder(tokens))
+    np.testing.assert_array_equal(np.where(dropped == 0, 0.0, 2 * pooled), dropped)
+    assert 0.3 < np.mean(dropped == 0) < 0.7  # 128 Bernoulli(0.5) draws
+    # Evaluation: the same parameters, no dropout, bit for bit, and the module itself unchanged.
+    np.testing.assert_array_equal(models.evaluation_view(encoder)(tokens), pooled)
+    assert not encoder.dropout.deterministic
+    assert models.evaluation_view(plain.token_embedding) is plain.token_embedding
+
+
 def test_bag_of_ngrams_hidden_layer_is_layernorm_linear_gelu():
     config = encoder_config(
         name="bag_of_ngrams", vocab_size=30, width=8, num_buckets=13, hidden_dim=5
@@ -386,3 +406,21 @@ def test_check_data_fits_bounds_the_bag_of_ngrams_vocabulary():
     train["inputs"][0, 0] = 256
     with pytest.raises(config_lib.ConfigError, match=r"vocab_size: got 256, expected > 256"):
         config_lib.check_data_fits(config, train)
+
+
+def test_probe_features_are_the_encoder_without_dropout():
+    from sdjax.evaluators.linear_probe import LinearProbe
+    from sdjax.sharding import data_parallel_mesh
+
+    config = config_lib.load_config_file("yeast", "tiny")
+    config.model.encoder.dropout_rate = 0.5
+    model = models.create_model(config, num_classes=14, seed=0)
+    config_without = config_lib.load_config_file("yeast", "tiny")
+    config_without.model.encoder.dropout_rate = 0.0
+    plain = models.create_model(config_without, num_classes=14, seed=0)
+    inputs = np.random.default_rng(0).normal(size=(37, 103)).astype(np.float32)
+    got = LinearProbe(config, data_parallel_mesh()).features(model, inputs)
+    want = np.asarray(plain.encode(jnp.asarray(inputs)))
+    # The same float32 operations, eager against jitted: XLA may order LayerNorm's sums
+    # differently, a few ulps of the largest feature. Dropout's masks would zero about half.
+    np.testing.assert_allclose(got, want, rtol=0, atol=16 * 2**-24 * np.abs(want).max())

@@ -23,7 +23,7 @@ class ProbeResult(NamedTuple):
 
 @nnx.jit
 def _encode(model, inputs):
-    return model.encode(inputs)
+    return models.evaluation_view(model).encode(inputs)
 
 
 @nnx.jit

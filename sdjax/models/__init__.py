@@ -22,6 +22,7 @@ __all__ = [
     "compute_dtype",
     "create_encoder",
     "create_model",
+    "evaluation_view",
 ]
 
 # Mixed precision: parameters (and so the optimiser state) are float32 whatever this is;
@@ -36,6 +37,16 @@ def compute_dtype(name: str):
             f"config.compute_dtype: got {name!r}, expected one of {sorted(COMPUTE_DTYPES)}."
         )
     return COMPUTE_DTYPES[name]
+
+
+def evaluation_view(model: nnx.Module) -> nnx.Module:
+    """`model` with its dropout layers off (nnx.view, sharing the parameters), for evaluation.
+
+    A model without dropout is returned as it is (nnx.view rejects attributes no module has).
+    """
+    if any(isinstance(node, nnx.Dropout) for _, node in nnx.iter_graph(model)):
+        return nnx.view(model, only=nnx.Dropout, deterministic=True)
+    return model
 
 
 def create_model(config, num_classes: int, seed: int) -> ContrastiveModel:
@@ -98,6 +109,7 @@ def create_encoder(config, *, rngs, dtype=None):
             num_buckets=config.get("num_buckets", 0),
             hidden_dim=config.get("hidden_dim", 0),
             token_weights=config.get("token_weights", False),
+            dropout_rate=config.get("dropout_rate", 0.0),
             rngs=rngs,
             dtype=dtype,
         )

@@ -50,6 +50,8 @@ class BagOfNgramsEncoder(nnx.Module):
     `token_weights = True` makes the unigram mean a weighted one, each token id weighing
     exp(a learned scalar, initially 0), so that the model can learn idf-like weights.
     `hidden_dim > 0` adds LayerNorm, Linear(width -> hidden_dim) and GELU on top.
+    `dropout_rate > 0` drops pooled features (and hidden units) in training; evaluation
+    encodes through `nnx.view(model, deterministic=True)`.
 
     Lookups and the MLP compute in `dtype` (None: float32); the pooling sums in float32;
     parameters and features are float32.
@@ -65,6 +67,7 @@ class BagOfNgramsEncoder(nnx.Module):
         num_buckets: int = 0,
         hidden_dim: int = 0,
         token_weights: bool = False,
+        dropout_rate: float = 0.0,
         *,
         rngs: nnx.Rngs,
         dtype=None,
@@ -79,6 +82,10 @@ class BagOfNgramsEncoder(nnx.Module):
                 raise ValueError(
                     f"config.model.encoder.{field}: got {value!r}, expected an int >= {low}."
                 )
+        if not 0 <= dropout_rate < 1:
+            raise ValueError(
+                f"config.model.encoder.dropout_rate: got {dropout_rate!r}, expected [0, 1)."
+            )
         if not isinstance(token_weights, bool):
             raise ValueError(
                 f"config.model.encoder.token_weights: got {token_weights!r}, expected a bool."
@@ -96,6 +103,7 @@ class BagOfNgramsEncoder(nnx.Module):
             self.hidden = nnx.Linear(width, hidden_dim, dtype=dtype, rngs=rngs)
         else:
             self.norm = self.hidden = None
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.vocab_size, self.num_buckets = vocab_size, num_buckets
         self.features_dim = hidden_dim or width
 
@@ -116,7 +124,7 @@ class BagOfNgramsEncoder(nnx.Module):
             total = total + jnp.einsum("bl,blw->bw", pair_weights, pairs.astype(jnp.float32))
             count = count + pair_weights.sum(axis=1)
         # max(count, 1): an all-padding row gives zeros rather than NaN.
-        features = total / jnp.maximum(count, 1.0)[:, None]
+        features = self.dropout(total / jnp.maximum(count, 1.0)[:, None])
         if self.hidden is not None:
-            features = nnx.gelu(self.hidden(self.norm(features)))
+            features = self.dropout(nnx.gelu(self.hidden(self.norm(features))))
         return features.astype(jnp.float32)
