@@ -34,6 +34,8 @@ def get_config(profile: str = ""):
             # test mAP. Sum / sqrt(length) pooling did worse; L2-normalised pooling gave the
             # probe 0.427 but the classifier 0.283 (its logits cannot grow fast enough).
             "token_weights": True,
+            "dropout_rate": 0.0,
+            "layer_norm": False,
         }
     )
     config.loss.joint_weight = 0.1  # the BCE is a mean over 218 tags: ~0.05 against S-D's ~2

@@ -95,6 +95,10 @@ def test_mlp_encoder_and_heads():
             r"config.model.encoder.token_weights: got 1, expected a bool",
         ),
         (
+            dict(name="bag_of_ngrams", vocab_size=10, width=8, layer_norm="yes"),
+            r"config.model.encoder.layer_norm: got 'yes', expected a bool",
+        ),
+        (
             dict(name="bag_of_ngrams", vocab_size=10, width=8, dropout_rate=1.0),
             r"config.model.encoder.dropout_rate: got 1.0, expected \[0, 1\)",
         ),
@@ -360,10 +364,11 @@ def test_bag_of_ngrams_dropout_trains_and_the_evaluation_view_turns_it_off():
     assert models.evaluation_view(plain.token_embedding) is plain.token_embedding
 
 
-def test_bag_of_ngrams_hidden_layer_is_layernorm_linear_gelu():
-    config = encoder_config(
-        name="bag_of_ngrams", vocab_size=30, width=8, num_buckets=13, hidden_dim=5
-    )
+@pytest.mark.parametrize(
+    "fields", [dict(hidden_dim=5), dict(layer_norm=True), dict(hidden_dim=5, layer_norm=True)]
+)
+def test_bag_of_ngrams_layer_norm_and_hidden_layer(fields):
+    config = encoder_config(name="bag_of_ngrams", vocab_size=30, width=8, num_buckets=13, **fields)
     encoder = models.create_encoder(config, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(3), (4, 9), 0, 30)
     pooled = numpy_bag_of_ngrams(
@@ -372,17 +377,19 @@ def test_bag_of_ngrams_hidden_layer_is_layernorm_linear_gelu():
         np.asarray(encoder.bigram_embedding.embedding.value, np.float64),
         13,
     )
-    # LayerNorm (flax's epsilon 1e-6, fresh scale 1 and bias 0), Linear, tanh-approximate GELU.
+    # LayerNorm (flax's epsilon 1e-6, fresh scale 1 and bias 0), then Linear and tanh-approximate
+    # GELU when there is a hidden layer.
     assert np.all(np.asarray(encoder.norm.scale.value) == 1)
     assert np.all(np.asarray(encoder.norm.bias.value) == 0)
     centred = pooled - pooled.mean(axis=1, keepdims=True)
-    normed = centred / np.sqrt((centred**2).mean(axis=1, keepdims=True) + 1e-6)
-    pre = normed @ np.asarray(encoder.hidden.kernel.value, np.float64) + np.asarray(
-        encoder.hidden.bias.value, np.float64
-    )
-    want = 0.5 * pre * (1 + np.tanh(np.sqrt(2 / np.pi) * (pre + 0.044715 * pre**3)))
+    want = centred / np.sqrt((centred**2).mean(axis=1, keepdims=True) + 1e-6)
+    if fields.get("hidden_dim"):
+        pre = want @ np.asarray(encoder.hidden.kernel.value, np.float64) + np.asarray(
+            encoder.hidden.bias.value, np.float64
+        )
+        want = 0.5 * pre * (1 + np.tanh(np.sqrt(2 / np.pi) * (pre + 0.044715 * pre**3)))
     got = encoder(tokens)
-    assert got.shape == (4, 5) == (4, encoder.features_dim)
+    assert got.shape == want.shape == (4, encoder.features_dim)
     # float32 through a normalisation and an 8-term dot product on O(1) values: a few hundred
     # ulps of 1 at most (measured ~1e-6); 2^-14 ~ 6e-5 leaves room without hiding a wrong layer.
     np.testing.assert_allclose(got, want, rtol=0, atol=2**-14)

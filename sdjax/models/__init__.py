@@ -110,6 +110,7 @@ def create_encoder(config, *, rngs, dtype=None):
             hidden_dim=config.get("hidden_dim", 0),
             token_weights=config.get("token_weights", False),
             dropout_rate=config.get("dropout_rate", 0.0),
+            layer_norm=config.get("layer_norm", False),
             rngs=rngs,
             dtype=dtype,
         )

@@ -49,7 +49,9 @@ class BagOfNgramsEncoder(nnx.Module):
     as in fastText, so long texts cost O(L), not O(L^2). `num_buckets = 0` keeps unigrams only.
     `token_weights = True` makes the unigram mean a weighted one, each token id weighing
     exp(a learned scalar, initially 0), so that the model can learn idf-like weights.
-    `hidden_dim > 0` adds LayerNorm, Linear(width -> hidden_dim) and GELU on top.
+    `layer_norm = True` applies LayerNorm to the pooled features: a mean of many small
+    embeddings is small, and a linear classifier on it learns slowly. `hidden_dim > 0` adds
+    LayerNorm (whatever `layer_norm` says), Linear(width -> hidden_dim) and GELU on top.
     `dropout_rate > 0` drops pooled features (and hidden units) in training; evaluation
     encodes through `nnx.view(model, deterministic=True)`.
 
@@ -68,6 +70,7 @@ class BagOfNgramsEncoder(nnx.Module):
         hidden_dim: int = 0,
         token_weights: bool = False,
         dropout_rate: float = 0.0,
+        layer_norm: bool = False,
         *,
         rngs: nnx.Rngs,
         dtype=None,
@@ -86,10 +89,9 @@ class BagOfNgramsEncoder(nnx.Module):
             raise ValueError(
                 f"config.model.encoder.dropout_rate: got {dropout_rate!r}, expected [0, 1)."
             )
-        if not isinstance(token_weights, bool):
-            raise ValueError(
-                f"config.model.encoder.token_weights: got {token_weights!r}, expected a bool."
-            )
+        for field, value in (("token_weights", token_weights), ("layer_norm", layer_norm)):
+            if not isinstance(value, bool):
+                raise ValueError(f"config.model.encoder.{field}: got {value!r}, expected a bool.")
         # One learned log-weight per token id (0: every token weighs 1), an idf-like weighting.
         self.token_log_weight = (
             nnx.Param(jnp.zeros((vocab_size,), jnp.float32)) if token_weights else None
@@ -98,11 +100,10 @@ class BagOfNgramsEncoder(nnx.Module):
         self.bigram_embedding = (
             nnx.Embed(num_buckets, width, dtype=dtype, rngs=rngs) if num_buckets else None
         )
-        if hidden_dim:
-            self.norm = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
-            self.hidden = nnx.Linear(width, hidden_dim, dtype=dtype, rngs=rngs)
-        else:
-            self.norm = self.hidden = None
+        self.norm = (
+            nnx.LayerNorm(width, dtype=dtype, rngs=rngs) if layer_norm or hidden_dim else None
+        )
+        self.hidden = nnx.Linear(width, hidden_dim, dtype=dtype, rngs=rngs) if hidden_dim else None
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.vocab_size, self.num_buckets = vocab_size, num_buckets
         self.features_dim = hidden_dim or width
@@ -124,7 +125,10 @@ class BagOfNgramsEncoder(nnx.Module):
             total = total + jnp.einsum("bl,blw->bw", pair_weights, pairs.astype(jnp.float32))
             count = count + pair_weights.sum(axis=1)
         # max(count, 1): an all-padding row gives zeros rather than NaN.
-        features = self.dropout(total / jnp.maximum(count, 1.0)[:, None])
+        features = total / jnp.maximum(count, 1.0)[:, None]
+        if self.norm is not None:
+            features = self.norm(features)
+        features = self.dropout(features)
         if self.hidden is not None:
-            features = self.dropout(nnx.gelu(self.hidden(self.norm(features))))
+            features = self.dropout(nnx.gelu(self.hidden(features)))
         return features.astype(jnp.float32)
