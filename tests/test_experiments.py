@@ -167,6 +167,7 @@ def test_gpu_profile_is_larger_and_in_bfloat16(dataset):
         "resnet": lambda e: (e.width, sum(e.stage_sizes)),
         "mlp": lambda e: (max(e.hidden_sizes), len(e.hidden_sizes)),
         "transformer": lambda e: (e.width, e.depth),
+        "bag_of_ngrams": lambda e: (e.width, e.num_buckets),
     }[gpu.model.encoder.name]
     assert all(
         g > f for g, f in zip(wider(gpu.model.encoder), wider(full.model.encoder), strict=True)
