@@ -9,7 +9,9 @@ import pytest
 from flax import nnx
 
 from sdjax import config_lib, losses, models
+from sdjax.evaluators.linear_probe import LinearProbe
 from sdjax.models import bag_of_ngrams
+from sdjax.sharding import data_parallel_mesh
 from sdjax.tokenizer import PAD_ID
 
 
@@ -416,9 +418,6 @@ def test_check_data_fits_bounds_the_bag_of_ngrams_vocabulary():
 
 
 def test_probe_features_are_the_encoder_without_dropout():
-    from sdjax.evaluators.linear_probe import LinearProbe
-    from sdjax.sharding import data_parallel_mesh
-
     config = config_lib.load_config_file("yeast", "tiny")
     config.model.encoder.dropout_rate = 0.5
     model = models.create_model(config, num_classes=14, seed=0)

@@ -52,8 +52,8 @@ class BagOfNgramsEncoder(nnx.Module):
     `layer_norm = True` applies LayerNorm to the pooled features: a mean of many small
     embeddings is small, and a linear classifier on it learns slowly. `hidden_dim > 0` adds
     LayerNorm (whatever `layer_norm` says), Linear(width -> hidden_dim) and GELU on top.
-    `dropout_rate > 0` drops pooled features (and hidden units) in training; evaluation
-    encodes through `nnx.view(model, deterministic=True)`.
+    `dropout_rate > 0` drops pooled features (and hidden units) in training; the probe
+    encodes through `sdjax.models.evaluation_view`, which turns dropout off.
 
     Lookups and the MLP compute in `dtype` (None: float32); the pooling sums in float32;
     parameters and features are float32.
