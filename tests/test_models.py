@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from sdjax import config_lib, losses, models
+from sdjax.evaluators import HeldoutLoss
 from sdjax.evaluators.linear_probe import LinearProbe
 from sdjax.models import bag_of_ngrams
 from sdjax.sharding import data_parallel_mesh
@@ -430,3 +431,24 @@ def test_probe_features_are_the_encoder_without_dropout():
     # The same float32 operations, eager against jitted: XLA may order LayerNorm's sums
     # differently, a few ulps of the largest feature. Dropout's masks would zero about half.
     np.testing.assert_allclose(got, want, rtol=0, atol=16 * 2**-24 * np.abs(want).max())
+
+
+def test_heldout_loss_is_the_model_without_dropout():
+    config = config_lib.load_config_file("yeast", "tiny")
+    config.model.encoder.dropout_rate = 0.5
+    model = models.create_model(config, num_classes=14, seed=0)
+    config_without = config_lib.load_config_file("yeast", "tiny")
+    config_without.model.encoder.dropout_rate = 0.0
+    plain = models.create_model(config_without, num_classes=14, seed=0)
+    rng = np.random.default_rng(0)
+    test = {
+        "inputs": rng.normal(size=(64, 103)).astype(np.float32),
+        "labels": (rng.random((64, 14)) < 0.3).astype(np.float32),
+    }
+    heldout = HeldoutLoss(config, data_parallel_mesh(), test)
+    first, second = heldout(model), heldout(model)
+    assert first == second  # with dropout on, each call would draw new masks
+    # The same jitted float32 graph but for dropout's identity ops: a few ulps apart at most.
+    np.testing.assert_allclose(
+        first, HeldoutLoss(config_without, data_parallel_mesh(), test)(plain), rtol=1e-5
+    )

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sdjax import input_pipeline, objectives
+from sdjax import input_pipeline, models, objectives
 from sdjax.sharding import shard_global_batch
 
 HELDOUT_STEP = -1  # the views' (seed, step) key: no training step uses it
@@ -15,7 +15,8 @@ HELDOUT_STEP = -1  # the views' (seed, step) key: no training step uses it
 class HeldoutLoss:
     """`heldout(model) -> float`: the loss on the first test examples, always with the same views.
 
-    The batch is the training batch size (or the test set, if smaller), cut to a multiple of the
+    Dropout is off (models.evaluation_view): its masks would advance from call to call. The
+    batch is the training batch size (or the test set, if smaller), cut to a multiple of the
     devices, so the loss is the one training minimises.
     """
 
@@ -31,4 +32,4 @@ class HeldoutLoss:
         self._loss = nnx.jit(objectives.make_stage1_loss(config, mesh))
 
     def __call__(self, model) -> float:
-        return float(self._loss(model, *self._batch, HELDOUT_STEP))
+        return float(self._loss(models.evaluation_view(model), *self._batch, HELDOUT_STEP))
