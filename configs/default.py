@@ -68,6 +68,7 @@ def get_config(profile: str = "") -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 3e-3
     config.optimizer.weight_decay = 1e-4
+    config.optimizer.decay_only_matrices = False  # True: no decay of biases, norms, 1-d weights
     config.optimizer.warmup_steps = 50
 
     config.linear_eval = ml_collections.ConfigDict()

@@ -56,11 +56,25 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     )
 
 
+def matrix_parameters(params):
+    """A mask of `params`: True where a parameter has two or more dimensions."""
+    return jax.tree.map(lambda param: param.ndim >= 2, params)
+
+
 def create_optimizer(config: ml_collections.ConfigDict, model) -> nnx.Optimizer:
-    """AdamW with linear warmup and cosine decay over the parameters of `model`."""
+    """AdamW with linear warmup and cosine decay over the parameters of `model`.
+
+    With `config.optimizer.decay_only_matrices`, weight decay skips parameters of fewer than two
+    dimensions: biases, normalisation scales and per-token weights.
+    """
+    only_matrices = config.optimizer.get("decay_only_matrices", False)  # absent in older configs
     return nnx.Optimizer(
         model,
-        optax.adamw(learning_rate_schedule(config), weight_decay=config.optimizer.weight_decay),
+        optax.adamw(
+            learning_rate_schedule(config),
+            weight_decay=config.optimizer.weight_decay,
+            mask=matrix_parameters if only_matrices else None,
+        ),
         wrt=nnx.Param,
     )
 

@@ -1,5 +1,6 @@
 """The trainer end to end on configs/default.py:tiny: outputs, resume, configs, data parallelism."""
 
+import functools
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 from tiny_run import REPO, run_main, tiny_config, wait_for_checkpoint
 
-from sdjax import checkpointing, config_lib, input_pipeline, models, train
+from sdjax import checkpointing, config_lib, input_pipeline, models, objectives, train
 from sdjax.sharding import BATCH_AXIS, data_parallel_mesh, replicate
 
 LARGE_STEP = 1000.0  # SGD rate that makes one step's update large enough to compare
@@ -232,3 +233,26 @@ def test_evaluation_runs_from_a_checkpoint_alone(tiny_results, tmp_path):
     assert evaluated["heldout_stage1_loss"] == trained["heldout_stage1_loss"]
     assert evaluated["linear_eval"] == trained["linear_eval"]
     assert evaluated["random_init"] == trained["random_init"]
+
+
+@pytest.mark.parametrize("only_matrices", [False, True])
+def test_weight_decay_skips_vectors_only_when_asked(only_matrices):
+    # Embeddings, kernels, and vectors: token weights, LayerNorm, biases.
+    config = config_lib.load_config_file("debtags_joint", "tiny")
+    config.optimizer.update(
+        learning_rate=0.1, weight_decay=0.5, warmup_steps=0, decay_only_matrices=only_matrices
+    )
+    model = models.create_model(config, num_classes=5, seed=0)
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    optimizer = objectives.create_optimizer(config, model)
+    # Zero gradients: Adam's step is 0, so the update is the decay alone, lr * wd * param.
+    optimizer.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    shrink = 1 - float(objectives.learning_rate_schedule(config)(0)) * 0.5
+    num_vectors = 0
+    for path, old in jax.tree_util.tree_leaves_with_path(before):
+        new = np.asarray(functools.reduce(lambda tree, key: tree[key.key], path, after))
+        decayed = old.ndim >= 2 or not only_matrices
+        num_vectors += old.ndim < 2
+        np.testing.assert_allclose(new, old * shrink if decayed else old, rtol=2**-22, atol=0)
+    assert num_vectors > 0
