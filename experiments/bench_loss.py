@@ -17,7 +17,6 @@ import datetime
 import itertools
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+
+from experiments.suite import cpu_model
 
 FEATURE_DIM = 128
 NUM_CLASSES = 80
@@ -268,16 +269,6 @@ def run_config(impl, num_views, repeats, timeout, gpu, block_size) -> dict:
     result["status"] = "ok"
     result["gflops"] = dense_flops(num_views) / result["median_s"] / 1e9
     return result
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_table(results, header, targets, path, memory_name):

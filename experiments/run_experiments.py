@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +37,7 @@ from experiments.suite import (
     TSNE_METHODS,
     TSNE_POINTS,
     Run,
+    hardware_name,
     missing_runs,
     plan,
     result_path,
@@ -54,24 +53,6 @@ flags.DEFINE_string("data_dir", "", "tfds data dir; '' = $TFDS_DATA_DIR or the s
 flags.DEFINE_bool("dry_run", False, "Only list the planned runs, each as done or to do.")
 flags.DEFINE_list("sections", [], "Run only these sections (default: all).")
 flags.DEFINE_list("datasets", [], "Run only these datasets (default: all).")
-
-
-def hardware_name() -> str:
-    """The accelerator, or the CPU model: results can differ in the last digits between CPUs."""
-    import jax
-
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        return f"{device.device_kind}, {os.cpu_count()} host cores"
-    cpu_model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor() or "unknown CPU",
-    )
-    return f"cpu ({cpu_model}), {os.cpu_count()} cores, {platform.machine()}"
 
 
 def run_config(profile: str, run: Run, data_dir: str):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -212,3 +214,23 @@ def missing_runs(profile: str, results_dir: Path) -> list[Run]:
     like a finished result.
     """
     return [r for r in plan(profile, results_dir, []) if not result_path(results_dir, r).exists()]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def hardware_name() -> str:
+    """The accelerator, or the CPU model: results can differ in the last digits between CPUs."""
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return f"{device.device_kind}, {os.cpu_count()} host cores"
+    return f"cpu ({cpu_model()}), {os.cpu_count()} cores, {platform.machine()}"

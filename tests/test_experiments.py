@@ -12,7 +12,7 @@ from scipy import stats
 # The repository root, where the `experiments` package is, for a bare `pytest` too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments import experiment_report, suite
+from experiments import debtags_model, experiment_report, suite
 
 METRICS = experiment_report.METRICS
 
@@ -90,6 +90,25 @@ def test_holm_adjustment_and_paired_interval():
         [diff.mean(), diff.mean() - half_width, diff.mean() + half_width],
         rtol=1e-12,
     )
+
+
+def test_seed_summary_against_the_reference():
+    values, reference = [0.461, 0.466, 0.463, 0.468, 0.462], 0.4627
+    mean, sem = np.mean(values), np.std(values, ddof=1) / np.sqrt(5)
+    t_statistic = (mean - reference) / sem
+    summary = debtags_model.against_reference(values, reference)
+    np.testing.assert_allclose(
+        [summary["mean"], *summary["interval_95"], summary["p_vs_reference"]],
+        [
+            mean,
+            mean - stats.t.ppf(0.975, 4) * sem,
+            mean + stats.t.ppf(0.975, 4) * sem,
+            2 * stats.t.sf(abs(t_statistic), 4),
+        ],
+        rtol=1e-12,
+    )
+    assert (summary["min"], summary["max"]) == (0.461, 0.468)
+    assert "interval_95" not in debtags_model.against_reference([0.47], reference)
 
 
 def test_report_means_bold_and_holm_corrected_tests(tmp_path):
