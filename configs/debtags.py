@@ -45,8 +45,13 @@ def get_config(profile: str = ""):
     # 5e-2 trains the classifier faster (+0.03) but switches features off: its probes fell to
     # 0.35 at dropout 0.5.
     config.optimizer.learning_rate = 1e-2
-    config.optimizer.weight_decay = 0.05  # 1e-4: -0.008 classifier test mAP; 0.2: -0.05
+    # Decay on embeddings and kernels only, at 0.1: +0.002 by the probe (seed 0) over decaying
+    # every parameter at 0.05. Masked at 0.05 or 0.2: -0.002. Seeds spread by about ±0.004.
+    config.optimizer.decay_only_matrices = True
+    config.optimizer.weight_decay = 0.1
     config.optimizer.warmup_steps = 50
+    # Probe over 5 seeds: 0.4601 ± 0.0008 against 0.4599 ± 0.0029 at 0.1. The suite sets its own.
+    config.loss.temperature = 0.2
     # Used by method "joint": the BCE is a mean over 218 tags, ~0.05 against S-D's ~2.
     config.loss.joint_weight = 0.3  # 0.1: -0.0015, 1: -0.014 by the probe
     config.linear_eval.num_steps = 1000
