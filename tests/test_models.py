@@ -418,13 +418,16 @@ def test_check_data_fits_bounds_the_bag_of_ngrams_vocabulary():
         config_lib.check_data_fits(config, train)
 
 
-def test_probe_features_are_the_encoder_without_dropout():
+def yeast_model_with_dropout(rate: float):
+    """(config, model) of the tiny Yeast MLP at `rate`; the same parameters at any rate."""
     config = config_lib.load_config_file("yeast", "tiny")
-    config.model.encoder.dropout_rate = 0.5
-    model = models.create_model(config, num_classes=14, seed=0)
-    config_without = config_lib.load_config_file("yeast", "tiny")
-    config_without.model.encoder.dropout_rate = 0.0
-    plain = models.create_model(config_without, num_classes=14, seed=0)
+    config.model.encoder.dropout_rate = rate
+    return config, models.create_model(config, num_classes=14, seed=0)
+
+
+def test_probe_features_are_the_encoder_without_dropout():
+    config, model = yeast_model_with_dropout(0.5)
+    _, plain = yeast_model_with_dropout(0.0)
     inputs = np.random.default_rng(0).normal(size=(37, 103)).astype(np.float32)
     got = LinearProbe(config, data_parallel_mesh()).features(model, inputs)
     want = np.asarray(plain.encode(jnp.asarray(inputs)))
@@ -434,12 +437,8 @@ def test_probe_features_are_the_encoder_without_dropout():
 
 
 def test_heldout_loss_is_the_model_without_dropout():
-    config = config_lib.load_config_file("yeast", "tiny")
-    config.model.encoder.dropout_rate = 0.5
-    model = models.create_model(config, num_classes=14, seed=0)
-    config_without = config_lib.load_config_file("yeast", "tiny")
-    config_without.model.encoder.dropout_rate = 0.0
-    plain = models.create_model(config_without, num_classes=14, seed=0)
+    config, model = yeast_model_with_dropout(0.5)
+    config_without, plain = yeast_model_with_dropout(0.0)
     rng = np.random.default_rng(0)
     test = {
         "inputs": rng.normal(size=(64, 103)).astype(np.float32),
