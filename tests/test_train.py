@@ -1,6 +1,5 @@
 """The trainer end to end on configs/default.py:tiny: outputs, resume, configs, data parallelism."""
 
-import functools
 import json
 import os
 import re
@@ -250,8 +249,8 @@ def test_weight_decay_skips_vectors_only_when_asked(only_matrices):
     after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     shrink = 1 - float(objectives.learning_rate_schedule(config)(0)) * 0.5
     num_vectors = 0
-    for path, old in jax.tree_util.tree_leaves_with_path(before):
-        new = np.asarray(functools.reduce(lambda tree, key: tree[key.key], path, after))
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        new = np.asarray(new)
         decayed = old.ndim >= 2 or not only_matrices
         num_vectors += old.ndim < 2
         np.testing.assert_allclose(new, old * shrink if decayed else old, rtol=2**-22, atol=0)
