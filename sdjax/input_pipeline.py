@@ -73,6 +73,7 @@ def _load_debtags(split: str, *, data_dir: str, source_dir: str, options: dict) 
         corpus["train"][0],
         vocab_size=options.get("vocab_size", 8000),
         cache_dir=Path(data_dir) / "sdjax_tokenizers",
+        case_fold=options.get("case_fold", False),
     )
     texts, labels = corpus[split]
     inputs = tokenizer.encode(model_path, texts, max_length=options.get("max_length", 128))
@@ -101,7 +102,7 @@ DATASETS = {
     "voc2007": Dataset(IMAGE, loader=_tfds_multilabel_loader("voc2007"), streamed=True),
     "coco2017": Dataset(IMAGE, loader=_tfds_multilabel_loader("coco2017"), streamed=True),
 }
-OPTIONS = ("vocab_size", "max_length", "image_size")  # per-modality loading options
+OPTIONS = ("vocab_size", "max_length", "case_fold", "image_size")  # per-modality loading options
 
 
 def default_data_dir() -> str:
@@ -198,7 +199,7 @@ def load_split(
       data_dir: the tfds data directory; "" = $TFDS_DATA_DIR or ~/.cache/sdjax/tensorflow_datasets.
       source_dir: where a builder finds its local source files; "" = the builder's default
         (see its module docstring).
-      **options: `vocab_size`, `max_length` (text) and `image_size` (tfds images).
+      **options: `vocab_size`, `max_length`, `case_fold` (text) and `image_size` (tfds images).
     """
     if name not in DATASETS:
         raise ValueError(f"`name`: got {name!r}, expected one of {sorted(DATASETS)}.")

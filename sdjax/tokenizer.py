@@ -14,8 +14,13 @@ PAD_ID = 0  # text encoders treat id 0 as padding: masked in attention and pooli
 UNK_ID = 1
 
 
-def train_tokenizer(texts: Sequence[str], *, vocab_size: int, model_path: str | Path) -> Path:
-    """Trains a unigram SentencePiece model on `texts` and writes it to `model_path`."""
+def train_tokenizer(
+    texts: Sequence[str], *, vocab_size: int, model_path: str | Path, case_fold: bool = False
+) -> Path:
+    """Trains a unigram SentencePiece model on `texts` and writes it to `model_path`.
+
+    `case_fold`: the model lower-cases (NFKC with Unicode case folding) what it encodes.
+    """
     import sentencepiece as spm
 
     if vocab_size < 8:
@@ -36,6 +41,7 @@ def train_tokenizer(texts: Sequence[str], *, vocab_size: int, model_path: str | 
             bos_id=-1,
             eos_id=-1,
             character_coverage=1.0,
+            normalization_rule_name="nmt_nfkc_cf" if case_fold else "nmt_nfkc",
             hard_vocab_limit=False,  # a small corpus may not support the full vocabulary
             num_threads=1,  # one thread: the same corpus gives the same model
             minloglevel=2,
@@ -45,12 +51,15 @@ def train_tokenizer(texts: Sequence[str], *, vocab_size: int, model_path: str | 
     return model_path
 
 
-def cached_tokenizer(texts: Sequence[str], *, vocab_size: int, cache_dir: str | Path) -> Path:
-    """The model for (texts, vocab_size) under `cache_dir`, trained on the first call only."""
+def cached_tokenizer(
+    texts: Sequence[str], *, vocab_size: int, cache_dir: str | Path, case_fold: bool = False
+) -> Path:
+    """The model for (texts, vocab_size, case_fold) under `cache_dir`, trained on first call."""
     digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
-    model_path = Path(cache_dir) / f"sentencepiece_{vocab_size}_{digest}.model"
+    folded = "_cf" if case_fold else ""
+    model_path = Path(cache_dir) / f"sentencepiece_{vocab_size}{folded}_{digest}.model"
     if not model_path.exists():
-        train_tokenizer(texts, vocab_size=vocab_size, model_path=model_path)
+        train_tokenizer(texts, vocab_size=vocab_size, model_path=model_path, case_fold=case_fold)
     return model_path
 
 

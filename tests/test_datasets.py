@@ -318,6 +318,22 @@ def test_tokenizer_is_trained_once_and_pads_with_zero(tmp_path):
         tokenizer.encode(first, texts, max_length=0)
 
 
+def test_case_folding_tokenizer_encodes_any_case_as_lower_case(tmp_path):
+    texts = [f"The Editor opens PNG pictures, number {i}" for i in range(50)]
+    kept = tokenizer.cached_tokenizer(texts, vocab_size=40, cache_dir=tmp_path)
+    folded = tokenizer.cached_tokenizer(texts, vocab_size=40, cache_dir=tmp_path, case_fold=True)
+    assert folded != kept and kept.exists()  # cached side by side
+    mixed, lower = "The EDITOR opens Png", "the editor opens png"
+    tokens = tokenizer.encode(folded, [mixed, lower], max_length=16)
+    np.testing.assert_array_equal(tokens[0], tokens[1])
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(folded))
+    pieces = processor.encode(mixed, out_type=str)
+    assert "".join(pieces).replace("\u2581", " ").strip() == lower
+    # Without folding, case is part of the text.
+    tokens = tokenizer.encode(kept, [mixed, lower], max_length=16)
+    assert not np.array_equal(tokens[0], tokens[1])
+
+
 def test_text_views_delete_tokens_but_never_all():
     tokens = jnp.array([[5, 6, 7, 8, 0, 0], [9, 0, 0, 0, 0, 0]], jnp.int32)
     views = modalities.TEXT.make_views(jax.random.key(0), tokens, num_views=64)
