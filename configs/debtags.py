@@ -5,7 +5,7 @@ Needs apt's lists with English descriptions, once: `apt-get update -o Acquire::L
 SentencePiece tokenizer into the data dir. About 3 minutes on a 2-core CPU once they exist.
 
 The encoder is a learned-weight mean of token embeddings with LayerNorm and dropout
-(sdjax/models/bag_of_ngrams.py) over 256 tokens. configs/debtags_joint.py trains it jointly with
+(sdjax/models/bag_of_ngrams.py) over 256 lower-cased SentencePiece tokens. configs/debtags_joint.py trains it jointly with
 a classifier, the experiment suite's best debtags model.
 
 COMMAND:
@@ -21,8 +21,11 @@ from sdjax import config_lib
 def get_config(profile: str = ""):
     config = config_lib.load_config_file("default")
     config.dataset.name = "debtags"
-    config.dataset.vocab_size = 8000
+    config.dataset.vocab_size = 8000  # 4k: -0.002, 16k: -0.005 by the probe
     config.dataset.max_length = 256  # 98% of descriptions fit
+    # A lower-casing tokenizer: probe 0.4649 over 5 seeds against 0.4601 without. With it, 12k
+    # pieces: -0.002 (seed 1).
+    config.dataset.case_fold = True
     config.model.encoder = ml_collections.ConfigDict(
         {
             "name": "bag_of_ngrams",
@@ -50,7 +53,8 @@ def get_config(profile: str = ""):
     config.optimizer.decay_only_matrices = True
     config.optimizer.weight_decay = 0.1
     config.optimizer.warmup_steps = 50
-    # Probe over 5 seeds: mean 0.4601, std 0.0008; at 0.1: 0.4599, std 0.0029. The suite sets τ.
+    # Probe over 5 seeds, before case folding: mean 0.4601, std 0.0008; at 0.1: 0.4599, std
+    # 0.0029. The suite sets τ.
     config.loss.temperature = 0.2
     # Used by method "joint": the BCE is a mean over 218 tags, ~0.05 against S-D's ~2.
     config.loss.joint_weight = 0.3  # 0.1: -0.0015, 1: -0.014 by the probe
