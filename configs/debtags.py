@@ -5,8 +5,9 @@ Needs apt's lists with English descriptions, once: `apt-get update -o Acquire::L
 SentencePiece tokenizer into the data dir. About 3 minutes on a 2-core CPU once they exist.
 
 The encoder is a learned-weight mean of token embeddings with LayerNorm and dropout
-(sdjax/models/bag_of_ngrams.py) over 256 lower-cased SentencePiece tokens. configs/debtags_joint.py trains it jointly with
-a classifier, the experiment suite's best debtags model.
+(sdjax/models/bag_of_ngrams.py) over 256 lower-cased SentencePiece tokens.
+configs/debtags_joint.py trains it jointly with a classifier, the experiment suite's best
+debtags model.
 
 COMMAND:
   python -m sdjax.main --config configs/debtags.py --workdir workdirs/debtags
@@ -67,6 +68,9 @@ def get_config(profile: str = ""):
         config.dataset.vocab_size = 256
         config.dataset.max_length = 32
         config.model.encoder.update({"width": 32, "num_buckets": 512})  # bigrams exercised
+        # Half of 32 features dropped leaves 24 steps too little signal: the held-out loss
+        # fell by 0.009 with dropout, by 0.035 without.
+        config.model.encoder.dropout_rate = 0.0
         config.dataset.train_examples = 512
         config.dataset.test_examples = 256
 

@@ -3,8 +3,8 @@ plus 0.3 x S-D, and scored by that classifier (the experiment suite's `joint` se
 
 Over 5 seeds its linear probe reaches test mAP 0.4649 (95% interval [0.4631, 0.4668]) and its
 classifier 0.420, against 0.4627 for the TF-IDF + logistic regression reference
-(experiments/text_reference.py; `python -m experiments.debtags_model` reproduces the comparison). About 3 minutes a seed on a
-2-core CPU once the data is built.
+(experiments/text_reference.py; `python -m experiments.debtags_model` reproduces the
+comparison). About 3 minutes a seed on a 2-core CPU once the data is built.
 
 COMMAND:
   python -m sdjax.main --config configs/debtags_joint.py --workdir workdirs/debtags_joint

@@ -394,8 +394,6 @@ def test_tabular_tiny_config_trains(tmp_path):
 
 def test_text_tiny_config_trains(apt_lists, tmp_path):
     overrides = {"dataset.data_dir": str(tmp_path / "data"), "dataset.source_dir": str(apt_lists)}
-    # The suite's τ: at the config's 0.2, the tiny run's held-out loss falls by only 0.004.
-    overrides["loss.temperature"] = 0.1
     results = run_tiny("debtags", tmp_path / "run", **overrides)
     assert results["linear_eval"]["num_scored_classes"] == 5
     # The encoder learned something the labels need: the probe beats the random encoder.
