@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,10 @@ import psutil
 import tensorflow_datasets as tfds
 from absl import app, flags
 
-from experiments.bench_loss import cpu_model
+if __package__ in (None, ""):  # run as a script: import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.suite import cpu_model
 from sdjax import input_pipeline, modalities
 from sdjax.datasets import tfds_multilabel
 

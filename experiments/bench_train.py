@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+if __package__ in (None, ""):  # run as a script: import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from experiments.bench_loss import cpu_model, peak_gpu_mb, peak_rss_mb, torch_sd_loss
 
 ARCHS = {  # name: (stage sizes, block)

@@ -29,6 +29,9 @@ from absl import app, flags
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
+if __package__ in (None, ""):  # run as a script: import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from experiments.suite import (
     ABLATIONS,
     COMPARED,

@@ -22,11 +22,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags, logging
+
+if __package__ in (None, ""):  # run as a script: import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import experiment_report
 from experiments.suite import (

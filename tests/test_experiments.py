@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -62,6 +63,25 @@ def test_plan_skips_nothing_it_needs_and_adds_the_best_baseline_sweep(tmp_path):
     assert only_yeast == [r for r in suite.plan("quick", tmp_path, []) if r.dataset == "yeast"]
     with pytest.raises(ValueError, match=r"datasets: unknown \['imagenet'\]"):
         suite.plan("quick", tmp_path, [], ["imagenet"])
+
+
+def test_the_runner_runs_as_a_script_from_another_directory(tmp_path):
+    # `python experiments/run_experiments.py ...`, the form a user may type, not only `-m`.
+    finished = suite.Run("yeast", "sd", 0)
+    write(tmp_path / "quick", finished, 0.5)
+    planned = len(suite.plan("quick", tmp_path / "quick", []))
+    script = Path(suite.__file__).with_name("run_experiments.py")
+    listing = subprocess.run(
+        [sys.executable, str(script), "--profile=quick", "--dry_run", f"--results_dir={tmp_path}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    assert f"{planned} runs planned, {planned - 1} to do." in listing
+    assert f"done   {finished.name}\n" in listing
+    assert f"to do  {suite.Run('yeast', 'sd', 1).name}\n" in listing
 
 
 def holm_by_hand(p_values):
