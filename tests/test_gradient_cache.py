@@ -94,10 +94,12 @@ def test_sums_chunks_of_a_bfloat16_model_in_float32():
     def loss_of_outputs(outputs):
         return loss_fn(outputs.reshape((16, 1, -1)), labels)
 
-    expected_loss, expected_grads = nnx.value_and_grad(
-        lambda model: loss_of_outputs(model(images))
+    expected_loss, expected_grads = nnx.jit(
+        nnx.value_and_grad(lambda model: loss_of_outputs(model(images)))
     )(model)
-    loss, grads = chunked_value_and_grad(model, jnp.asarray(images), loss_of_outputs, 4)
+    loss, grads = nnx.jit(chunked_value_and_grad, static_argnums=(2, 3))(
+        model, jnp.asarray(images), loss_of_outputs, 4
+    )
     assert loss.dtype == jnp.float32
     # A convolution over 4 images may round its bfloat16 outputs otherwise than over 16 (XLA
     # picks the order of its sums per shape): single roundings flip by a bfloat16 ulp, 2^-8,
