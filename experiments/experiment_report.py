@@ -73,15 +73,22 @@ RELATION_COLORS = {
 
 
 def seed_values(
-    results_dir, dataset, method, metric, temperature=DEFAULT_TEMPERATURE, setting="pretrain"
+    results_dir,
+    dataset,
+    method,
+    metric,
+    temperature=DEFAULT_TEMPERATURE,
+    setting="pretrain",
+    scored_by=None,
 ):
-    """{seed: value} over the seeds whose runs have finished, scored as `setting` scores."""
+    """{seed: value} over the seeds whose runs have finished, scored as `setting` scores (or
+    by the results entry `scored_by`)."""
     values = {}
     for seed in SEEDS:
         run = entry_run(dataset, setting, method, seed, temperature)
         record = load_result(results_dir, run)
         if record is not None:
-            values[seed] = run.score(record)[metric]
+            values[seed] = run.score(record, scored_by)[metric]
     return values
 
 
@@ -131,11 +138,16 @@ def holm_adjusted(p_values: list[float]) -> list[float]:
 
 
 def metric_table(
-    results_dir, dataset, methods, temperature=DEFAULT_TEMPERATURE, setting="pretrain"
+    results_dir,
+    dataset,
+    methods,
+    temperature=DEFAULT_TEMPERATURE,
+    setting="pretrain",
+    scored_by=None,
 ) -> list[str]:
     """A markdown table of mean ± std per method; the best mean of each column in bold."""
     cells = {
-        (m, k): seed_values(results_dir, dataset, m, k, temperature, setting)
+        (m, k): seed_values(results_dir, dataset, m, k, temperature, setting, scored_by)
         for m in methods
         for k in METRICS
     }
@@ -209,22 +221,43 @@ def comparison_section(profile, results_dir) -> list[str]:
                 "",
             ]
         lines += sd_against_each_table(results_dir, setting, datasets)
+        if scored_by != "linear_eval":  # the encoder it trained, scored like the others
+            lines += [
+                f"**The encoders of setting `{setting}`, scored by a linear probe** "
+                '(`results["linear_eval"]`), as the other settings are:',
+                "",
+            ]
+            for dataset in datasets:
+                lines += [
+                    f"**{dataset}** (probe)",
+                    "",
+                    *metric_table(
+                        results_dir, dataset, COMPARED, setting=setting, scored_by="linear_eval"
+                    ),
+                    "",
+                ]
+            lines += sd_against_each_table(results_dir, setting, datasets, "linear_eval")
     return lines
 
 
-def sd_against_each_table(results_dir, setting: str, datasets) -> list[str]:
+def sd_against_each_table(results_dir, setting: str, datasets, scored_by=None) -> list[str]:
     """S-D's mAP minus every other entry's, per dataset, with Holm-corrected paired tests: the
-    paper's claim is against each."""
+    paper's claim is against each. Scored as `setting` scores, or by `scored_by`."""
     others = [m for m in COMPARED if m != "sd"]
     effects = {}
     for dataset in datasets:
-        reference = seed_values(results_dir, dataset, "sd", "mAP", setting=setting)
+        reference = seed_values(
+            results_dir, dataset, "sd", "mAP", setting=setting, scored_by=scored_by
+        )
         for other in others:
-            values = seed_values(results_dir, dataset, other, "mAP", setting=setting)
+            values = seed_values(
+                results_dir, dataset, other, "mAP", setting=setting, scored_by=scored_by
+            )
             effects[dataset, other] = paired_effect(reference, values)
     adjusted = dict(zip(effects, holm_adjusted([e["p"] for e in effects.values()]), strict=True))
+    name = f"`{setting}`" + (f", scored by `{scored_by}`" if scored_by else "")
     lines = [
-        f"**S-D against each entry (`{setting}`)**: mean mAP of `sd` minus the entry's over",
+        f"**S-D against each entry ({name})**: mean mAP of `sd` minus the entry's over",
         "paired seeds, its 95% interval (paired t), and the p-value after a Holm correction over",
         f"all {len(effects)} comparisons of this table; `*` marks a Holm-corrected p < 0.05.",
         "",

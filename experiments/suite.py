@@ -129,9 +129,10 @@ class Run:
             "loss.temperature": self.temperature,
         }
 
-    def score(self, record: dict) -> dict:
-        """The test metrics that score this run in its result file."""
-        return record[SETTINGS[self.setting].scored_by]
+    def score(self, record: dict, scored_by: str | None = None) -> dict:
+        """The test metrics that score this run in its result file: its setting's `scored_by`
+        entry, or the one named."""
+        return record[scored_by or SETTINGS[self.setting].scored_by]
 
 
 def entry_run(dataset: str, setting: str, method: str, seed: int, temperature=None) -> Run:

@@ -18,14 +18,16 @@ from experiments import debtags_model, experiment_report, suite
 METRICS = experiment_report.METRICS
 
 
-def fake_record(run, value):
-    """A result file whose scoring metrics are all `value` (its other metrics are -1)."""
+def fake_record(run, value, probe_value=-1.0):
+    """A result file whose scoring metrics are all `value`; its other metrics are -1, or
+    `probe_value` for the linear probe of a run that its classifier scores."""
     groups = {"head": [0], "medium": [1], "tail": [2]}
     bootstrap = {g: {"macro_f1": [value] * 11, "mAP": [value] * 11} for g in groups}
     scored_by = suite.SETTINGS[run.setting].scored_by
+    probe = value if scored_by == "linear_eval" else probe_value
     return {
         "run": dataclasses.asdict(run),
-        "linear_eval": {k: value if scored_by == "linear_eval" else -1.0 for k in METRICS},
+        "linear_eval": {k: probe for k in METRICS},
         "classifier": {k: value if scored_by == "classifier" else -1.0 for k in METRICS},
         "train_label_counts": [100, 10, 1] if run.dataset == "debtags" else [5, 5, 5],
         "label_groups": groups,
@@ -35,10 +37,10 @@ def fake_record(run, value):
     }
 
 
-def write(results_dir, run, value):
+def write(results_dir, run, value, probe_value=-1.0):
     path = suite.result_path(results_dir, run)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(fake_record(run, value)))
+    path.write_text(json.dumps(fake_record(run, value, probe_value)))
 
 
 def test_plan_skips_nothing_it_needs_and_adds_the_best_baseline_sweep(tmp_path):
@@ -133,11 +135,13 @@ def test_seed_summary_against_the_reference():
 
 def test_report_means_bold_and_holm_corrected_tests(tmp_path):
     rng = np.random.default_rng(0)
-    values = {}
+    values, probes = {}, {}  # probes: the linear probes of classifier-scored (joint) runs
     for run in suite.plan("quick", tmp_path, ["comparison", "ablation"]):
         base = {"sd": 0.70, "all": 0.60}.get(run.method, 0.5)
         values[run] = base + 0.01 * rng.standard_normal()
-        write(tmp_path, run, values[run])
+        if suite.SETTINGS[run.setting].scored_by == "classifier":
+            probes[run] = 0.4 + 0.02 * (run.method == "sd") + 0.01 * rng.standard_normal()
+        write(tmp_path, run, values[run], probes.get(run, -1.0))
     for method in suite.TSNE_METHODS:
         path = tmp_path / "embeddings" / f"{suite.TSNE_DATASET}_{method}.npz"
         path.parent.mkdir(exist_ok=True)
@@ -150,8 +154,8 @@ def test_report_means_bold_and_holm_corrected_tests(tmp_path):
     assert text.startswith("intro") and "\nold\n" not in text and text.count("report:quick") == 2
     seeds = suite.profile_seeds("quick")
 
-    def entry(dataset, method, setting="pretrain"):
-        return [values[suite.entry_run(dataset, setting, method, s)] for s in seeds]
+    def entry(dataset, method, setting="pretrain", scores=values):
+        return [scores[suite.entry_run(dataset, setting, method, s)] for s in seeds]
 
     sd, rival = entry("yeast", "sd"), entry("yeast", "all")
     row = f"| sd | **{np.mean(sd):.4f} ± {np.std(sd, ddof=1):.4f}**"
@@ -164,20 +168,24 @@ def test_report_means_bold_and_holm_corrected_tests(tmp_path):
     tau_row = next(line for line in text.splitlines() if line.startswith("| 0.1 | "))
     assert tau_row.endswith(f"| {np.mean(sd) - np.mean(rival):+.4f} (p = {p:.2f}) |")
     # Each setting's S-D-against-each table: Holm over all its cells; yeast's row is checked.
+    # The joint setting's table is followed by one of its encoders' linear probes.
     others = [m for m in suite.COMPARED if m != "sd"]
     yeast_rows = [line for line in text.splitlines() if line.startswith("| yeast | ")]
-    assert len(yeast_rows) == len(suite.SETTINGS)
-    for setting, yeast_row in zip(suite.SETTINGS, yeast_rows, strict=True):
+    tables = [(setting, values) for setting in suite.SETTINGS] + [("joint", probes)]
+    assert len(yeast_rows) == len(tables)
+    for (setting, scores), yeast_row in zip(tables, yeast_rows, strict=True):
         datasets = suite.PROFILES["quick"]["setting_datasets"][setting]
         raw = {
-            (d, o): stats.ttest_rel(entry(d, "sd", setting), entry(d, o, setting)).pvalue
+            (d, o): stats.ttest_rel(
+                entry(d, "sd", setting, scores), entry(d, o, setting, scores)
+            ).pvalue
             for d in datasets
             for o in others
         }
         adjusted = dict(zip(raw, holm_by_hand(np.array(list(raw.values()))), strict=True))
         for column, other in enumerate(others):
-            diff = np.array(entry("yeast", "sd", setting)) - np.array(
-                entry("yeast", other, setting)
+            diff = np.array(entry("yeast", "sd", setting, scores)) - np.array(
+                entry("yeast", other, setting, scores)
             )
             half_width = stats.t.ppf(0.975, len(seeds) - 1) * diff.std(ddof=1) / np.sqrt(3)
             p = adjusted["yeast", other]
@@ -186,6 +194,9 @@ def test_report_means_bold_and_holm_corrected_tests(tmp_path):
                 f"{diff.mean() + half_width:+.4f}] (p = {p:.2f})"
             )
             assert yeast_row.strip(" |").split(" | ")[1 + column] == cell, (setting, other)
+    probe_sd = entry("yeast", "sd", "joint", probes)
+    probe_table = text.split("**yeast** (probe)")[1]
+    assert f"| sd | **{np.mean(probe_sd):.4f} ± {np.std(probe_sd, ddof=1):.4f}**" in probe_table
     assert "On **debtags**" in text  # the most imbalanced labels
     for figure in ("temperature.png", "longtail.png", "tsne.png"):
         assert (tmp_path / figure).stat().st_size > 5000
