@@ -19,7 +19,6 @@ paired-bootstrap 95% interval excludes 0.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -527,11 +526,14 @@ def tsne_section(results_dir, figure_path) -> list[str]:
     return lines
 
 
-def runs_table(results_dir) -> tuple[list[str], list[dict]]:
-    records = sorted(
-        (json.loads(p.read_text()) for p in (results_dir / "runs").rglob("*.json")),
-        key=lambda r: Run(**r["run"]).name,
-    )
+def runs_table(profile, results_dir) -> tuple[list[str], list[dict], int]:
+    """The table of the profile's planned runs that finished, their records, and how many
+    result files lie outside the plan (left by a plan that has since changed, such as the
+    temperature sweep of a former best baseline): those are neither listed nor counted."""
+    planned = plan(profile, results_dir, [])
+    records = [r for r in (load_result(results_dir, run) for run in planned) if r is not None]
+    records.sort(key=lambda r: Run(**r["run"]).name)
+    unplanned = len(list((results_dir / "runs").rglob("*.json"))) - len(records)
     lines = ["| run | mAP | wall time (s) | hardware |", "|---|---|---|---|"]
     for r in records:
         run = Run(**r["run"])
@@ -539,14 +541,14 @@ def runs_table(results_dir) -> tuple[list[str], list[dict]]:
             f"| {run.name} | {run.score(r)['mAP']:.4f} | {r['wall_seconds']:.0f} | "
             f"{r['hardware']} |"
         )
-    return lines, records
+    return lines, records, unplanned
 
 
 def write_report(profile: str, results_dir: Path, readme: Path | None = None) -> None:
     """Rebuilds the report of `profile` in `results_dir`, and puts it between its markers in
     `readme` if one is given."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    runs, records = runs_table(results_dir)
+    runs, records, unplanned = runs_table(profile, results_dir)
     total_seconds = sum(r["wall_seconds"] for r in records)
     hardware = {r["hardware"] for r in records}
     (results_dir / "runs.md").write_text(
@@ -557,7 +559,12 @@ def write_report(profile: str, results_dir: Path, readme: Path | None = None) ->
         "",
         f"{len(records)} finished runs, {total_seconds / 3600:.2f} h of run time in all, on "
         f"{'; '.join(sorted(hardware)) or '–'}. Every run's wall time and hardware: "
-        f"[results/{profile}/runs.md](results/{profile}/runs.md).",
+        f"[results/{profile}/runs.md](results/{profile}/runs.md)."
+        + (
+            f" Not counted: {unplanned} result file(s) outside the profile's plan."
+            if unplanned
+            else ""
+        ),
         "",
         *comparison_section(profile, results_dir),
         *ablation_section(results_dir),

@@ -147,11 +147,18 @@ def test_report_means_bold_and_holm_corrected_tests(tmp_path):
         path.parent.mkdir(exist_ok=True)
         labels = (rng.random((120, 10)) < 0.3).astype(np.uint8)
         np.savez(path, features=rng.standard_normal((120, 8)), labels=labels)
+    # A sweep of a baseline that is no longer the best one: outside the plan, so not reported.
+    unplanned = suite.Run("yeast", "any", 0, temperature=0.5)
+    write(tmp_path, unplanned, 0.9)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n\n<!-- report:quick:begin -->\nold\n<!-- report:quick:end -->\n")
     experiment_report.write_report("quick", tmp_path, readme)
     text = readme.read_text()
     assert text.startswith("intro") and "\nold\n" not in text and text.count("report:quick") == 2
+    listed = [line for line in (tmp_path / "runs.md").read_text().splitlines() if "_s" in line]
+    assert len(listed) == len(values) and not any(unplanned.name in line for line in listed)
+    assert f"{len(values)} finished runs" in text
+    assert "Not counted: 1 result file(s) outside the profile's plan." in text
     seeds = suite.profile_seeds("quick")
 
     def entry(dataset, method, setting="pretrain", scores=values):
