@@ -179,10 +179,11 @@ def significance_line(results_dir, dataset, reference: str, other: str) -> str:
     return f"{reference} − {other}: " + "; ".join(parts)
 
 
-def strongest_competitor(results_dir, dataset) -> str | None:
-    """The best entry other than S-D by mean mAP over finished seeds (pre-training setting)."""
+def strongest_competitor(results_dir, dataset, methods=COMPARED[1:]) -> str | None:
+    """The best of `methods` (by default every entry other than S-D) by mean mAP over finished
+    seeds (pre-training setting)."""
     means = {}
-    for method in COMPARED[1:]:
+    for method in methods:
         values = seed_values(results_dir, dataset, method, "mAP")
         if values:
             means[method] = np.mean(list(values.values()))
@@ -446,8 +447,16 @@ def longtail_section(results_dir, figure_path) -> list[str]:
     fig.savefig(figure_path, dpi=110)
     plt.close(fig)
     rival = strongest_competitor(results_dir, dataset)
-    if rival:
-        lines += [f"Paired bootstrap, sd − {rival} (the strongest other entry by mAP):", ""]
+    contrastive_rival = strongest_competitor(
+        results_dir, dataset, [m for m in COMPARED[1:] if m != "bce"]
+    )
+    rivals = {rival: "the strongest other entry by mAP"}
+    if contrastive_rival != rival:
+        rivals[contrastive_rival] = "the strongest other contrastive loss"
+    for rival, description in rivals.items():
+        if rival is None:
+            continue
+        lines += [f"Paired bootstrap, sd − {rival} ({description}):", ""]
         for metric in ("macro_f1", "mAP"):
             parts = []
             for group in groups:

@@ -137,7 +137,7 @@ def test_report_means_bold_and_holm_corrected_tests(tmp_path):
     rng = np.random.default_rng(0)
     values, probes = {}, {}  # probes: the linear probes of classifier-scored (joint) runs
     for run in suite.plan("quick", tmp_path, ["comparison", "ablation"]):
-        base = {"sd": 0.70, "all": 0.60}.get(run.method, 0.5)
+        base = {"sd": 0.70, "bce": 0.65, "all": 0.60}.get(run.method, 0.5)
         values[run] = base + 0.01 * rng.standard_normal()
         if suite.SETTINGS[run.setting].scored_by == "classifier":
             probes[run] = 0.4 + 0.02 * (run.method == "sd") + 0.01 * rng.standard_normal()
@@ -205,6 +205,16 @@ def test_report_means_bold_and_holm_corrected_tests(tmp_path):
     probe_table = text.split("**yeast** (probe)")[1]
     assert f"| sd | **{np.mean(probe_sd):.4f} ± {np.std(probe_sd, ddof=1):.4f}**" in probe_table
     assert "On **debtags**" in text  # the most imbalanced labels
+    # S-D against the strongest entry (BCE) and, since that is not contrastive, the strongest
+    # contrastive loss; every bootstrap replicate of a fake run is its value.
+    for rival, description in [
+        ("bce", "the strongest other entry by mAP"),
+        ("all", "the strongest other contrastive loss"),
+    ]:
+        diff = np.mean(entry("debtags", "sd")) - np.mean(entry("debtags", rival))
+        block = text.split(f"Paired bootstrap, sd − {rival} ({description}):")[1]
+        mean_ap_line = next(line for line in block.splitlines() if line.startswith("- mAP:"))
+        assert f"tail {diff:+.4f} [{diff:+.4f}, {diff:+.4f}] (significant)" in mean_ap_line
     for figure in ("temperature.png", "longtail.png", "tsne.png"):
         assert (tmp_path / figure).stat().st_size > 5000
     assert len((tmp_path / "runs.md").read_text().splitlines()) == 2 + 2 + len(values)
