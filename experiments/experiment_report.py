@@ -1,7 +1,7 @@
 """Tables, significance tests and figures from the suite's result files, into the README.
 
 COMMAND:
-  python -m experiments.experiment_report                  # both profiles, README included
+  python -m experiments.experiment_report         # every profile with results, README included
   python -m experiments.experiment_report --profiles=full --results_dir=/tmp/suite
 
 The report of a profile is built only from a complete profile (every run has its result file).
@@ -168,6 +168,7 @@ def metric_table(
 
 
 def significance_line(results_dir, dataset, reference: str, other: str) -> str:
+    """Paired t-tests of `reference` against `other` in three metrics, without correction."""
     parts = []
     for metric in ("mAP", "macro_f1", "micro_f1"):
         diff, p, n = paired_test(
@@ -176,7 +177,7 @@ def significance_line(results_dir, dataset, reference: str, other: str) -> str:
         )
         verdict = "significant" if p < 0.05 else "not significant"
         parts.append(f"{METRIC_NAMES[metric]} Δ = {diff:+.4f} (p = {p:.3f}, n = {n}, {verdict})")
-    return f"{reference} − {other}: " + "; ".join(parts)
+    return f"{reference} − {other}, uncorrected: " + "; ".join(parts)
 
 
 def strongest_competitor(results_dir, dataset, methods=COMPARED[1:]) -> str | None:
@@ -240,10 +241,24 @@ def comparison_section(profile, results_dir) -> list[str]:
     return lines
 
 
-def sd_against_each_table(results_dir, setting: str, datasets, scored_by=None) -> list[str]:
-    """S-D's mAP minus every other entry's, per dataset, with Holm-corrected paired tests: the
-    paper's claim is against each. Scored as `setting` scores, or by `scored_by`."""
-    others = [m for m in COMPARED if m != "sd"]
+def effect_cell(effect: dict, adjusted_p: float) -> str:
+    """`diff[*] [low, high] (p = …)`: a paired effect, `*` where the corrected p < 0.05."""
+    if effect["n"] == 0:
+        return "–"
+    mark = "*" if adjusted_p < 0.05 else ""
+    return (
+        f"{effect['diff']:+.4f}{mark} [{effect['low']:+.4f}, {effect['high']:+.4f}] "
+        f"(p = {adjusted_p:.2f})"
+    )
+
+
+def sd_against_each_table(
+    results_dir, setting: str, datasets, scored_by=None, others=None, subject=None
+) -> list[str]:
+    """S-D's mAP minus each of `others`' (by default every other entry), per dataset, with
+    Holm-corrected paired tests: the paper's claim is against each. Scored as `setting`
+    scores, or by `scored_by`. `subject` names the others in the table's title."""
+    others = others or [m for m in COMPARED if m != "sd"]
     effects = {}
     for dataset in datasets:
         reference = seed_values(
@@ -257,7 +272,8 @@ def sd_against_each_table(results_dir, setting: str, datasets, scored_by=None) -
     adjusted = dict(zip(effects, holm_adjusted([e["p"] for e in effects.values()]), strict=True))
     name = f"`{setting}`" + (f", scored by `{scored_by}`" if scored_by else "")
     lines = [
-        f"**S-D against each entry ({name})**: mean mAP of `sd` minus the entry's over",
+        f"**S-D against {subject or 'each entry'} ({name})**: mean mAP of `sd` minus the "
+        "entry's over",
         "paired seeds, its 95% interval (paired t), and the p-value after a Holm correction over",
         f"all {len(effects)} comparisons of this table; `*` marks a Holm-corrected p < 0.05.",
         "",
@@ -265,17 +281,7 @@ def sd_against_each_table(results_dir, setting: str, datasets, scored_by=None) -
         "|---" * (len(others) + 1) + "|",
     ]
     for dataset in datasets:
-        cells = []
-        for other in others:
-            effect, p = effects[dataset, other], adjusted[dataset, other]
-            if effect["n"] == 0:
-                cells.append("–")
-                continue
-            mark = "*" if p < 0.05 else ""
-            cells.append(
-                f"{effect['diff']:+.4f}{mark} [{effect['low']:+.4f}, {effect['high']:+.4f}] "
-                f"(p = {p:.2f})"
-            )
+        cells = [effect_cell(effects[dataset, o], adjusted[dataset, o]) for o in others]
         lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -294,6 +300,9 @@ def ablation_section(results_dir) -> list[str]:
         for ablation in ABLATIONS:
             if seed_values(results_dir, dataset, ablation, "mAP"):
                 lines += [significance_line(results_dir, dataset, "sd", ablation), ""]
+    lines += sd_against_each_table(
+        results_dir, "pretrain", DATASETS, others=ABLATIONS, subject="each factor alone"
+    )
     return lines
 
 
@@ -304,29 +313,40 @@ def temperature_section(profile, results_dir, figure_path) -> list[str]:
     import matplotlib.pyplot as plt
 
     datasets = PROFILES[profile]["temperature_datasets"]
+    baselines = {d: best_baseline(profile, results_dir, d) for d in datasets}
+    effects = {
+        (d, t): paired_effect(
+            seed_values(results_dir, d, "sd", "mAP", t),
+            seed_values(results_dir, d, baselines[d], "mAP", t),
+        )
+        for d in datasets
+        if baselines[d]
+        for t in TEMPERATURES
+    }
+    adjusted = dict(zip(effects, holm_adjusted([e["p"] for e in effects.values()]), strict=True))
     lines = [
         "### 3. Temperature",
         "",
         "Test mAP (mean ± std over seeds) against τ, for S-D and for the best contrastive",
-        "baseline of the comparison on that dataset, with their paired t-test at each τ.",
+        "baseline of the comparison on that dataset, and S-D's mAP minus the baseline's over",
+        "paired seeds with its 95% interval and the p-value after a Holm correction over all",
+        f"{sum(not np.isnan(e['p']) for e in effects.values())} τ comparisons of this section.",
         "",
     ]
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
-        baseline = best_baseline(profile, results_dir, dataset)
+        baseline = baselines[dataset]
         methods = ("sd", baseline) if baseline else ("sd",)
         lines += [
             f"**{dataset}**",
             "",
-            "| τ | " + " | ".join(f"{m} mAP" for m in methods) + " | sd − baseline (p) |",
+            "| τ | " + " | ".join(f"{m} mAP" for m in methods) + " | sd − baseline |",
             "|---" * (len(methods) + 2) + "|",
         ]
         for temperature in TEMPERATURES:
             values = [seed_values(results_dir, dataset, m, "mAP", temperature) for m in methods]
-            difference = "–"
-            if baseline and values[0] and values[1]:
-                diff, p, _ = paired_test(*values)
-                difference = f"{diff:+.4f} (p = {p:.2f})"
+            key = (dataset, temperature)
+            difference = effect_cell(effects[key], adjusted[key]) if key in effects else "–"
             cells = [mean_std(v) for v in values]
             lines.append(f"| {temperature:g} | " + " | ".join(cells) + f" | {difference} |")
         lines.append("")
@@ -618,22 +638,27 @@ def main(argv):
             f"--profiles: got {sorted(unknown)}, expected some of {list(PROFILES)}"
         )
     results_root = Path(FLAGS.results_dir).resolve()
-    for profile in FLAGS.profiles:  # all complete, or nothing is written
+    profiles = FLAGS.profiles or [p for p in PROFILES if (results_root / p / "runs").is_dir()]
+    if not profiles:
+        sys.exit(f"No profile has result files in {results_root}; expected <profile>/runs/.")
+    for profile in profiles:  # all complete, or nothing is written
         missing = missing_runs(profile, results_root / profile)
         if missing:
             sys.exit(incomplete_profile_message(profile, results_root / profile, missing))
     committed = results_root == COMMITTED_RESULTS.resolve()
-    for profile in FLAGS.profiles:
+    for profile in profiles:
         write_report(profile, results_root / profile, README if committed else None)
         print(f"wrote {results_root / profile / 'report.md'}", flush=True)
     if committed:
-        print(f"wrote the {', '.join(FLAGS.profiles)} report(s) into {README}")
+        print(f"wrote the {', '.join(profiles)} report(s) into {README}")
     else:
         print(f"{README} is not changed: it shows the committed results in {COMMITTED_RESULTS}.")
 
 
 if __name__ == "__main__":
     # Defined here, not on import: run_experiments imports this module and has its own flags.
-    flags.DEFINE_list("profiles", list(PROFILES), "The profiles whose report to rebuild.")
+    flags.DEFINE_list(
+        "profiles", [], "The profiles whose report to rebuild; default: every one with results."
+    )
     flags.DEFINE_string("results_dir", str(COMMITTED_RESULTS), "Holds one directory per profile.")
     app.run(main)

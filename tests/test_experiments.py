@@ -142,6 +142,11 @@ def test_report_means_bold_and_holm_corrected_tests(tmp_path):
         if suite.SETTINGS[run.setting].scored_by == "classifier":
             probes[run] = 0.4 + 0.02 * (run.method == "sd") + 0.01 * rng.standard_normal()
         write(tmp_path, run, values[run], probes.get(run, -1.0))
+    # The sweep follows the comparison's best baseline (`all`); planned once that is known.
+    for run in suite.plan("quick", tmp_path, ["temperature"]):
+        if run not in values:
+            values[run] = 0.60 + 0.1 * (run.method == "sd") + 0.01 * rng.standard_normal()
+            write(tmp_path, run, values[run])
     for method in suite.TSNE_METHODS:
         path = tmp_path / "embeddings" / f"{suite.TSNE_DATASET}_{method}.npz"
         path.parent.mkdir(exist_ok=True)
@@ -161,27 +166,54 @@ def test_report_means_bold_and_holm_corrected_tests(tmp_path):
     assert "Not counted: 1 result file(s) outside the profile's plan." in text
     seeds = suite.profile_seeds("quick")
 
-    def entry(dataset, method, setting="pretrain", scores=values):
-        return [scores[suite.entry_run(dataset, setting, method, s)] for s in seeds]
+    def entry(dataset, method, setting="pretrain", scores=values, temperature=None):
+        return [scores[suite.entry_run(dataset, setting, method, s, temperature)] for s in seeds]
 
-    sd, rival = entry("yeast", "sd"), entry("yeast", "all")
+    def effect_cell(a, b, adjusted_p):
+        diff = np.array(a) - np.array(b)
+        half_width = stats.t.ppf(0.975, len(seeds) - 1) * diff.std(ddof=1) / np.sqrt(len(seeds))
+        return (
+            f"{diff.mean():+.4f}{'*' if adjusted_p < 0.05 else ''} "
+            f"[{diff.mean() - half_width:+.4f}, {diff.mean() + half_width:+.4f}] "
+            f"(p = {adjusted_p:.2f})"
+        )
+
+    sd = entry("yeast", "sd")
     row = f"| sd | **{np.mean(sd):.4f} ± {np.std(sd, ddof=1):.4f}**"
     assert row in text
     ablation = entry("yeast", "sd_similarity_only")
     p = stats.ttest_rel(sd, ablation).pvalue
     assert f"mAP Δ = {np.mean(sd) - np.mean(ablation):+.4f} (p = {p:.3f}, n = 3" in text
-    # The temperature table's τ = 0.1 row pairs sd with the best baseline (`all`).
-    p = stats.ttest_rel(sd, rival).pvalue
-    tau_row = next(line for line in text.splitlines() if line.startswith("| 0.1 | "))
-    assert tau_row.endswith(f"| {np.mean(sd) - np.mean(rival):+.4f} (p = {p:.2f}) |")
+    # The temperature table pairs sd with the best baseline (`all`) at each τ, Holm over the
+    # section's comparisons (yeast's five τ in the quick profile).
+    sweep = {
+        t: (entry("yeast", "sd", temperature=t), entry("yeast", "all", temperature=t))
+        for t in suite.TEMPERATURES
+    }
+    raw = [stats.ttest_rel(a, b).pvalue for a, b in sweep.values()]
+    for (temperature, pair), adjusted_p in zip(
+        sweep.items(), holm_by_hand(np.array(raw)), strict=True
+    ):
+        tau_row = next(
+            line for line in text.splitlines() if line.startswith(f"| {temperature:g} | ")
+        )
+        assert tau_row.endswith(f"| {effect_cell(*pair, adjusted_p)} |"), temperature
+    assert "Holm correction over all\n5 τ comparisons" in text
     # Each setting's S-D-against-each table: Holm over all its cells; yeast's row is checked.
-    # The joint setting's table is followed by one of its encoders' linear probes.
-    others = [m for m in suite.COMPARED if m != "sd"]
+    # The joint setting's table is followed by one of its encoders' linear probes, and the
+    # ablation's by S-D against each factor alone.
+    compared = [m for m in suite.COMPARED if m != "sd"]
     yeast_rows = [line for line in text.splitlines() if line.startswith("| yeast | ")]
-    tables = [(setting, values) for setting in suite.SETTINGS] + [("joint", probes)]
+    tables = [
+        (setting, values, compared, suite.PROFILES["quick"]["setting_datasets"][setting])
+        for setting in suite.SETTINGS
+    ]
+    tables += [
+        ("joint", probes, compared, suite.PROFILES["quick"]["setting_datasets"]["joint"]),
+        ("pretrain", values, suite.ABLATIONS, suite.DATASETS),
+    ]
     assert len(yeast_rows) == len(tables)
-    for (setting, scores), yeast_row in zip(tables, yeast_rows, strict=True):
-        datasets = suite.PROFILES["quick"]["setting_datasets"][setting]
+    for (setting, scores, others, datasets), yeast_row in zip(tables, yeast_rows, strict=True):
         raw = {
             (d, o): stats.ttest_rel(
                 entry(d, "sd", setting, scores), entry(d, o, setting, scores)
@@ -191,16 +223,13 @@ def test_report_means_bold_and_holm_corrected_tests(tmp_path):
         }
         adjusted = dict(zip(raw, holm_by_hand(np.array(list(raw.values()))), strict=True))
         for column, other in enumerate(others):
-            diff = np.array(entry("yeast", "sd", setting, scores)) - np.array(
-                entry("yeast", other, setting, scores)
-            )
-            half_width = stats.t.ppf(0.975, len(seeds) - 1) * diff.std(ddof=1) / np.sqrt(3)
-            p = adjusted["yeast", other]
-            cell = (
-                f"{diff.mean():+.4f}{'*' if p < 0.05 else ''} [{diff.mean() - half_width:+.4f}, "
-                f"{diff.mean() + half_width:+.4f}] (p = {p:.2f})"
+            cell = effect_cell(
+                entry("yeast", "sd", setting, scores),
+                entry("yeast", other, setting, scores),
+                adjusted["yeast", other],
             )
             assert yeast_row.strip(" |").split(" | ")[1 + column] == cell, (setting, other)
+    assert "**S-D against each factor alone (`pretrain`)**" in text
     probe_sd = entry("yeast", "sd", "joint", probes)
     probe_table = text.split("**yeast** (probe)")[1]
     assert f"| sd | **{np.mean(probe_sd):.4f} ± {np.std(probe_sd, ddof=1):.4f}**" in probe_table

@@ -502,6 +502,11 @@ def test_report_command_needs_a_complete_profile_and_the_committed_dir_for_the_r
     assert done.returncode == 0, done.stderr
     assert (custom / "quick" / "report.md").read_text().startswith("## Results: the `quick`")
     assert (copy / "README.md").read_text() == readme
+    # Without --profiles: every profile that has result files there, and only those.
+    done = run_entry_point(copy, "experiment_report", f"--results_dir={custom}")
+    assert done.returncode == 0, done.stderr
+    written = [line for line in done.stdout.splitlines() if line.startswith("wrote ")]
+    assert written == [f"wrote {custom.resolve() / 'quick' / 'report.md'}"]
 
     write(copy / "results" / "quick", missing, 0.5)
     done = run_entry_point(copy, "experiment_report", "--profiles=quick")
