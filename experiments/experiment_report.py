@@ -466,13 +466,12 @@ def longtail_section(results_dir, figure_path) -> list[str]:
     fig.tight_layout()
     fig.savefig(figure_path, dpi=110)
     plt.close(fig)
-    rival = strongest_competitor(results_dir, dataset)
-    contrastive_rival = strongest_competitor(
-        results_dir, dataset, [m for m in COMPARED[1:] if m != "bce"]
+    rivals = {strongest_competitor(results_dir, dataset): "the strongest other entry by mAP"}
+    contrastive = [m for m in COMPARED[1:] if m != "bce"]
+    rivals.setdefault(  # only where it is another method than the first
+        strongest_competitor(results_dir, dataset, contrastive),
+        "the strongest other contrastive loss",
     )
-    rivals = {rival: "the strongest other entry by mAP"}
-    if contrastive_rival != rival:
-        rivals[contrastive_rival] = "the strongest other contrastive loss"
     for rival, description in rivals.items():
         if rival is None:
             continue
