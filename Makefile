@@ -1,5 +1,6 @@
 # `make test` and `make demo` each do all the set-up from a fresh clone.
-PYTHON ?= python3
+# jax 0.11 and newer need Python >= 3.12; pyenv's 3.12 is on this project's machines.
+PYTHON ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12; do "$$p" -c '' 2>/dev/null && { command -v "$$p"; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -8,7 +9,9 @@ WORKDIR ?= workdirs/default
 .PHONY: test lint format demo bench clean
 
 $(STAMP): requirements.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -n "$(PYTHON)" || { echo "Python 3.12 not found: make PYTHON=/path/to/python3.12" >&2; exit 2; }
+	$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null \
+		|| { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
