@@ -14,10 +14,9 @@ from pathlib import Path
 import jax
 import ml_collections
 from absl import app, flags, logging
-from clu import metric_writers
 from flax import nnx
 
-from sdjax import checkpointing, evaluation, input_pipeline, objectives
+from sdjax import checkpointing, evaluation, input_pipeline, metric_writers, objectives
 from sdjax.evaluators import HeldoutLoss, LinearProbe, joint_classifier_scores, save_test_outputs
 from sdjax.sharding import data_parallel_mesh, replicate
 
@@ -111,7 +110,7 @@ def evaluate_workdir(workdir: str | Path) -> dict:
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
     results = {"evaluated_step": step, "config": config.to_dict()}
     results |= evaluate(config, model, (train, test), mesh, workdir, writer)
-    writer.flush()
+    writer.close()
     if jax.process_index() == 0:
         write_results(workdir, results)
     return results

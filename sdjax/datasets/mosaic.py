@@ -7,6 +7,8 @@ module and differ only in where their source images come from.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -114,4 +116,16 @@ class MosaicBuilder(LocalSourceBuilder, skip_registration=True):
     def _generate_examples(self, split, num_examples, seed):
         mosaics = self.make_split(split, num_examples, seed)
         for i in range(num_examples):
-            yield i, {"inputs": mosaics["image"][i], "labels": mosaics["labels"][i]}
+            yield i, {"inputs": png_bytes(mosaics["image"][i]), "labels": mosaics["labels"][i]}
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 [H, W, 1] image as PNG, encoded by Pillow: tfds's own encoder needs TensorFlow.
+
+    PNG is lossless, so the decoded pixels are the image's, whichever encoder wrote them.
+    """
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0]).save(buffer, format="PNG")  # uint8 2-D: grayscale
+    return buffer.getvalue()
