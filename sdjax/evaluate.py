@@ -121,7 +121,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         results = evaluate_workdir(flags.FLAGS.workdir)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, input_pipeline.MissingExtra) as error:
         print(error, file=sys.stderr)
         return 2
     logging.info("Evaluated checkpoint %d.", results["evaluated_step"])

@@ -80,9 +80,21 @@ def _load_debtags(split: str, *, data_dir: str, source_dir: str, options: dict) 
     return {"inputs": inputs, "labels": labels, "label_names": np.array(vocabulary)}
 
 
+class MissingExtra(ImportError):
+    """A dataset needs a package that the installed extras lack; the message names the extra."""
+
+
 def _tfds_multilabel_loader(name: str) -> Callable[..., dict]:
     def load(split, *, data_dir, source_dir, options):
-        from sdjax.datasets import tfds_multilabel
+        try:
+            from sdjax.datasets import tfds_multilabel
+        except ModuleNotFoundError as error:
+            if error.name != "tensorflow":
+                raise
+            raise MissingExtra(
+                f"config.dataset.name: {name!r} needs TensorFlow to prepare and decode its "
+                "images, and it is not installed: pip install 'sdjax[prepare]'."
+            ) from None
 
         del source_dir  # the real tfds builders download into data_dir themselves
         return tfds_multilabel.streamed_split(
