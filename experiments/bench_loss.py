@@ -63,6 +63,7 @@ flags.DEFINE_float(
 flags.DEFINE_string("out_dir", str(RESULTS), "Where the table, JSON and figure go.")
 flags.DEFINE_string("device_label", "", "The machine's name in the table; '': the CPU's or GPU's.")
 flags.DEFINE_bool("quick", False, "Sizes 1024 and 4096 only.")
+flags.DEFINE_integer("matmul_size", 0, "Side of the matmul-rate check; 0: 4096, with --gpu 16384.")
 flags.DEFINE_list("worker", [], "Internal: IMPL,N,REPEATS, one configuration in this process.")
 
 
@@ -249,12 +250,11 @@ def check_agreement(gpu: bool, num_views: int = 256) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def matmul_gflops(gpu: bool) -> float:
+def matmul_gflops(gpu: bool, size: int) -> float:
     import jax
     import jax.numpy as jnp
 
     use_gpu_float32(gpu)
-    size = 16384 if gpu else 4096
     a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)).astype(np.float32))
     matmul = jax.jit(lambda x: x @ x)
     jax.block_until_ready(matmul(a))
@@ -410,7 +410,8 @@ def main(argv):
     if has_torch:
         loss = check_agreement(FLAGS.gpu)
         print(f"agreement check: sdjax and PyTorch give {loss:.6f}", flush=True)
-    gflops = matmul_gflops(FLAGS.gpu)
+    matmul_size = FLAGS.matmul_size or (16384 if FLAGS.gpu else 4096)
+    gflops = matmul_gflops(FLAGS.gpu, matmul_size)
     import jax
 
     torch_version = __import__("torch").__version__ if has_torch else "not installed"
@@ -429,7 +430,6 @@ def main(argv):
         memory_note = "peak RSS: the process's VmHWM"
         memory_limit = FLAGS.memory_limit_gb or 20.0
         slow_calls = " (1 at N >= 65536)"
-    matmul_size = 16384 if FLAGS.gpu else 4096
     python = Path(sys.executable).name
     header = [
         f"# S-D loss fwd+bwd: sdjax vs dense PyTorch ({device})",
