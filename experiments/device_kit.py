@@ -40,6 +40,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -86,10 +87,10 @@ SUITE_DATASETS = ("yeast",)  # what the suite step trains on, prepared by `pack`
 # (name, budget in seconds on the accelerator): they sum to the 8 minutes one call should take,
 # with the suite last, given whatever the others leave.
 STEPS = (
-    ("loss_f32", 75),
-    ("loss_bf16", 75),
-    ("train", 170),
-    ("max_batch", 60),
+    ("loss_f32", 70),
+    ("loss_bf16", 60),
+    ("train", 200),
+    ("max_batch", 50),
     ("grad_cache", 60),
     ("suite", 40),
 )
@@ -99,7 +100,7 @@ SUITE_TIME_UP = "time up (finished runs kept; a rerun continues)"
 GPU = {  # the accelerator's sizes
     "loss_sizes": "16384,65536,262144",
     "loss_repeats": 5,
-    "train_archs": "resnet18,resnet50",
+    "train_archs": "resnet50,resnet18",  # ResNet-50 (the target's network) first
     "train_steps": 10,
     "max_batch_arch": "resnet50",
     "max_batch_start": 512,  # the train step measured 256
@@ -306,6 +307,10 @@ class Kit:
             "TFDS_DATA_DIR": str(self.data),
             "PYTHONUNBUFFERED": "1",
             "JAX_COMPILATION_CACHE_DIR": str(work_dir / "jax_cache"),
+            # A benchmark's parent process holds JAX too (device names, a matmul rate): without
+            # this it would take 75% of the GPU before its workers start.
+            "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+            "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9",
         }
         self.install(kit_dir)
 
@@ -359,7 +364,8 @@ class Kit:
 
     def describe_machine(self) -> None:
         versions = {}
-        for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch"):
+        packages = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch")
+        for package in (*packages, "protobuf", "etils", "tensorboard"):
             with contextlib.suppress(importlib.metadata.PackageNotFoundError):
                 versions[package] = importlib.metadata.version(package)
         self.record["versions"] = versions
@@ -368,7 +374,15 @@ class Kit:
             "from experiments.suite import hardware_name; print(hardware_name())"
         )
         self.record["accelerator"] = self.python("import jax; print(jax.default_backend())")
+        stats = "import jax; print((jax.devices()[0].memory_stats() or {}).get('bytes_limit', 0))"
+        self.record["memory_bytes"] = int(self.python(stats)) or None  # what JAX may allocate
         self.say(f"{self.record['hardware']}; {versions}")
+        try:  # the training stack on the image's packages: if this fails, the log says why
+            self.python("import sdjax.train, sdjax.datasets, experiments.run_experiments")
+            self.record["training_stack"] = "imports"
+        except RuntimeError as error:
+            self.record["training_stack"] = f"fails to import: {str(error)[-500:]}"
+        self.say(f"training stack {self.record['training_stack']}")
 
     def run_step(self, name: str, command: list[str], budget_s: float) -> dict:
         """Runs `command` in its own process group for at most `budget_s`; its output goes to
@@ -491,12 +505,41 @@ def train_speedups(rows: list[dict]) -> dict:
     }
 
 
+OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OutOfMemoryError")
+
+
+def first_batch_to_try(sizes: dict, train_rows: list[dict], memory_bytes: int | None) -> int:
+    """Where the largest-batch search starts: the largest power of two that the train step's
+    peak memory, grown linearly from its batch, predicts to fit (each try costs a compilation,
+    so the search should start near the answer); else `max_batch_start`."""
+    measured = next(
+        (
+            r
+            for r in train_rows
+            if r.get("status") == "ok"
+            and r["impl"] == "sdjax"
+            and r["arch"] == sizes["max_batch_arch"]
+            and not r.get("chunk_size")
+        ),
+        None,
+    )
+    if not measured or not memory_bytes:
+        return sizes["max_batch_start"]
+    per_example = measured["peak_memory_mb"] * MIB / measured["batch_size"]  # an upper bound
+    batch = 2 ** max(0, int(math.log2(max(memory_bytes / per_example, 1))))
+    return min(max(batch, sizes["max_batch_start"]), sizes["max_batch_limit"])
+
+
 def largest_batch(kit: Kit, sizes: dict, budget: float, gpu_flag: list[str]) -> dict:
-    """Doubles sdjax's batch from `max_batch_start` until a step fails, the limit, or the budget;
-    each try is bench_train's worker (one configuration in a fresh process)."""
-    arch, batch, limit = sizes["max_batch_arch"], sizes["max_batch_start"], sizes["max_batch_limit"]
-    deadline, tries, fits, stopped_by, outputs = time.monotonic() + budget, [], 0, "limit", []
-    while batch <= limit:
+    """The largest power-of-two batch of sdjax's step that fits: from `first_batch_to_try`, up
+    by doubling while steps succeed, or down by halving while they fail, until the answer is
+    bracketed, the limit, or the budget. Each try is bench_train's worker in a fresh process."""
+    arch, limit = sizes["max_batch_arch"], sizes["max_batch_limit"]
+    train = next((s for s in kit.record["steps"] if s["name"] == "train"), {})
+    batch = first_batch_to_try(sizes, train.get("rows", []), kit.record.get("memory_bytes"))
+    deadline, tries, outputs = time.monotonic() + budget, {}, []
+    stopped_by = "limit"
+    while 1 <= batch <= limit and batch not in tries:
         left = deadline - time.monotonic()
         if left < 5:
             stopped_by = "budget"
@@ -506,14 +549,28 @@ def largest_batch(kit: Kit, sizes: dict, budget: float, gpu_flag: list[str]) -> 
         command += [arg for arg in sizes.get("train_size", []) if "image_size" in arg]
         attempt = kit.run_step(f"max_batch {batch}", command, left)
         outputs.append(attempt["output"])
-        tries.append({"batch_size": batch, "status": attempt["status"]})
-        if attempt["status"] != "ok":
-            stopped_by = "budget" if attempt["status"].startswith("stopped") else "failure"
+        out_of_memory = any(mark in attempt["output"] for mark in OUT_OF_MEMORY)
+        tries[batch] = "out of memory" if out_of_memory else attempt["status"]
+        if tries[batch] not in ("ok", "out of memory"):
+            stopped_by = "budget" if tries[batch].startswith("stopped") else "failure (see the log)"
             break
-        fits, batch = batch, batch * 2
-    row = {"arch": arch, "impl": "sdjax", "largest_fitting": fits, "tries": tries}
-    row["stopped_by"] = stopped_by  # "failure" (out of memory, see the log), "budget" or "limit"
-    status = "ok" if fits else "failed"
+        fits = tries[batch] == "ok"
+        if fits and (2 * batch in tries or 2 * batch > limit):
+            stopped_by = "bracketed" if 2 * batch in tries else "limit"
+            break
+        if not fits and batch // 2 in tries:
+            stopped_by = "bracketed"
+            break
+        batch = 2 * batch if fits else batch // 2
+    fitting = [b for b, status in tries.items() if status == "ok"]
+    failing = [b for b, status in tries.items() if status == "out of memory"]
+    row = {"arch": arch, "impl": "sdjax", "largest_fitting": max(fitting, default=0)}
+    row["smallest_failing"] = min(failing, default=None)  # out of memory
+    row |= {
+        "stopped_by": stopped_by,
+        "tries": [{"batch_size": b, "status": s} for b, s in tries.items()],
+    }
+    status = "ok" if fitting else "failed"
     return {"status": status, "wall_s": 0.0, "rows": [row], "output": "\n".join(outputs)}
 
 
@@ -685,10 +742,13 @@ def row_table(name: str, rows: list[dict]) -> list[str]:
             for r in rows
         ]
     elif name == "max_batch":
-        head = "| network | impl | largest batch that fit (x2 views) | search stopped by | run |"
+        head = (
+            "| network | impl | largest batch that fit (x2 views) | smallest that failed | "
+            "search stopped by | run |"
+        )
         body = [
-            f"| {r['arch']} | {r['impl']} | {r['largest_fitting']} | {r['stopped_by']} | "
-            f"{r['started']} |"
+            f"| {r['arch']} | {r['impl']} | {r['largest_fitting']} | "
+            f"{r.get('smallest_failing') or '–'} | {r['stopped_by']} | {r['started']} |"
             for r in rows
         ]
     else:

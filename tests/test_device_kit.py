@@ -94,6 +94,7 @@ def test_every_step_runs_in_order_on_the_images_packages(rehearsal):
     ]
     assert record["sizes"] == "tiny" and record["hardware"].startswith("cpu (")
     assert record["versions"]["jax"] == "0.11.2" and "torch" not in record["versions"]
+    assert record["training_stack"] == "imports"
     steps = {step["name"]: step for step in record["steps"]}
     assert list(steps) == [name for name, _ in device_kit.STEPS]
     for name, step in steps.items():
@@ -161,3 +162,39 @@ def test_merging_a_run_again_replaces_it_and_another_run_is_added(rehearsal, tmp
     ]
     assert summary.count(f"| {rerun['started']} |") >= 2  # in the runs table and a row
     assert (results / "device" / device_kit.slug(record["hardware"])).is_dir()
+
+
+class FakeKit:
+    """Runs no process: a bench_train worker "fits" up to `capacity` examples."""
+
+    def __init__(self, capacity, train_rows=(), memory_bytes=None):
+        self.capacity = capacity
+        self.record = {"steps": [{"name": "train", "rows": list(train_rows)}]}
+        self.record["memory_bytes"] = memory_bytes
+
+    def run_step(self, name, command, budget_s):
+        (worker,) = [arg for arg in command if arg.startswith("--train_worker=")]
+        batch = int(worker.split(",")[2])  # --train_worker=sdjax,ARCH,BATCH,CHUNK
+        if batch <= self.capacity:
+            return {"status": "ok", "output": "{}"}
+        return {"status": "failed (exit 1)", "output": "RESOURCE_EXHAUSTED: Out of memory"}
+
+
+@pytest.mark.parametrize(
+    ("capacity", "memory_gib", "largest", "failing", "tried"),
+    [
+        (700, 72, 512, 1024, [512, 1024]),  # 80 MiB an example: 921 predicted, 512 first
+        (300, 72, 256, 512, [512, 256]),  # the prediction too high: down by halving
+        (3000, None, 2048, 4096, [512, 1024, 2048, 4096]),  # no memory figure: from the start
+    ],
+)
+def test_the_largest_batch_search_brackets_the_answer(
+    capacity, memory_gib, largest, failing, tried
+):
+    measured = {"impl": "sdjax", "arch": "resnet50", "status": "ok", "batch_size": 256}
+    measured |= {"chunk_size": 0, "peak_memory_mb": 256 * 80}
+    memory = memory_gib and memory_gib * 2**30
+    kit = FakeKit(capacity, [measured], memory)
+    (row,) = device_kit.largest_batch(kit, device_kit.GPU, 600, ["--gpu"])["rows"]
+    assert (row["largest_fitting"], row["smallest_failing"]) == (largest, failing)
+    assert [t["batch_size"] for t in row["tries"]] == tried and row["stopped_by"] == "bracketed"
