@@ -142,27 +142,30 @@ def _normalise(name: str) -> str:
 
 
 def download_wheels(directory: Path) -> list[Path]:
-    """Python 3.12 x86-64 wheels of KIT_PACKAGES; a package published as source only is built
-    into a wheel here (they are pure Python)."""
+    """Python 3.12 x86-64 wheels of KIT_PACKAGES at their pinned versions, one each, kept in
+    `directory` between packs; a package published as source only is built into a wheel here
+    (those are pure Python)."""
     directory.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     platforms = [arg for p in WHEEL_PLATFORMS for arg in ("--platform", p)]
+    wheels = []
     for package in KIT_PACKAGES:
         requirement = f"{package}=={pinned_version(package)}"
-        prefix = f"{_normalise(package).replace('-', '_')}-"
-        if any(_normalise(w.name).replace("-", "_").startswith(prefix) for w in _wheels(directory)):
-            continue  # already downloaded into the cache
-        download = [*pip, "download", "--no-deps", "--only-binary=:all:", "-d", str(directory)]
-        download += ["--python-version", "3.12", "--implementation", "cp", *platforms]
-        download += ["--platform", "any", requirement]
-        if subprocess.run(download, capture_output=True, text=True).returncode != 0:
-            build = [*pip, "wheel", "--no-deps", "-w", str(directory), requirement]
-            subprocess.run(build, check=True, capture_output=True, text=True)
-    return _wheels(directory)
+        if not _cached_wheel(directory, requirement):
+            download = [*pip, "download", "--no-deps", "--only-binary=:all:", "-d", str(directory)]
+            download += ["--python-version", "3.12", "--implementation", "cp", *platforms]
+            download += ["--platform", "any", requirement]
+            if subprocess.run(download, capture_output=True, text=True).returncode != 0:
+                build = [*pip, "wheel", "--no-deps", "-w", str(directory), requirement]
+                subprocess.run(build, check=True, capture_output=True, text=True)
+        wheels.append(_cached_wheel(directory, requirement))
+    return wheels
 
 
-def _wheels(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.whl"))
+def _cached_wheel(directory: Path, requirement: str) -> Path | None:
+    """The wheel of `requirement` (NAME==VERSION) in `directory`, if there is one."""
+    prefix = _normalise(requirement.replace("==", "-")) + "-"
+    return next((w for w in directory.glob("*.whl") if _normalise(w.name).startswith(prefix)), None)
 
 
 def prepare_datasets(names, data_dir: Path, tar_dir: Path) -> list[Path]:
@@ -320,20 +323,23 @@ class Kit:
         self.log.write(line + "\n")
 
     def install(self, kit_dir: Path) -> None:
-        """Checks the parts (all of one kit, none missing), installs the wheels, unpacks data."""
-        manifests = [
-            json.loads(p.read_text()) for p in sorted(kit_dir.glob("part-*/manifest.json"))
-        ]
-        if not manifests:
+        """Checks the parts (every part of the newest kit here; a warm machine may still hold
+        older kits' parts, which are left alone), installs the wheels, unpacks the data."""
+        paths = sorted(kit_dir.glob("part-*/manifest.json"), key=lambda p: p.stat().st_mtime)
+        if not paths:
             raise SystemExit(
                 f"no kit parts in {kit_dir}: run `python -m experiments.device_kit pack`"
             )
-        kits = {m["kit"] for m in manifests}
-        numbers = sorted(m["part"] for m in manifests if m["kit"] == manifests[-1]["kit"])
-        if len(kits) > 1 or numbers != list(range(1, manifests[0]["parts"] + 1)):
+        newest = json.loads(paths[-1].read_text())
+        manifests = [m for m in map(json.loads, map(Path.read_text, paths))]
+        manifests = sorted(
+            (m for m in manifests if m["kit"] == newest["kit"]), key=lambda m: m["part"]
+        )
+        numbers = [m["part"] for m in manifests]
+        if numbers != list(range(1, newest["parts"] + 1)):
             raise SystemExit(
-                f"kit parts in {kit_dir}: got kits {sorted(kits)} and parts {numbers}, expected "
-                f"parts 1..{manifests[0]['parts']} of one kit; carry every part of one `pack`."
+                f"kit {newest['kit']} in {kit_dir}: got parts {numbers}, expected 1.."
+                f"{newest['parts']}; carry every part of one `pack` (one call each)."
             )
         files = [kit_dir / f"part-{m['part']}" / name for m in manifests for name in m["files"]]
         wheels = [f for f in files if f.suffix == ".whl"]
@@ -709,6 +715,9 @@ def summary_markdown(runs: list[dict]) -> str:
         for name, rows in steps.items():
             if rows:
                 lines += [f"### {name}", "", *row_table(name, rows), ""]
+            if name == "train" and train_speedups(rows):
+                ratios = ", ".join(f"{a} {r:.2f}" for a, r in train_speedups(rows).items())
+                lines += [f"sdjax / torch.compile, samples per second: {ratios}.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

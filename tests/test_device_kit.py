@@ -198,3 +198,18 @@ def test_the_largest_batch_search_brackets_the_answer(
     (row,) = device_kit.largest_batch(kit, device_kit.GPU, 600, ["--gpu"])["rows"]
     assert (row["largest_fitting"], row["smallest_failing"]) == (largest, failing)
     assert [t["batch_size"] for t in row["tries"]] == tried and row["stopped_by"] == "bracketed"
+
+
+def test_the_summary_gives_sdjax_against_torch_compile():
+    def row(impl, samples_per_s):
+        measured = {"arch": "resnet50", "impl": impl, "status": "ok", "batch_size": 256}
+        measured |= {"chunk_size": 0, "samples_per_s": samples_per_s}
+        return measured | {"median_step_s": 256 / samples_per_s, "peak_memory_mb": 1000.0}
+
+    rows = [row("sdjax", 1500.0), row("torch_compile", 1200.0)]
+    run = {"started": "2027-01-01T00:00:00Z", "hardware": "NVIDIA H100 80GB HBM3, 16 host cores"}
+    run["steps"] = [{"name": "train", "status": "ok", "wall_s": 60.0, "rows": rows}]
+    text = device_kit.summary_markdown([run])
+    assert "## NVIDIA H100 80GB HBM3, 16 host cores" in text
+    assert "sdjax / torch.compile, samples per second: resnet50 1.25." in text
+    assert "| resnet50 | sdjax | 256 | 0 | ok | 1500.0 | 171 | 1000 | – |" in text
