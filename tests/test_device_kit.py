@@ -98,8 +98,8 @@ def test_every_step_runs_in_order_on_the_images_packages(rehearsal):
     steps = {step["name"]: step for step in record["steps"]}
     assert list(steps) == [name for name, _ in device_kit.STEPS]
     for name, step in steps.items():
-        expected = (device_kit.SUITE_TIME_UP, "ok") if name == "suite" else ("ok",)
-        assert step["status"] in expected, (name, step["output_tail"])
+        expected = device_kit.SUITE_FIRST_RUN if name == "suite" else "ok"
+        assert step["status"] == expected, (name, step["output_tail"])
 
     for name, precision in (("loss_f32", "default"), ("loss_bf16", "bfloat16")):
         rows = {row["impl"]: row for row in steps[name]["rows"]}
@@ -128,7 +128,7 @@ def test_every_step_runs_in_order_on_the_images_packages(rehearsal):
 def test_the_suite_keeps_each_finished_run(rehearsal):
     _, results, record = rehearsal
     (suite,) = [step for step in record["steps"] if step["name"] == "suite"]
-    assert suite["rows"], suite["output_tail"]  # at least the first run finished
+    assert suite["rows"], suite["output_tail"]  # the first run finished (a second may have)
     for row in suite["rows"]:
         stored = json.loads((results / "quick" / "runs" / f"{row['run']}.json").read_text())
         assert stored["linear_eval"]["mAP"] == row["mAP"] and 0 < row["mAP"] < 1
