@@ -10,7 +10,7 @@ measurement in its own process group under its own time budget, in this order:
 
   loss_f32    experiments/bench_loss.py --gpu --precision=default (float32, TF32 matmuls)
   loss_bf16   experiments/bench_loss.py --gpu --precision=bfloat16
-  train       experiments/bench_train.py --gpu: ResNet-18 and ResNet-50 steps, bfloat16,
+  train       experiments/bench_train.py --gpu: ResNet-50 and ResNet-18 steps, bfloat16,
               sdjax against torch.compile, with MFU
   max_batch   the largest power-of-two batch of sdjax's ResNet-50 step that fits
   grad_cache  one gradient-cached ResNet-50 step on 65,536 views (32,768 examples x 2)
@@ -466,7 +466,7 @@ def measure(kit: Kit, sizes: dict, budgets: dict, gpu: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
         if name == "suite":  # the last: whatever the others left, less time to write outputs
             budget = max(budget, kit.time_left() - 20) if gpu else budget
-        step = {"name": name, "budget_s": budget}
+        step, step_start = {"name": name, "budget_s": budget}, time.monotonic()
         if name.startswith("loss_"):
             precision = {"loss_f32": "default", "loss_bf16": "bfloat16"}[name]
             command = [py, "-m", "experiments.bench_loss", *gpu_flag, f"--precision={precision}"]
@@ -516,6 +516,7 @@ def measure(kit: Kit, sizes: dict, budgets: dict, gpu: bool) -> None:
             step["rows"] = suite_rows(out / sizes["suite_profile"])
             step["profile"] = sizes["suite_profile"]
         step["output_tail"] = step.pop("output")[-3000:]
+        step["wall_s"] = round(time.monotonic() - step_start, 1)
         kit.record["steps"].append(step)
         write_outputs(kit)
 
@@ -596,7 +597,7 @@ def largest_batch(kit: Kit, sizes: dict, budget: float, gpu_flag: list[str]) -> 
         "tries": [{"batch_size": b, "status": s} for b, s in tries.items()],
     }
     status = "ok" if fitting else "failed"
-    return {"status": status, "wall_s": 0.0, "rows": [row], "output": "\n".join(outputs)}
+    return {"status": status, "rows": [row], "output": "\n".join(outputs)}
 
 
 def suite_rows(profile_dir: Path) -> list[dict]:
