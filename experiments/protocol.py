@@ -155,6 +155,14 @@ PROTOCOLS = {
         bootstrap_resamples=1000,
         description="the same protocol on a smaller grid, quick configs, 2 confirmation seeds",
     ),
+    # The plumbing end to end in minutes: the tiny configs (24 steps) on Yeast alone.
+    "protocol_smoke": Protocol(
+        config_profile="tiny",
+        budgets={"yeast": Budget(num_configs=2, tuning_seeds=(1000,))},
+        confirmation_seeds=(0, 1),
+        bootstrap_resamples=1000,
+        description="a smoke test of the protocol's plumbing: tiny configs, Yeast only",
+    ),
 }
 
 # Mean wall time of one run at the config file's step count, from the committed suite runs on
@@ -165,6 +173,7 @@ ESTIMATED_SECONDS = {
     ("", "yeast"): {"pretrain": 21, "joint": 17, "moco": 13},
     ("quick", "debtags"): {"pretrain": 51, "joint": 60, "moco": 40, "reference": 50},
     ("quick", "yeast"): {"pretrain": 13, "joint": 12, "moco": 12},
+    ("tiny", "yeast"): {"pretrain": 8, "joint": 8, "moco": 8},
 }
 # Per test resample (sdjax.evaluation.bootstrap_mean_average_precision): debtags' 2,400 test
 # examples x 218 tags took 0.11 s with the 2 cores loaded 7x over; Yeast's 917 x 14, 0.004 s.
