@@ -23,8 +23,6 @@ from absl import app, flags
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", "", "tfds data dir; '' = $TFDS_DATA_DIR or the sdjax cache.")
-flags.DEFINE_float("inverse_regularization", 4.0, "Logistic regression's C.")
 
 
 def tfidf_scores(
@@ -82,4 +80,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined here, not on import: the protocol's runner imports `tfidf_scores` and has its own.
+    flags.DEFINE_string("data_dir", "", "tfds data dir; '' = $TFDS_DATA_DIR or the sdjax cache.")
+    flags.DEFINE_float("inverse_regularization", 4.0, "Logistic regression's C.")
     app.run(main)

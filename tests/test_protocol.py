@@ -379,3 +379,53 @@ def test_protocol_runs_train_score_and_record(tmp_path, monkeypatch):
     ledger = protocol.read_ledger(results_dir)
     assert [row["run"] for row in ledger] == [tuning.name, confirmation.name]
     assert not (tmp_path / "work" / "protocol_smoke" / confirmation.name).exists()
+
+
+def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
+    from experiments import run_experiments
+    from sdjax import evaluation, input_pipeline
+
+    rng = np.random.default_rng(0)
+    words = ["editor", "pictures", "window", "puzzle"]
+
+    def split_of(size):
+        labels = (rng.random((size, 4)) < 0.4).astype(np.float32)
+        texts = [
+            " ".join([w for w, on in zip(words, row, strict=True) if on] + ["tool", f"n{i}"])
+            for i, row in enumerate(labels)
+        ]
+        return texts, labels
+
+    corpus = {"train_without_validation": split_of(120), "validation": split_of(40)}
+    corpus["test"] = split_of(50)
+    asked = []
+
+    def fake_corpus(data_dir, source_dir, splits):
+        asked.append(list(splits))
+        return {s: corpus[s] for s in splits}, ["a", "b", "c", "d"]
+
+    monkeypatch.setattr(input_pipeline, "debtags_corpus", fake_corpus)
+    results_dir = tmp_path / "results"
+    run = ProtocolRun("debtags", "reference", "tfidf", 1, 1000, "tuning")
+    knobs = protocol.configurations("debtags", "reference", "tfidf", 2)[1]
+    record = run_experiments.execute_protocol_run("protocol_quick", run, results_dir, tmp_path, "")
+    assert asked == [["train_without_validation", "validation"]] and "test" not in record
+    assert record["knobs"] == knobs and record["scored_by"] == "tfidf"
+    assert record["validation_mAP"] > 0.9  # each tag has its telling word
+    confirmation = dataclasses.replace(run, seed=0, stage="confirmation")
+    record = run_experiments.execute_protocol_run(
+        "protocol_quick", confirmation, results_dir, tmp_path, ""
+    )
+    saved = np.load(results_dir / "test_scores" / f"{confirmation.name}.npz")
+    assert saved["scores"].dtype == np.float32 and saved["scores"].shape == (50, 4)
+    np.testing.assert_array_equal(saved["labels"], corpus["test"][1])
+    np.testing.assert_allclose(
+        record["test"]["tfidf"]["mAP"],
+        evaluation.multilabel_metrics(saved["scores"], corpus["test"][1])["mAP"],
+        rtol=1e-12,
+    )
+    assert len(record["test_bootstrap_mAP"]) == 1001
+    assert [row["run"] for row in protocol.read_ledger(results_dir)] == [
+        run.name,
+        confirmation.name,
+    ]
