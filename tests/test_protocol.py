@@ -300,6 +300,14 @@ def test_report_states_the_preregistered_comparison(tmp_path, test_profile):
     assert "family of 14 contrasts" in text and "tfidf" in row("joint", "tfidf")
     assert "**yeast: S-D against each entry** (exploratory" in text
     assert (tmp_path / "report.md").read_text().count("(../../protocol.py)") == 1
+    # A tuning record that holds test metrics stops the report: selection never sees test.
+    tuning_run = next(r for r in runs if r.stage == "tuning")
+    tainted = {**protocol.load_result(tmp_path, tuning_run), "test": {"linear_eval": {}}}
+    protocol.result_path(tmp_path, tuning_run).write_text(json.dumps(tainted))
+    with pytest.raises(ValueError, match="selection reads tuning records"):
+        protocol_report.write_report(TEST_PROFILE, tmp_path)
+    del tainted["test"]
+    protocol.result_path(tmp_path, tuning_run).write_text(json.dumps(tainted))
     # Incomplete results give no report.
     protocol.result_path(tmp_path, next(iter(test_values))).unlink()
     with pytest.raises(ValueError, match="is incomplete: 1 runs missing"):
@@ -429,3 +437,30 @@ def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
         run.name,
         confirmation.name,
     ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"eval_split": "validation"},
+            "config.eval_split: got 'validation', expected \"test\" unless dataset.validation",
+        ),
+        ({"eval_split": "train"}, "config.eval_split: got 'train', expected one of"),
+        (
+            {"optimizer.classifier_learning_rate": -1.0},
+            "config.optimizer.classifier_learning_rate: got -1.0, expected a finite number >= 0",
+        ),
+    ],
+)
+def test_the_validation_fields_are_checked(overrides, message):
+    import re
+
+    from sdjax import config_lib
+
+    config = config_lib.override(config_lib.load_config_file("yeast", "tiny"), **overrides)
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        config_lib.check_config(config, num_devices=1, num_processes=1)
+    config_lib.override(config, **{"dataset.validation": True, "eval_split": "validation"})
+    if "eval_split" in overrides and overrides["eval_split"] == "validation":
+        config_lib.check_config(config, num_devices=1, num_processes=1)  # now consistent
