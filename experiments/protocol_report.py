@@ -272,6 +272,15 @@ def write_report(profile: str, results_dir: Path, readme: Path | None = None) ->
         f"{'; '.join(hardware)}. The protocol, fixed before these runs: "
         "[protocol.py](protocol.py).",
         "",
+        *(
+            [
+                f"**Caveat: the runs ran on {len(hardware)} kinds of hardware**, so paired runs "
+                "can differ in the last digits for that reason alone.",
+                "",
+            ]
+            if len(hardware) > 1
+            else []
+        ),
         *tuning_section(profile, tuning, selected),
         *ledger_section(profile, results_dir, moco),
         *joint_head_section(confirmation, datasets),
