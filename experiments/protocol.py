@@ -173,6 +173,8 @@ ESTIMATED_SECONDS = {
     ("", "yeast"): {"pretrain": 21, "joint": 17, "moco": 13},
     ("quick", "debtags"): {"pretrain": 51, "joint": 60, "moco": 40, "reference": 50},
     ("quick", "yeast"): {"pretrain": 13, "joint": 12, "moco": 12},
+    # A guess for an idle machine: the first smoke run took 30-80 s a run with the two cores
+    # shared by about 14 busy processes.
     ("tiny", "yeast"): {"pretrain": 8, "joint": 8, "moco": 8},
 }
 # Per test resample (sdjax.evaluation.bootstrap_mean_average_precision): debtags' 2,400 test
