@@ -29,9 +29,11 @@ new profile.
   classifier in `joint`), averaged over tuning seeds; ties go to the lower configuration id.
   It reads tuning records only and refuses any record that holds test metrics.
 - **Confirmation.** The selected configuration of each entry, retrained with every
-  confirmation seed (disjoint from the tuning seeds), scored once on test. Each run keeps its
-  float32 test scores and the mAP of `BOOTSTRAP_RESAMPLES` resamples of the test examples
-  (`sdjax.evaluation.bootstrap_mean_average_precision`).
+  confirmation seed (disjoint from the tuning seeds), scored once on test. Each run's record
+  keeps the mAP of `Protocol.bootstrap_resamples` resamples of the test examples
+  (`sdjax.evaluation.bootstrap_mean_average_precision`, computed from float32 scores), and
+  its float32 test scores go to `<results>/<profile>/test_scores/` (about 2 MB a debtags run:
+  kept where they ran, not committed; the report needs only the records).
 - **Ledger.** Every finished run appends one line to `<results>/<profile>/ledger.jsonl`
   (configuration, overrides, seed, validation mAP); the file is only appended to.
 - **Statistics** (`experiments.stats`, `experiments.protocol_report`): the primary family is

@@ -113,6 +113,19 @@ def family(confirmation, dataset: str, settings, seeds) -> dict:
     return effects
 
 
+def few_seeds_caveat(seeds) -> list[str]:
+    """Resampling a handful of seeds cannot show how much seeds vary: intervals come out
+    too narrow, and p-values too small."""
+    if len(seeds) >= 10:
+        return []
+    return [
+        f"**Caveat: {len(seeds)} confirmation seeds.** Resampled with replacement, so few seeds "
+        "understate how much runs vary from seed to seed: these intervals are too narrow and "
+        "these p-values too small to carry a claim.",
+        "",
+    ]
+
+
 def family_table(effects: dict) -> list[str]:
     lines = [
         "| setting | S-D vs | S-D mAP | its mAP | Δ mAP | 95% interval | p (Holm) | "
@@ -300,6 +313,7 @@ def write_report(profile: str, results_dir: Path, readme: Path | None = None) ->
             f"TOST at ±{MARGIN} says whether the two are practically equal.",
             "",
             *family_table(effects),
+            *few_seeds_caveat(seeds),
         ]
     body += ["### Exploratory analyses", "", "Not pre-registered; read as descriptions.", ""]
     for dataset in datasets:
@@ -311,6 +325,7 @@ def write_report(profile: str, results_dir: Path, readme: Path | None = None) ->
                 f"{len(effects)}):",
                 "",
                 *family_table(effects),
+                *few_seeds_caveat(seeds),
             ]
         if moco:
             effects = family(confirmation, dataset, ("moco",), seeds)
