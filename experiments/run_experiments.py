@@ -294,9 +294,9 @@ def run_protocol(profile: str, results_dir: Path) -> None:
     while True:  # confirmation runs become known as tuning completes
         runs, waiting = protocol.plan(profile, results_dir, datasets, moco)
         pending = [r for r in runs if not protocol.result_path(results_dir, r).exists()]
+        print(f"{len(runs)} runs planned, {len(pending)} to do.", flush=True)
         if not pending:
             break
-        print(f"{len(runs)} runs planned, {len(pending)} to do.", flush=True)
         start = time.time()
         for i, run in enumerate(pending):
             record = execute_protocol_run(
