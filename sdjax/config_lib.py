@@ -157,8 +157,13 @@ def flat_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return flat
 
 
+# Fields added after runs were stored: a stored config without one ran as this value says.
+ADDED_FIELD_DEFAULTS = {"dataset.validation": False, "optimizer.classifier_learning_rate": 0.0}
+
+
 def result_changing_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The dotted fields, other than RESULT_NEUTRAL_FIELDS, whose values differ."""
+    stored = {**ADDED_FIELD_DEFAULTS, **stored}
     fields = sorted(set(stored) | set(current))
     return [
         f"{name}: {stored.get(name, '<absent>')!r} -> {current.get(name, '<absent>')!r}"

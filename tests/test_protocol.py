@@ -464,3 +464,20 @@ def test_the_validation_fields_are_checked(overrides, message):
     config_lib.override(config, **{"dataset.validation": True, "eval_split": "validation"})
     if "eval_split" in overrides and overrides["eval_split"] == "validation":
         config_lib.check_config(config, num_devices=1, num_processes=1)  # now consistent
+
+
+def test_a_run_stored_before_the_validation_fields_resumes_unchanged():
+    from sdjax import config_lib
+
+    config = config_lib.load_config_file("yeast", "tiny")
+    current = config_lib.flat_fields(config)
+    older = {
+        k: v
+        for k, v in current.items()
+        if k not in ("dataset.validation", "eval_split", "optimizer.classifier_learning_rate")
+    }
+    assert config_lib.result_changing_differences(older, current) == []
+    config_lib.override(config, **{"dataset.validation": True})
+    assert config_lib.result_changing_differences(older, config_lib.flat_fields(config)) == [
+        "dataset.validation: False -> True"
+    ]
