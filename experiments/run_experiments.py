@@ -224,6 +224,7 @@ def execute_protocol_run(
             "validation": results["validation"],
             "final_train_loss": results["final_train_loss"],
             "heldout_stage1_loss": results["heldout_stage1_loss"],
+            "heldout_split": results["heldout_split"],
         }
         if run.stage == "confirmation":
             record["test"] = {k: results[k] for k in ("linear_eval", "classifier") if k in results}

@@ -32,7 +32,8 @@ def evaluate(
         `input_pipeline.run_splits(config)` names them.
 
     Returns:
-      {"heldout_stage1_loss": {"initial", "final", "split"}, "linear_eval": test metrics,
+      {"heldout_stage1_loss": {"initial", "final"}, "heldout_split": the split it used,
+      "linear_eval": test metrics,
       "random_init": test metrics (if `linear_eval.random_init_baseline`), "classifier": the
       jointly trained classifier's test metrics (`method = "joint"`: end-to-end fine-tuning,
       the same keys as "linear_eval"), "validation": {"linear_eval", "classifier"} metrics on
@@ -48,11 +49,8 @@ def evaluate(
     heldout_split = next(iter(scored))
     heldout = HeldoutLoss(config, mesh, scored[heldout_split])
     results = {
-        "heldout_stage1_loss": {
-            "initial": heldout(initial_model),
-            "final": heldout(model),
-            "split": heldout_split,
-        }
+        "heldout_stage1_loss": {"initial": heldout(initial_model), "final": heldout(model)},
+        "heldout_split": heldout_split,
     }
     probe = LinearProbe(config, mesh)
     probed = {"linear_eval": model}

@@ -366,7 +366,7 @@ def test_protocol_runs_train_score_and_record(tmp_path, monkeypatch):
     )
     assert "test" not in loaded and "test" not in record and "linear_eval" not in record
     assert record["validation_mAP"] == record["validation"]["classifier"]["mAP"]
-    assert record["heldout_stage1_loss"]["split"] == "validation"
+    assert record["heldout_split"] == "validation"
     assert record["overrides"]["method"] == "joint"
     loaded.clear()
     confirmation = dataclasses.replace(tuning, seed=0, stage="confirmation")
