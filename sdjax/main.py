@@ -23,7 +23,7 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard log
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
-SHOWN_RESULTS = ("linear_eval", "random_init", "classifier")  # "classifier": method "joint"
+SHOWN_RESULTS = ("linear_eval", "random_init", "classifier", "validation")  # "classifier": joint
 
 
 def summary(results: dict, workdir: str) -> str:

@@ -160,7 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 def _train_and_evaluate(config, workdir: Path, sigterm: _Sigterm) -> dict:
     mesh = data_parallel_mesh()
-    train, test = input_pipeline.load_train_and_test(config.dataset)
+    data = input_pipeline.load_splits(config.dataset, input_pipeline.run_splits(config))
+    train = data["train"]
     config_lib.check_data_fits(config, train)
     num_classes = train["labels"].shape[1]
     model, optimizer, momentum_encoder = objectives.create_train_state(config, num_classes, mesh)
@@ -202,7 +203,7 @@ def _train_and_evaluate(config, workdir: Path, sigterm: _Sigterm) -> dict:
         "stage1_seconds": stage1_seconds,
         "final_train_loss": curve[-1]["train/loss"] if curve else None,
     }
-    results |= evaluate.evaluate(config, model, (train, test), mesh, workdir, writer)
+    results |= evaluate.evaluate(config, model, data, mesh, workdir, writer)
     writer.close()
     if is_chief:
         evaluate.write_results(workdir, results)
