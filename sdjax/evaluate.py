@@ -67,6 +67,7 @@ def evaluate(
 
 
 def write_results(workdir: Path, results: dict) -> None:
+    """Writes `results` to `workdir/results.json`."""
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
@@ -117,7 +118,12 @@ def evaluate_workdir(workdir: str | Path) -> dict:
     return results
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
+    """`python -m sdjax.evaluate --workdir DIR`: `evaluate_workdir(DIR)`, results on stdout.
+
+    Returns:
+      The exit status: 0, or 2 when DIR has no checkpoint to evaluate.
+    """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:

@@ -106,6 +106,7 @@ OPTIONS = ("vocab_size", "max_length", "case_fold", "image_size")  # per-modalit
 
 
 def default_data_dir() -> str:
+    """Where datasets are built and read: $TFDS_DATA_DIR, or ~/.cache/sdjax/tensorflow_datasets."""
     return os.environ.get("TFDS_DATA_DIR") or str(
         Path.home() / ".cache" / "sdjax" / "tensorflow_datasets"
     )
@@ -169,6 +170,7 @@ class StreamedInputs:
 
     @property
     def ndim(self) -> int:
+        """The number of axes, as numpy's `ndim`."""
         return len(self.shape)
 
     def __getitem__(self, key) -> np.ndarray:

@@ -16,6 +16,8 @@ from sdjax.sharding import shard_global_batch
 
 
 class ProbeResult(NamedTuple):
+    """What `LinearProbe` returns: the test metrics, scores and frozen features."""
+
     metrics: dict  # sdjax.evaluation.multilabel_metrics of the test scores
     scores: np.ndarray  # float32 [N_test, C], sigmoid outputs
     test_features: np.ndarray  # float32 [N_test, F], the frozen encoder's
