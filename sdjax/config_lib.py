@@ -66,6 +66,7 @@ def load_config_file(path: str | Path, profile: str = "") -> ml_collections.Conf
     if not file.exists():
         raise FileNotFoundError(f"`path`: got {str(file)!r}, no such config file.")
     spec = importlib.util.spec_from_file_location(file.stem, file)
+    assert spec is not None and spec.loader is not None  # a .py file that exists has both
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(profile)
@@ -142,7 +143,8 @@ def override(config: ml_collections.ConfigDict, **dotted: Any) -> ml_collections
 
 
 def _check_field_exists(config: ml_collections.ConfigDict, dotted: str) -> None:
-    node, walked = config, []
+    node: Any = config
+    walked: list[str] = []
     for key in dotted.split("."):
         if not isinstance(node, ml_collections.ConfigDict) or key not in node:
             siblings = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []

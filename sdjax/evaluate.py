@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -23,8 +24,13 @@ from sdjax.sharding import data_parallel_mesh, replicate
 
 
 def evaluate(
-    config: ml_collections.ConfigDict, model, data: tuple[dict, dict], mesh, workdir: Path, writer
-) -> dict:
+    config: ml_collections.ConfigDict,
+    model: nnx.Module,
+    data: tuple[dict[str, Any], dict[str, Any]],
+    mesh: jax.sharding.Mesh,
+    workdir: Path,
+    writer: metric_writers.MetricWriter,
+) -> dict[str, Any]:
     """Held-out stage-1 loss (initial and final), linear probes and, if asked, test outputs.
 
     Returns:
@@ -38,7 +44,9 @@ def evaluate(
     initial_model = objectives.create_model(config, train["labels"].shape[1])
     nnx.update(initial_model, replicate(nnx.state(initial_model), mesh))
     heldout = HeldoutLoss(config, mesh, test)
-    results = {"heldout_stage1_loss": {"initial": heldout(initial_model), "final": heldout(model)}}
+    results: dict[str, Any] = {
+        "heldout_stage1_loss": {"initial": heldout(initial_model), "final": heldout(model)}
+    }
     probe = LinearProbe(config, mesh)
     probed = {"linear_eval": model}
     if config.linear_eval.random_init_baseline:
@@ -96,7 +104,7 @@ def plot_training_curve(config: ml_collections.ConfigDict, curve: list[dict], pa
     plt.close(fig)
 
 
-def evaluate_workdir(workdir: str | Path) -> dict:
+def evaluate_workdir(workdir: str | Path) -> dict[str, Any]:
     """Restores the newest checkpoint of `workdir` with its stored config and evaluates it.
 
     Writes results.json (with `evaluated_step`) and the TensorBoard scalars into `workdir`.

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -217,7 +219,9 @@ def load_split(
     return arrays
 
 
-def load_train_and_test(dataset_config) -> tuple[dict, dict]:
+def load_train_and_test(
+    dataset_config: ml_collections.ConfigDict,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Both splits for `config.dataset`, each cut to its `*_examples` limit when that is > 0."""
     fields = dataset_config.to_dict()
     limits = {"train": fields.pop("train_examples", 0), "test": fields.pop("test_examples", 0)}
@@ -323,7 +327,8 @@ class HostBatches:
         batch_indices(len(self._labels), step=0, **self._indices)  # checks the arguments
         self._prefetch = prefetch
         self._steps = grain.MapDataset.range(0, 2**62).map(self._read)
-        self._iterator, self._next_step = None, None
+        self._iterator: Iterator[dict[str, np.ndarray]] | None = None
+        self._next_step: int | None = None
 
     def _read(self, step: int) -> dict[str, np.ndarray]:
         indices = batch_indices(len(self._labels), step=step, **self._indices)
@@ -336,7 +341,7 @@ class HostBatches:
         """{"inputs": this host's encoder inputs, "labels": their multi-hot labels} of `step`."""
         if not self._prefetch:
             return self._steps[step]
-        if step != self._next_step:  # a fresh start, or a jump: read ahead from `step`
+        if self._iterator is None or step != self._next_step:  # a start, or a jump: read ahead
             read_options = grain.ReadOptions(
                 num_threads=self._prefetch, prefetch_buffer_size=self._prefetch
             )
@@ -345,12 +350,12 @@ class HostBatches:
         return next(self._iterator)
 
 
-def modality_of(config) -> Modality:
+def modality_of(config: ml_collections.ConfigDict) -> Modality:
     """The modality of `config.dataset.name`: its model-input and view functions."""
     return DATASETS[config.dataset.name].modality
 
 
-def training_batches(config, train: dict) -> HostBatches:
+def training_batches(config: ml_collections.ConfigDict, train: dict[str, Any]) -> HostBatches:
     """The `HostBatches` of stage 1 for `config`, on this process; streamed data reads ahead."""
     dataset = DATASETS[config.dataset.name]
     return HostBatches(

@@ -75,7 +75,7 @@ class MosaicConfig(tfds.core.BuilderConfig):
         self.num_train, self.num_test, self.seed = num_train, num_test, seed
 
 
-class MosaicBuilder(LocalSourceBuilder, skip_registration=True):
+class MosaicBuilder(LocalSourceBuilder, skip_registration=True):  # type: ignore[call-arg]
     """Shared tfds plumbing; subclasses set the constants and implement `make_split`."""
 
     NUM_CLASSES: int

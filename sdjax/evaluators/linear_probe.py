@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -45,12 +46,12 @@ class LinearProbe:
     encoder. Every host computes the same probe on the gathered features.
     """
 
-    def __init__(self, config, mesh):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         self._config = config
         self._mesh = mesh
         self._modality = input_pipeline.modality_of(config)
 
-    def features(self, model, inputs: np.ndarray) -> np.ndarray:
+    def features(self, model: nnx.Module, inputs: np.ndarray) -> np.ndarray:
         """Frozen encoder features of every example, on every host (numpy in, numpy out)."""
         batch_size = self._config.eval_batch_size
         features = []
@@ -63,7 +64,9 @@ class LinearProbe:
             features.append(gathered[: batch_size - pad])
         return np.concatenate(features)
 
-    def __call__(self, model, train: dict, test: dict) -> ProbeResult:
+    def __call__(
+        self, model: nnx.Module, train: dict[str, Any], test: dict[str, Any]
+    ) -> ProbeResult:
         train_features = self.features(model, train["inputs"])
         test_features = self.features(model, test["inputs"])
         scores = self.fit_and_score(train_features, train["labels"], test_features)
@@ -71,7 +74,9 @@ class LinearProbe:
             evaluation.multilabel_metrics(scores, test["labels"]), scores, test_features
         )
 
-    def fit_and_score(self, train_features, train_labels, test_features) -> np.ndarray:
+    def fit_and_score(
+        self, train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray
+    ) -> np.ndarray:
         """Fits the classifier on training features; returns its test scores [N, C]."""
         config, settings = self._config, self._config.linear_eval
         mean, std = train_features.mean(axis=0), train_features.std(axis=0) + 1e-6
