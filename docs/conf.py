@@ -49,19 +49,23 @@ napoleon_numpy_docstring = False
 autodoc_default_options = {"members": True, "member-order": "bysource"}
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
-# Docstrings are written for `help()` and GitHub: `name` is code, and |y_a ∩ y_b| is a set's
-# size (in reStructuredText, |...| would be a substitution).
+# Docstrings are written for `help()` and GitHub: `name` is code, |y_a ∩ y_b| is a set's size
+# and y_b \ y_a a set difference (in reStructuredText, |...| would be a substitution and a
+# backslash an escape).
 default_role = "code"
 
 
-def _escape_bars(app, what, name, obj, options, lines):
+def _escape_math(app, what, name, obj, options, lines):
     for i, line in enumerate(lines):
         parts = re.split(r"(``.*?``|`[^`]*`)", line)  # leave code alone
-        lines[i] = "".join(p if p.startswith("`") else p.replace("|", r"\|") for p in parts)
+        lines[i] = "".join(
+            part if part.startswith("`") else part.replace("\\", "\\\\").replace("|", "\\|")
+            for part in parts
+        )
 
 
 def setup(app):
-    app.connect("autodoc-process-docstring", _escape_bars)
+    app.connect("autodoc-process-docstring", _escape_math, priority=400)  # before napoleon
 
 
 # api_coverage: every public symbol of these modules has a docstring and an entry in the API

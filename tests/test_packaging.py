@@ -36,9 +36,18 @@ TRAIN_EXTRAS = "train"
 # allows (on Python 3.11: jax 0.11 and newer need 3.12), and the pinned stack's JAX.
 OLDEST_CORE = ("3.11", ["jax==0.10.2", "jaxlib==0.10.2", "numpy==2.0.2"])
 NEWEST_CORE = ("3.12", ["-c", str(REQUIREMENTS)])
-# What a core install may bring: jax's own dependencies, and the test runner's.
+# What a core install may bring: jax's own dependencies; besides them the venv holds what
+# `python -m venv` seeds it with (setuptools too before Python 3.12) and the test runner.
 CORE_DISTRIBUTIONS = {"sdjax", "jax", "jaxlib", "numpy", "ml-dtypes", "opt-einsum", "scipy"}
-TEST_RUNNER = {"pytest", "iniconfig", "packaging", "pluggy", "pygments", "pip"}
+VENV_AND_TEST_RUNNER = {
+    "pip",
+    "setuptools",
+    "pytest",
+    "iniconfig",
+    "packaging",
+    "pluggy",
+    "pygments",
+}
 
 
 def normalized(name: str) -> str:
@@ -74,7 +83,16 @@ def fresh_venv(path: Path, python_version: str, *requirements: str) -> Path:
     """A new virtual environment with `requirements` pip-installed; returns its python."""
     run([python(python_version), "-m", "venv", str(path)], cwd=path.parent)
     venv_python = path / "bin" / "python"
-    pip = [str(venv_python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    # --no-compile: byte-compiling TensorFlow's thousands of files would be most of the install.
+    pip = [
+        str(venv_python),
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        "--no-compile",
+    ]
     run([*pip, *requirements], cwd=path.parent)
     return venv_python
 
@@ -155,7 +173,7 @@ def test_the_core_wheel_alone_passes_the_loss_tests(dists, tmp_path, python_vers
     outside the clone, then tests/test_losses.py runs against the installed package."""
     _, wheel = dists
     venv_python = fresh_venv(tmp_path / "venv", python_version, str(wheel), "pytest==9.2.0", *pins)
-    extra = installed(venv_python) - CORE_DISTRIBUTIONS - TEST_RUNNER
+    extra = installed(venv_python) - CORE_DISTRIBUTIONS - VENV_AND_TEST_RUNNER
     assert not extra, f"the core install brought {sorted(extra)}"
 
     elsewhere = tmp_path / "elsewhere"
