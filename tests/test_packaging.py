@@ -183,7 +183,8 @@ def test_the_core_wheel_alone_passes_the_loss_tests(dists, tmp_path, python_vers
     assert jax_version == expected
 
     # rootdir = the clone (its pytest settings and conftest.py); `sdjax` is the installed one:
-    # the clone's root is not on sys.path, and the check above proved the import resolves there.
+    # pytest puts tests/ (no __init__.py) on sys.path, not the clone's root, and the working
+    # directory is outside the clone.
     pytest_command = [str(venv_python), "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     tests = run([*pytest_command, str(ROOT / "tests" / "test_losses.py")], elsewhere)
     assert re.search(r"\d+ passed", tests.stdout) and " failed" not in tests.stdout
