@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/default
 
-.PHONY: test lint format demo bench clean
+.PHONY: test lint format docs demo bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.12 not found: make PYTHON=/path/to/python3.12" >&2; exit 2; }
@@ -19,6 +19,8 @@ $(STAMP): requirements.txt pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict sdjax/losses.py
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
@@ -26,6 +28,11 @@ format: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -n 2 -q
+
+# The documentation site, into docs/_build/html: every page re-read (-E), every tutorial run,
+# every warning an error.
+docs: $(STAMP)
+	$(PY) -m sphinx -E -W --keep-going -b html docs docs/_build/html
 
 demo: $(STAMP)
 	$(PY) -m sdjax.main --config configs/default.py --workdir $(WORKDIR)
@@ -36,4 +43,4 @@ bench: $(STAMP)
 	$(PY) -m experiments.bench_train
 
 clean:
-	rm -rf $(VENV) workdirs
+	rm -rf $(VENV) workdirs docs/_build

@@ -11,6 +11,7 @@ import fcntl
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +91,7 @@ def is_finite(tree) -> bool:
 
 def restore_latest(
     workdir: Path, config: ml_collections.ConfigDict, state
-) -> tuple[ocp.CheckpointManager, int, object, list]:
+) -> tuple[ocp.CheckpointManager, int, dict, list]:
     """The newest checkpoint that restores, with its step, state and history.
 
     A checkpoint that fails to restore (truncated, emptied, partly deleted) is logged, moved to
@@ -181,7 +182,7 @@ def stored_config(workdir: Path) -> tuple[ml_collections.ConfigDict, int]:
             except Exception as error:
                 logging.warning("Checkpoint %d's config does not restore: %s", step, error)
                 continue
-            nested = {}
+            nested: dict[str, Any] = {}
             for name, value in flat.items():
                 *parents, leaf = name.split(".")
                 node = nested

@@ -1,8 +1,11 @@
 """Config files, profiles, overrides and the checks every config passes before anything runs.
 
-A config file is `configs/NAME.py` with `get_config(profile="")`; `configs/NAME.py:PROFILE` on
-the command line (or `load_config_file("NAME", "PROFILE")`) picks a profile, one of the
-`PROFILES` that every config file accepts through `apply_profile`.
+A config file is a Python file with `get_config(profile="")`; `configs/NAME.py:PROFILE` on
+the command line (or `load_config_file("configs/NAME.py", "PROFILE")`) picks a profile, one of the
+`PROFILES` that every config file accepts through `apply_profile`. A config file that builds on
+another loads it by a path relative to its own file,
+`load_config_file(Path(__file__).with_name("default.py"))`, so that it works from any directory
+and from an installed wheel, which has no `configs/` of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+# Where a bare NAME is looked up: the `configs/` folder of a clone (an installed wheel has none).
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # "": the file's own settings; "tiny": the whole pipeline in seconds (tests, smoke checks);
@@ -43,9 +47,16 @@ class ConfigError(ValueError):
 
 
 def load_config_file(path: str | Path, profile: str = "") -> ml_collections.ConfigDict:
-    """`get_config(profile)` of `configs/NAME.py` (a name) or of a file path.
+    """`get_config(profile)` of a config file.
 
-    `path` may carry the profile itself, as on the command line: "configs/yeast.py:tiny".
+    Args:
+      path: a config file's path ("configs/yeast.py"), or a bare name ("yeast") for
+        `configs/yeast.py` of the clone this package runs from. It may carry the profile, as on
+        the command line: "configs/yeast.py:tiny".
+      profile: one of `PROFILES`; "" = the one `path` carries, if any.
+
+    Returns:
+      The file's `get_config(profile)`.
     """
     path = str(path)
     if ":" in path and not profile:
@@ -56,6 +67,7 @@ def load_config_file(path: str | Path, profile: str = "") -> ml_collections.Conf
     if not file.exists():
         raise FileNotFoundError(f"`path`: got {str(file)!r}, no such config file.")
     spec = importlib.util.spec_from_file_location(file.stem, file)
+    assert spec is not None and spec.loader is not None  # a .py file that exists has both
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(profile)
@@ -132,7 +144,8 @@ def override(config: ml_collections.ConfigDict, **dotted: Any) -> ml_collections
 
 
 def _check_field_exists(config: ml_collections.ConfigDict, dotted: str) -> None:
-    node, walked = config, []
+    node: Any = config
+    walked: list[str] = []
     for key in dotted.split("."):
         if not isinstance(node, ml_collections.ConfigDict) or key not in node:
             siblings = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []

@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -22,8 +23,13 @@ from sdjax.sharding import data_parallel_mesh, replicate
 
 
 def evaluate(
-    config: ml_collections.ConfigDict, model, data: dict[str, dict], mesh, workdir: Path, writer
-) -> dict:
+    config: ml_collections.ConfigDict,
+    model: nnx.Module,
+    data: dict[str, dict[str, Any]],
+    mesh: jax.sharding.Mesh,
+    workdir: Path,
+    writer: metric_writers.MetricWriter,
+) -> dict[str, Any]:
     """Held-out stage-1 loss (initial and final), linear probes and, if asked, test outputs.
 
     Args:
@@ -42,12 +48,14 @@ def evaluate(
     """
     start = time.time()
     train = data["train"]
-    scored = {split: data[split] for split in ("validation", "test") if split in data}
+    scored: dict[str, dict[str, Any]] = {
+        split: data[split] for split in ("validation", "test") if split in data
+    }
     initial_model = objectives.create_model(config, train["labels"].shape[1])
     nnx.update(initial_model, replicate(nnx.state(initial_model), mesh))
     heldout_split = next(iter(scored))
     heldout = HeldoutLoss(config, mesh, scored[heldout_split])
-    results = {
+    results: dict[str, Any] = {
         "heldout_stage1_loss": {"initial": heldout(initial_model), "final": heldout(model)},
         "heldout_split": heldout_split,
     }
@@ -87,6 +95,7 @@ def evaluate(
 
 
 def write_results(workdir: Path, results: dict) -> None:
+    """Writes `results` to `workdir/results.json`."""
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
@@ -115,7 +124,7 @@ def plot_training_curve(config: ml_collections.ConfigDict, curve: list[dict], pa
     plt.close(fig)
 
 
-def evaluate_workdir(workdir: str | Path) -> dict:
+def evaluate_workdir(workdir: str | Path) -> dict[str, Any]:
     """Restores the newest checkpoint of `workdir` with its stored config and evaluates it.
 
     Writes results.json (with `evaluated_step`) and the TensorBoard scalars into `workdir`.
@@ -137,7 +146,12 @@ def evaluate_workdir(workdir: str | Path) -> dict:
     return results
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
+    """`python -m sdjax.evaluate --workdir DIR`: `evaluate_workdir(DIR)`, results on stdout.
+
+    Returns:
+      The exit status: 0, or 2 when DIR has no checkpoint to evaluate.
+    """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:

@@ -109,7 +109,7 @@ class MultiWriter(MetricWriter):
 
 def create_default_writer(logdir: str | Path, *, just_logging: bool = False) -> MultiWriter:
     """The log, plus TensorBoard event files in `logdir` unless `just_logging` (non-chief hosts)."""
-    writers = [LoggingWriter()]
+    writers: list[MetricWriter] = [LoggingWriter()]
     if not just_logging:
         writers.append(TensorBoardWriter(logdir))
     return MultiWriter(writers)
@@ -123,7 +123,8 @@ class ReportProgress:
         self._num_train_steps = num_train_steps
         self._writer = writer
         self._every_secs = every_secs
-        self._last_time, self._last_step = None, None
+        self._last_time: float | None = None  # None until the first step
+        self._last_step = 0
 
     def __call__(self, step: int) -> None:
         now = time.monotonic()

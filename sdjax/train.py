@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import flax
 import jax
@@ -58,11 +59,12 @@ class NonFiniteLoss(FloatingPointError):
 class TrainMetrics(metrics.Collection):
     """What the training loop logs: the interval mean of the loss, and the learning rate."""
 
-    loss: metrics.Average.from_output("loss")
-    learning_rate: metrics.LastValue.from_output("learning_rate")
+    # clu's idiom: the field's type is the metric class (a call that mypy cannot read as a type).
+    loss: metrics.Average.from_output("loss")  # type: ignore[valid-type]
+    learning_rate: metrics.LastValue.from_output("learning_rate")  # type: ignore[valid-type]
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh) -> Callable:
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Callable:
     """`step(model, optimizer, inputs, labels, step) -> TrainMetrics` on a sharded global batch.
 
     With `framework = "moco"` the step also takes the `MomentumEncoder` (last) and updates it in
@@ -128,7 +130,9 @@ class _Sigterm:
             os._exit(0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> dict[str, Any]:
     """Runs (or resumes) stage 1 in `workdir`, then the evaluators; returns the results dict.
 
     SIGTERM during set-up stops at once; during stage 1 it saves a checkpoint and raises
