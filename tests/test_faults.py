@@ -634,3 +634,74 @@ def test_float64_inputs_compute_in_float64_under_x64(positives):
         for low in (jnp.bfloat16, jnp.float16, jnp.float32):  # float32 stays the floor
             assert losses.multilabel_supcon_loss(features.astype(low), labels).dtype == jnp.float32
     assert float(want) > 0
+
+
+# Issue 28: ids, temperatures and lists that used to pass silently or without the argument's name
+
+
+@pytest.mark.parametrize("bad_id", [7, 4, -2])
+def test_labels_from_indices_refuses_an_out_of_range_id_it_can_see(bad_id):
+    with pytest.raises(
+        ValueError, match=rf"`label_indices`: got id {bad_id} at index \(0, 1\), expected ids in"
+    ):
+        losses.labels_from_indices(np.array([[0, bad_id, -1]]), 4)
+
+
+def test_labels_from_indices_under_jit_turns_an_out_of_range_row_into_nan_not_a_dropped_id():
+    indices = jnp.array([[0, 7, -1], [2, -1, -1], [1, -2, 3]])
+    got = np.asarray(jax.jit(losses.labels_from_indices, static_argnums=1)(indices, 4))
+    assert np.isnan(got[0]).all() and np.isnan(got[2]).all()
+    np.testing.assert_array_equal(got[1], [0, 0, 1, 0])
+    # validate_inputs, the eager value check, names the row the jitted conversion poisoned.
+    with pytest.raises(ValueError, match=re.escape("`labels`: got nan at index (0, 0)")):
+        losses.validate_inputs(np.ones((3, 2), np.float32), got)
+
+
+def test_labels_from_indices_takes_numpy_ints_and_refuses_float_ids_with_a_type_error():
+    indices = np.array([[0, 2], [1, -1]])
+    np.testing.assert_array_equal(
+        losses.labels_from_indices(indices, np.int64(3)), [[1, 0, 1], [0, 1, 0]]
+    )
+    with pytest.raises(TypeError, match=r"`label_indices`: got dtype float32, expected integer"):
+        losses.labels_from_indices(indices.astype(np.float32), 3)
+    with pytest.raises(TypeError, match=r"`num_classes`: got float 3.0, expected an int >= 1"):
+        losses.labels_from_indices(indices, 3.0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_validate_inputs_checks_the_value_a_traced_temperature_will_have(temperature):
+    features, labels = loss_case(8)
+    tau = jnp.float32(temperature)
+    with pytest.raises(ValueError, match=r"`temperature`: got .*, expected a finite number > 0"):
+        losses.validate_inputs(features, labels, temperature=tau)
+    losses.validate_inputs(features, labels, temperature=jnp.float32(0.1))
+
+
+def test_a_0d_int_temperature_array_is_a_type_error():
+    features, labels = loss_case(9)
+    with pytest.raises(TypeError, match=r"`temperature`: got an array of shape \(\) and dtype int32"):
+        losses.multilabel_supcon_loss(features, labels, temperature=np.array(1, np.int32))
+    with pytest.raises(TypeError, match=r"`temperature`: got an array of shape \(\) and dtype int32"):
+        losses.validate_inputs(features, labels, temperature=jnp.array(1, jnp.int32))
+
+
+@pytest.mark.parametrize("argument", ["features", "labels"])
+def test_a_ragged_nested_list_is_an_error_naming_the_argument(argument):
+    features, labels = loss_case(10, num_views=1)
+    arguments = {"features": features[:, 0].tolist(), "labels": labels.tolist()}
+    arguments[argument][1] = arguments[argument][1][:-1]  # one row shorter than the others
+    for check in (losses.multilabel_supcon_loss, losses.validate_inputs):
+        with pytest.raises(ValueError, match=rf"`{argument}`: got a ragged nested list"):
+            check(**arguments)
+
+
+def test_the_spec_says_what_the_code_does_about_temperature_errors_and_norms():
+    spec = (REPO / "docs" / "SPEC.md").read_text()
+    inputs = spec[spec.index("- **`temperature`.**") :]
+    temperature = inputs[: inputs.index("\n- **", 1)]
+    assert "traced" in temperature and "validate_inputs" in temperature, temperature
+    assert "static" not in temperature, temperature
+    errors = inputs[inputs.index("- **Trace-time errors.**") : inputs.index("- **Value checks.**")]
+    assert "`TypeError`" in errors and "dtype kinds" in errors.split("`TypeError`")[1], errors
+    # The huge-norm test above goes to 1e38, as the README says; the spec must not say less.
+    assert "feature norms from 0 to 10³⁸" in spec and "10⁴" not in spec
