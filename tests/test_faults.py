@@ -1,9 +1,11 @@
 """One test per fault of issue 13: each asserts what a user gets, not the absence of a crash."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -92,12 +94,83 @@ def test_a_damaged_latest_checkpoint_is_skipped(data_dir, finished_run, tmp_path
     assert (workdir / checkpointing.UNREADABLE / "24").exists()  # kept for inspection
 
 
+def tree_state(root: Path) -> dict:
+    """Every path under `root` with its size and modification time: what a change would touch."""
+    return {
+        str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def run_evaluate(*arguments) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sdjax.evaluate", *arguments],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_evaluate_falls_back_past_a_damaged_checkpoint_and_never_changes_the_run(
+    finished_run, tmp_path
+):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run[0], workdir)
+    truncate_files(workdir / "checkpoints" / "24" / "state")
+    before, results = tree_state(workdir), (workdir / "results.json").read_bytes()
+    for path in [workdir, *workdir.rglob("*")]:  # read-only (root may still write: the tree
+        path.chmod(path.stat().st_mode & ~0o222)  # comparison below holds for every user)
+    output_dir = tmp_path / "evaluation"
+    try:
+        done = run_evaluate(f"--workdir={workdir}", f"--output_dir={output_dir}")
+    finally:
+        for path in [workdir, *workdir.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert tree_state(workdir) == before
+    assert (workdir / "results.json").read_bytes() == results
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert printed["evaluated_step"] == 16
+    written = json.loads((output_dir / "results.json").read_text())
+    assert written["evaluated_step"] == 16 and written["linear_eval"] == printed["linear_eval"]
+    assert "Checkpoint 24" in done.stderr and "does not restore" in done.stderr
+    assert "Traceback" not in done.stderr
+    # orbax's INFO chatter is filtered as the trainer filters it: no line from an orbax file.
+    orbax_files = {path.name for path in Path(ocp.__file__).parent.rglob("*.py")}
+    chatter = [
+        line
+        for line in done.stderr.splitlines()
+        if line.startswith("I") and any(f" {name}:" in line for name in orbax_files)
+    ]
+    assert not chatter, chatter[:3]
+
+
+def test_evaluate_on_a_missing_workdir_is_one_line_and_creates_nothing(tmp_path):
+    workdir = tmp_path / "nonexistent" / "run"
+    done = run_evaluate(f"--workdir={workdir}")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Cannot evaluate: workdir {workdir} does not exist."
+    )
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "nonexistent").exists()
+    done = run_evaluate(f"--workdir={tmp_path}", f"--output_dir={tmp_path / 'inside'}")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("Cannot evaluate: --output_dir")
+
+
 def test_non_finite_training_stops_and_never_checkpoints_non_finite_state(data_dir, tmp_path):
     # A finite learning rate so large that the parameters overflow within a few steps.
     config = tiny_config(data_dir, **{"optimizer.learning_rate": 1e38, "log_every_steps": 24})
     with pytest.raises(train.NonFiniteLoss, match="became non-finite") as error:
         train.train_and_evaluate(config, tmp_path)
+    # The advice must be one that works: this workdir refuses a changed learning rate (it holds
+    # the failed run's checkpoints), so the message sends the rerun to a new workdir.
     assert "optimizer.learning_rate" in str(error.value)
+    assert f"start again in a new --workdir (this one, {tmp_path}, keeps" in str(error.value)
+    with pytest.raises(config_lib.ConfigError, match="holds a run with another config"):
+        train.train_and_evaluate(tiny_config(data_dir, **{"log_every_steps": 24}), tmp_path)
     with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
         for step in manager.all_steps():
             state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
@@ -125,13 +198,91 @@ def test_every_numeric_and_named_field_is_checked_before_data_loads(overrides, m
         config_lib.check_config(config, num_devices=8, num_processes=1)
 
 
-def test_a_batch_larger_than_the_dataset_is_a_config_error(data_dir, tmp_path):
-    config = tiny_config(data_dir, batch_size=512)  # the tiny mosaics have 256 examples
+def test_a_batch_larger_than_the_dataset_is_refused_before_data_loads():
+    config = tiny_config("/nonexistent/not/read", batch_size=512)  # tiny mosaics: 256 examples
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"config.batch_size: got 512, expected <= the 256 training examples",
+    ):
+        config_lib.check_config(config, num_devices=8, num_processes=1)
+
+
+def test_the_declared_dataset_sizes_are_the_builders(data_dir):
+    from sdjax.datasets import fashion_mosaic, mnist_mosaic, yeast
+
+    sizes = {name: dataset.train_size for name, dataset in input_pipeline.DATASETS.items()}
+    builds = {mnist_mosaic.MnistMosaic: "mnist_mosaic", fashion_mosaic.FashionMosaic: "fashion"}
+    for builder, prefix in builds.items():
+        for builder_config in builder.BUILDER_CONFIGS:
+            suffix = "" if builder_config.name == "default" else f"_{builder_config.name}"
+            assert sizes[f"{prefix.removesuffix('_mosaic')}_mosaic{suffix}"] == (
+                builder_config.num_train
+            )
+    assert sizes["yeast"] == yeast.NUM_TRAIN
+    assert sizes["debtags"] is None  # the machine's apt lists decide
+    train_split, _ = input_pipeline.load_train_and_test(tiny_config(data_dir).dataset)
+    assert len(train_split["labels"]) == sizes["mnist_mosaic_tiny"]
+
+
+def test_a_batch_larger_than_data_of_unknown_size_leaves_no_half_made_workdir(
+    data_dir, tmp_path, monkeypatch
+):
+    # A dataset whose size is known only once loaded (debtags's, from the machine's apt lists).
+    unknown = dataclasses.replace(input_pipeline.DATASETS["mnist_mosaic_tiny"], train_size=None)
+    monkeypatch.setitem(input_pipeline.DATASETS, "mnist_mosaic_tiny", unknown)
+    workdir = tmp_path / "run"
     with pytest.raises(
         config_lib.ConfigError, match=r"config.batch_size: got 512, expected <= the 256"
     ):
-        train.train_and_evaluate(config, tmp_path)
-    assert not (tmp_path / "checkpoints").exists()
+        train.train_and_evaluate(tiny_config(data_dir, batch_size=512), workdir)
+    assert not workdir.exists()
+    workdir.mkdir()  # a workdir that was there stays, and as it was: empty
+    with pytest.raises(config_lib.ConfigError):
+        train.train_and_evaluate(tiny_config(data_dir, batch_size=512), workdir)
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"model.encoder.width": 0}, "config.model.encoder.width/in_channels/stem_stride: got 0/"),
+        ({"model.encoder.stage_sizes": (0,)}, "config.model.encoder.stage_sizes: got (0,)"),
+        ({"model.encoder.stage_sizes": ()}, "config.model.encoder.stage_sizes: got ()"),
+        ({"model.encoder.stage_sizes": ("abc",)}, "config.model.encoder.stage_sizes: got ('abc',)"),
+    ],
+)  # fmt: skip
+def test_model_fields_are_checked_with_the_config(overrides, message):
+    config = tiny_config("/nonexistent/not/read", **overrides)
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        config_lib.check_config(config, num_devices=8, num_processes=1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"multihost.num_processes": 2, "multihost.process_id": 0},
+            "config.multihost.coordinator_address: got '' and no cluster was detected",
+        ),
+        ({"multihost.enabled": True}, "config.multihost.enabled: got True, but no cluster"),
+        (
+            {
+                "multihost.coordinator_address": "localhost",
+                "multihost.num_processes": 2,
+                "multihost.process_id": 0,
+            },
+            "config.multihost.coordinator_address: got 'localhost', expected host:port",
+        ),
+    ],
+)
+def test_multihost_fields_that_cannot_work_are_config_errors(fields, message, monkeypatch):
+    for variable in ("ADDRESS", "NUM_PROCESSES", "PROCESS_ID", "INITIALIZATION_TIMEOUT_S"):
+        monkeypatch.delenv(f"SDJAX_{variable.replace('ADDRESS', 'COORDINATOR_ADDRESS')}", False)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", False)
+    config = tiny_config("", **fields)
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        multihost.initialize(config)
+    assert not jax.distributed.is_initialized()
 
 
 def test_a_misspelt_field_is_one_line_with_a_suggestion(data_dir, tmp_path):
@@ -143,11 +294,101 @@ def test_a_misspelt_field_is_one_line_with_a_suggestion(data_dir, tmp_path):
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--config.nosuchfield=1"], "Bad config: --config.nosuchfield: no such field."),
+        (
+            ["--config=configs/nope.py"],
+            "Bad config: --config: got 'configs/nope.py', no such config file.",
+        ),
+    ],
+)
+def test_a_field_or_config_file_that_does_not_exist_is_one_line(arguments, message, tmp_path):
+    code, output = run_main(tmp_path / "run", "/nonexistent/not/read", *arguments)
+    assert code == 2, output[-2000:]
+    assert output.strip().splitlines()[-1] == message, output[-2000:]
+    assert "Traceback" not in output
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.py")), ids=lambda p: p.stem)
 def test_every_config_file_accepts_tiny(path):
     config = config_lib.load_config_file(f"{path}:tiny")
     assert config.num_train_steps == 24 and config.batch_size == 64
     config_lib.check_config(config, num_devices=8, num_processes=1)
+
+
+def run_in_process(config, workdir, capsys) -> tuple[int, list[str]]:
+    """`sdjax.main.run` (the command after its flags): (exit status, the lines it printed)."""
+    from sdjax import main
+
+    status = main.run(config, str(workdir))
+    captured = capsys.readouterr()
+    return status, (captured.out + captured.err).strip().splitlines()
+
+
+def test_an_unwritable_workdir_is_one_line_before_data_loads(tmp_path, capsys):
+    # Under /sys, which refuses new entries to every user, root included (chmod would not).
+    workdir = Path("/sys") / f"sdjax_test_{os.getpid()}"
+    status, lines = run_in_process(tiny_config("/nonexistent/not/read"), workdir, capsys)
+    assert status == 2
+    assert lines == [
+        f"Cannot run: workdir {workdir} is not writable (PermissionError: "
+        f"{os.strerror(1 if os.geteuid() == 0 else 13)}); pass another --workdir."
+    ]
+
+
+def test_missing_fashion_mnist_sources_are_one_line(tmp_path, capsys, monkeypatch):
+    from sdjax.datasets import fashion_mosaic
+
+    monkeypatch.setattr(fashion_mosaic, "DEBIAN_DIR", str(tmp_path / "no_debian_package"))
+    config = config_lib.load_config_file("fashion_mosaic", "tiny")
+    config.dataset.data_dir = str(tmp_path / "tfds")
+    status, lines = run_in_process(config, tmp_path / "run", capsys)
+    assert status == 2
+    assert len(lines) == 1 and lines[0].startswith("Cannot run: Fashion-MNIST source files not")
+    assert "apt-get install dataset-fashion-mnist" in lines[0]
+    assert list((tmp_path / "run").iterdir()) == [tmp_path / "run" / ".lock.process0"]
+
+
+def test_checkpoints_removed_mid_run_end_in_one_line_with_status_1(
+    data_dir, tmp_path, capsys, monkeypatch
+):
+    workdir = tmp_path / "run"
+    original = input_pipeline.training_batches
+
+    def batches_that_remove_the_checkpoints(config, split):
+        batches = original(config, split)
+        read = batches.host_batch
+
+        def host_batch(step):
+            if step == 10:  # after checkpoint 8; a file where the directory was
+                shutil.rmtree(workdir / "checkpoints")
+                (workdir / "checkpoints").write_text("not a directory")
+            return read(step)
+
+        batches.host_batch = host_batch
+        return batches
+
+    monkeypatch.setattr(input_pipeline, "training_batches", batches_that_remove_the_checkpoints)
+    status, lines = run_in_process(tiny_config(data_dir), workdir, capsys)
+    assert status == 1
+    message = [line for line in lines if line.startswith("Training failed")]
+    assert message == [lines[-1]], lines[-5:]
+    assert message[0].startswith(
+        f"Training failed: writing checkpoint 16 into {workdir / 'checkpoints'} failed ("
+    )
+
+
+def test_the_summary_prints_counts_as_ints_and_a_logdir_a_shell_can_take(tmp_path):
+    from sdjax import main
+
+    workdir = str(tmp_path / "a run")
+    text = main.summary({"linear_eval": {"mAP": 0.5, "num_scored_classes": 10.0}}, workdir)
+    assert "linear_eval: mAP=0.5000, num_scored_classes=10\n" in text + "\n"
+    command = re.search(r"\(tensorboard --logdir (.*)\)", text).group(1)
+    assert shlex.split(command) == [workdir]
 
 
 def test_multihost_settings_come_from_config_fields_or_the_environment(monkeypatch):
@@ -381,6 +622,17 @@ def test_tfds_dataset_without_network_fails_at_once_saying_what_to_download_wher
         assert str(manual_dir) in message and "config.dataset.data_dir" in message
         for filename in filenames:
             assert (urls[filename] in message) == (filename not in already_there), filename
+
+
+@pytest.mark.parametrize("name", sorted(TFDS_SOURCES))
+def test_missing_voc_or_coco_sources_are_one_line(name, tmp_path, capsys, offline):
+    config = config_lib.load_config_file(name, "tiny")
+    config.dataset.data_dir = str(tmp_path / "tfds")
+    with deadline(60):
+        status, lines = run_in_process(config, tmp_path / "run", capsys)
+    assert status == 2
+    assert len(lines) == 1 and lines[0].startswith("Cannot run: "), lines
+    assert str(tmp_path / "tfds" / "downloads" / "manual") in lines[0]
 
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -679,9 +931,13 @@ def test_validate_inputs_checks_the_value_a_traced_temperature_will_have(tempera
 
 def test_a_0d_int_temperature_array_is_a_type_error():
     features, labels = loss_case(9)
-    with pytest.raises(TypeError, match=r"`temperature`: got an array of shape \(\) and dtype int32"):
+    with pytest.raises(
+        TypeError, match=r"`temperature`: got an array of shape \(\) and dtype int32"
+    ):
         losses.multilabel_supcon_loss(features, labels, temperature=np.array(1, np.int32))
-    with pytest.raises(TypeError, match=r"`temperature`: got an array of shape \(\) and dtype int32"):
+    with pytest.raises(
+        TypeError, match=r"`temperature`: got an array of shape \(\) and dtype int32"
+    ):
         losses.validate_inputs(features, labels, temperature=jnp.array(1, jnp.int32))
 
 
