@@ -42,12 +42,20 @@ class Dataset:
       loader: `(split, *, data_dir, source_dir, options) -> {"inputs", "labels"}`, for datasets
         that need more than a builder (text is tokenised; VOC and COCO are converted).
       streamed: whether `loader` returns `StreamedInputs` (it keeps only the labels in memory).
+      train_size: the examples of the train split, known without loading it, so that a batch
+        larger than the dataset is refused before any data loads; None when only the data
+        knows (debtags: the machine's apt lists decide).
     """
 
     modality: Modality
     builder: str = ""
     loader: Callable[..., dict] | None = None
     streamed: bool = False
+    train_size: int | None = None
+
+
+class DataUnavailable(FileNotFoundError):
+    """A dataset's source files are missing; the message says what to get and where."""
 
 
 def debtags_corpus(data_dir: str = "", source_dir: str = "") -> tuple[dict, list[str]]:
@@ -92,15 +100,21 @@ def _tfds_multilabel_loader(name: str) -> Callable[..., dict]:
     return load
 
 
+# The train sizes: the builders' own (tests check them), VOC 2007's train+validation and COCO
+# 2017's train images as tfds builds them.
 DATASETS = {
-    "mnist_mosaic": Dataset(IMAGE, "mnist_mosaic/default"),
-    "mnist_mosaic_tiny": Dataset(IMAGE, "mnist_mosaic/tiny"),
-    "fashion_mosaic": Dataset(IMAGE, "fashion_mosaic/default"),
-    "fashion_mosaic_tiny": Dataset(IMAGE, "fashion_mosaic/tiny"),
-    "yeast": Dataset(TABULAR, "yeast"),
+    "mnist_mosaic": Dataset(IMAGE, "mnist_mosaic/default", train_size=10_000),
+    "mnist_mosaic_tiny": Dataset(IMAGE, "mnist_mosaic/tiny", train_size=256),
+    "fashion_mosaic": Dataset(IMAGE, "fashion_mosaic/default", train_size=10_000),
+    "fashion_mosaic_tiny": Dataset(IMAGE, "fashion_mosaic/tiny", train_size=256),
+    "yeast": Dataset(TABULAR, "yeast", train_size=1_500),
     "debtags": Dataset(TEXT, loader=_load_debtags),
-    "voc2007": Dataset(IMAGE, loader=_tfds_multilabel_loader("voc2007"), streamed=True),
-    "coco2017": Dataset(IMAGE, loader=_tfds_multilabel_loader("coco2017"), streamed=True),
+    "voc2007": Dataset(
+        IMAGE, loader=_tfds_multilabel_loader("voc2007"), streamed=True, train_size=5_011
+    ),
+    "coco2017": Dataset(
+        IMAGE, loader=_tfds_multilabel_loader("coco2017"), streamed=True, train_size=118_287
+    ),
 }
 OPTIONS = ("vocab_size", "max_length", "case_fold", "image_size")  # per-modality loading options
 
@@ -216,13 +230,20 @@ def load_split(
 
 
 def load_train_and_test(dataset_config) -> tuple[dict, dict]:
-    """Both splits for `config.dataset`, each cut to its `*_examples` limit when that is > 0."""
+    """Both splits for `config.dataset`, each cut to its `*_examples` limit when that is > 0.
+
+    Raises:
+      DataUnavailable: the dataset's source files are missing (the message says which, where).
+    """
     fields = dataset_config.to_dict()
     limits = {"train": fields.pop("train_examples", 0), "test": fields.pop("test_examples", 0)}
     name = fields.pop("name")
     splits = []
     for split, limit in limits.items():
-        arrays = load_split(name, split, **fields)
+        try:
+            arrays = load_split(name, split, **fields)
+        except FileNotFoundError as error:  # the loaders' "get these files, put them there"
+            raise DataUnavailable(str(error)) from error
         if limit:  # the first `limit` in the fixed order: the same subset on every run
             arrays = {key: _first(value, limit, key) for key, value in arrays.items()}
         logging.info("%s %s: %s", name, split, _describe(label_statistics(arrays["labels"])))

@@ -144,7 +144,12 @@ def _dtype_error(name: str, got: Any, expected: str) -> TypeError:
 
 
 _ARGUMENTS = ("features", "labels", "sample_mask", "label_weights")
-_CONTRAST_ARGUMENTS = ("contrast_features", "contrast_labels", "contrast_mask", "contrast_sample_ids")
+_CONTRAST_ARGUMENTS = (
+    "contrast_features",
+    "contrast_labels",
+    "contrast_mask",
+    "contrast_sample_ids",
+)
 
 
 def _as_array_like(x: Any, name: str) -> Any:

@@ -208,20 +208,17 @@ def test_a_batch_larger_than_the_dataset_is_refused_before_data_loads():
 
 
 def test_the_declared_dataset_sizes_are_the_builders(data_dir):
-    from sdjax.datasets import fashion_mosaic, mnist_mosaic, yeast
+    from sdjax.datasets import mosaic, yeast
 
-    sizes = {name: dataset.train_size for name, dataset in input_pipeline.DATASETS.items()}
-    builds = {mnist_mosaic.MnistMosaic: "mnist_mosaic", fashion_mosaic.FashionMosaic: "fashion"}
-    for builder, prefix in builds.items():
-        for builder_config in builder.BUILDER_CONFIGS:
-            suffix = "" if builder_config.name == "default" else f"_{builder_config.name}"
-            assert sizes[f"{prefix.removesuffix('_mosaic')}_mosaic{suffix}"] == (
-                builder_config.num_train
-            )
-    assert sizes["yeast"] == yeast.NUM_TRAIN
-    assert sizes["debtags"] is None  # the machine's apt lists decide
+    declared = {name: dataset.train_size for name, dataset in input_pipeline.DATASETS.items()}
+    for builder_config in mosaic.MosaicBuilder.BUILDER_CONFIGS:  # MNIST's and Fashion's
+        suffix = "" if builder_config.name == "default" else f"_{builder_config.name}"
+        for prefix in ("mnist_mosaic", "fashion_mosaic"):
+            assert declared[prefix + suffix] == builder_config.num_train
+    assert declared["yeast"] == yeast.NUM_TRAIN
+    assert declared["debtags"] is None  # the machine's apt lists decide
     train_split, _ = input_pipeline.load_train_and_test(tiny_config(data_dir).dataset)
-    assert len(train_split["labels"]) == sizes["mnist_mosaic_tiny"]
+    assert len(train_split["labels"]) == declared["mnist_mosaic_tiny"]
 
 
 def test_a_batch_larger_than_data_of_unknown_size_leaves_no_half_made_workdir(
@@ -257,32 +254,43 @@ def test_model_fields_are_checked_with_the_config(overrides, message):
         config_lib.check_config(config, num_devices=8, num_processes=1)
 
 
-@pytest.mark.parametrize(
-    ("fields", "message"),
-    [
-        (
-            {"multihost.num_processes": 2, "multihost.process_id": 0},
-            "config.multihost.coordinator_address: got '' and no cluster was detected",
-        ),
-        ({"multihost.enabled": True}, "config.multihost.enabled: got True, but no cluster"),
-        (
-            {
-                "multihost.coordinator_address": "localhost",
-                "multihost.num_processes": 2,
-                "multihost.process_id": 0,
-            },
-            "config.multihost.coordinator_address: got 'localhost', expected host:port",
-        ),
-    ],
-)
-def test_multihost_fields_that_cannot_work_are_config_errors(fields, message, monkeypatch):
-    for variable in ("ADDRESS", "NUM_PROCESSES", "PROCESS_ID", "INITIALIZATION_TIMEOUT_S"):
-        monkeypatch.delenv(f"SDJAX_{variable.replace('ADDRESS', 'COORDINATOR_ADDRESS')}", False)
-    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", False)
-    config = tiny_config("", **fields)
-    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
-        multihost.initialize(config)
-    assert not jax.distributed.is_initialized()
+# jax.distributed must start before the XLA backend, which this process has: a fresh one runs
+# `sdjax.main.run` (the command after its flag parsing) on each config.
+MULTIHOST_CASES = """
+import sys
+sys.path.insert(0, "tests")
+from tiny_run import tiny_config
+from sdjax import main
+for fields in (
+    {"multihost.num_processes": 2, "multihost.process_id": 0},
+    {"multihost.enabled": True},
+    {"multihost.coordinator_address": "localhost", "multihost.num_processes": 2},
+):
+    print("STATUS", main.run(tiny_config("/nonexistent/not/read", **fields), sys.argv[1]))
+"""
+
+
+def test_multihost_fields_that_cannot_work_are_one_bad_config_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", MULTIHOST_CASES, str(tmp_path / "run")],
+        cwd=REPO,
+        env={k: v for k, v in clean_environment().items() if not k.startswith("SDJAX_")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.stdout.split() == ["STATUS", "2"] * 3, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("Bad config: ")]
+    assert [line.split(";")[0] for line in lines] == [
+        "Bad config: config.multihost.coordinator_address: got '' and no cluster was detected "
+        "to provide it",
+        "Bad config: config.multihost.enabled: got True, but no cluster (Cloud TPU, SLURM, ...) "
+        "was detected to say where the processes meet",
+        "Bad config: config.multihost.coordinator_address: got 'localhost', expected host:port "
+        "(process 0's host and a free port, e.g. 10.0.0.1:1234).",
+    ]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_misspelt_field_is_one_line_with_a_suggestion(data_dir, tmp_path):
@@ -377,7 +385,7 @@ def test_checkpoints_removed_mid_run_end_in_one_line_with_status_1(
     message = [line for line in lines if line.startswith("Training failed")]
     assert message == [lines[-1]], lines[-5:]
     assert message[0].startswith(
-        f"Training failed: writing checkpoint 16 into {workdir / 'checkpoints'} failed ("
+        f"Training failed: writing checkpoints into {workdir / 'checkpoints'} failed by step 16 ("
     )
 
 
