@@ -74,7 +74,7 @@ def _unwritable(workdir: Path, error: OSError) -> WorkdirUnusable:
 class WorkdirLock:
     """An exclusive lock per process index on `workdir`, released when the process ends.
 
-    A run that stops with a ConfigError before it wrote anything else (a batch larger than a
+    A run that fails before it wrote anything else (missing data, or a batch larger than a
     dataset whose size is known only once loaded) removes the lock file it made, and the
     workdir if it made that too (`created`): it leaves the workdir as it found it.
     """
@@ -108,7 +108,7 @@ class WorkdirLock:
     def __exit__(self, exc_type, exc_value, traceback):
         fcntl.flock(self._file, fcntl.LOCK_UN)
         self._file.close()
-        if isinstance(exc_value, config_lib.ConfigError) and not self._existed:
+        if exc_value is not None and not self._existed:
             workdir = self.path.parent
             if {p.name for p in workdir.iterdir()} == {self.path.name}:  # nothing else written
                 self.path.unlink()

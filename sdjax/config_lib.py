@@ -41,6 +41,12 @@ class ConfigError(ValueError):
     """A config that cannot run; the message is one line that names the field."""
 
 
+def one_line(error: Exception) -> str:
+    """The message of `error` on one line, as the commands print failures (some messages list
+    files to download one per line)."""
+    return " ".join(str(error).split())
+
+
 def load_config_file(path: str | Path, profile: str = "") -> ml_collections.ConfigDict:
     """`get_config(profile)` of `configs/NAME.py` (a name) or of a file path.
 

@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from clu import metric_writers
 from flax import nnx
 
-from sdjax import checkpointing, evaluation, input_pipeline, objectives
+from sdjax import checkpointing, config_lib, evaluation, input_pipeline, objectives
 from sdjax.evaluators import HeldoutLoss, LinearProbe, joint_classifier_scores, save_test_outputs
 from sdjax.sharding import data_parallel_mesh, replicate
 
@@ -166,7 +166,7 @@ def main(argv):
         WouldChangeTheRun,
         input_pipeline.DataUnavailable,
     ) as error:
-        print(f"Cannot evaluate: {error}", file=sys.stderr)
+        print(f"Cannot evaluate: {config_lib.one_line(error)}", file=sys.stderr)
         return 2
     logging.info("Evaluated checkpoint %d.", results["evaluated_step"])
     print(json.dumps({k: v for k, v in results.items() if k != "config"}))

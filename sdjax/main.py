@@ -56,7 +56,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, but a bad config file, profile or field is one line, not a traceback."""
     try:
         remaining = FLAGS(argv)
-        FLAGS.config  # noqa: B018 (a config file that failed to load raises only when read)
+        FLAGS.config.is_locked  # noqa: B018 (a config file that failed to load raises when read)
         return remaining
     except flags.Error as error:
         if "ConfigError: " in str(error):  # raised inside the config file, e.g. a bad profile
@@ -64,7 +64,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         else:
             print(f"{error}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
     except OSError:  # ml_collections' "Configuration is not available ...": chained errors
-        path = FLAGS["config"].config_filename
+        path = _config_argument(argv)
         if not _config_file_exists(path):
             print(f"Bad config: --config: got {path!r}, no such config file.", file=sys.stderr)
         else:
@@ -79,6 +79,16 @@ def parse_flags(argv: list[str]) -> list[str]:
             message = "no such field."
         print(f"Bad config: {culprit}: {message.strip(chr(39))}", file=sys.stderr)
     sys.exit(2)
+
+
+def _config_argument(argv: list[str]) -> str:
+    """The last `--config=PATH` or `--config PATH` of the command line."""
+    values = [
+        arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
+        for i, arg in enumerate(argv)
+        if (arg.startswith("--config=") or arg == "--config") and i + ("=" not in arg) < len(argv)
+    ]
+    return values[-1] if values else ""
 
 
 def _config_file_exists(path: str) -> bool:
@@ -96,7 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
             config, num_devices=jax.device_count(), num_processes=jax.process_count()
         )
     except config_lib.ConfigError as error:
-        print(f"Bad config: {error}", file=sys.stderr)
+        print(f"Bad config: {config_lib.one_line(error)}", file=sys.stderr)
         return 2
     logging.info("Config:\n%s", config)
     try:
@@ -106,10 +116,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
         checkpointing.WorkdirUnusable,
         input_pipeline.DataUnavailable,
     ) as error:
-        print(f"Cannot run: {error}", file=sys.stderr, flush=True)
+        print(f"Cannot run: {config_lib.one_line(error)}", file=sys.stderr, flush=True)
         return 2
     except (train.NonFiniteLoss, train.CheckpointWriteFailed) as error:
-        print(f"Training failed: {error}", file=sys.stderr, flush=True)
+        print(f"Training failed: {config_lib.one_line(error)}", file=sys.stderr, flush=True)
         return 1
     except train.Preempted as stop:
         logging.warning("%s", stop)
