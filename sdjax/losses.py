@@ -349,13 +349,22 @@ def validate_inputs(
             label_weights,
         )
     if contrast_sample_ids is not None:
-        ids = np.asarray(contrast_sample_ids)
-        bad = np.argwhere((ids < -1) | (ids >= num_samples))
-        if bad.size:
-            raise ValueError(
-                f"`contrast_sample_ids`: got {ids[bad[0][0]]} at index {bad[0][0]}, expected "
-                f"the index of an anchor sample in [0, {num_samples}), or -1 for none."
-            )
+        _check_ids(
+            "contrast_sample_ids",
+            contrast_sample_ids,
+            num_samples,
+            f"the index of an anchor sample in [0, {num_samples}), or -1 for none",
+        )
+
+
+def _check_ids(name: str, ids: Any, limit: int, expected: str) -> None:
+    """Raises ValueError naming the first of the concrete `ids` outside [-1, limit)."""
+    ids = np.asarray(ids)
+    bad = np.argwhere((ids < -1) | (ids >= limit))
+    if bad.size:
+        index = tuple(bad[0].tolist())
+        where = index if ids.ndim > 1 else index[0]
+        raise ValueError(f"`{name}`: got {ids[index]} at index {where}, expected {expected}.")
 
 
 def _check_values(features_name, labels_name, features, labels, label_weights) -> None:
@@ -1320,13 +1329,12 @@ def labels_from_indices(label_indices: jax.Array, num_classes: int) -> jax.Array
         )
     num_classes = _check_int("num_classes", num_classes, 1)
     if not isinstance(label_indices, jax.core.Tracer):
-        ids = np.asarray(label_indices)
-        bad = np.argwhere((ids < -1) | (ids >= num_classes))
-        if bad.size:
-            raise ValueError(
-                f"`label_indices`: got id {ids[tuple(bad[0])]} at index {tuple(bad[0].tolist())}, "
-                f"expected ids in [0, {num_classes}), or -1 for padding."
-            )
+        _check_ids(
+            "label_indices",
+            label_indices,
+            num_classes,
+            f"class ids in [0, {num_classes}), or -1 for padding",
+        )
     label_indices = jnp.asarray(label_indices)
     out_of_range = (label_indices < -1) | (label_indices >= num_classes)
     one_hot = jax.nn.one_hot(label_indices, num_classes, dtype=jnp.float32)  # -1 -> all zeros

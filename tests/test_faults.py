@@ -905,7 +905,7 @@ def test_float64_inputs_compute_in_float64_under_x64(positives):
 @pytest.mark.parametrize("bad_id", [7, 4, -2])
 def test_labels_from_indices_refuses_an_out_of_range_id_it_can_see(bad_id):
     with pytest.raises(
-        ValueError, match=rf"`label_indices`: got id {bad_id} at index \(0, 1\), expected ids in"
+        ValueError, match=rf"`label_indices`: got {bad_id} at index \(0, 1\), expected class ids"
     ):
         losses.labels_from_indices(np.array([[0, bad_id, -1]]), 4)
 
@@ -972,3 +972,21 @@ def test_the_spec_says_what_the_code_does_about_temperature_errors_and_norms():
     assert "`TypeError`" in errors and "dtype kinds" in errors.split("`TypeError`")[1], errors
     # The huge-norm test above goes to 1e38, as the README says; the spec must not say less.
     assert "feature norms from 0 to 10³⁸" in spec and "10⁴" not in spec
+
+
+def test_the_readme_exit_status_table_matches_the_commands():
+    """The statuses are tested where they arise (Bad config, Cannot run, Training failed, the
+    missing peer); this ties the README's table and main.py's docstring to the code that prints
+    each line and returns its status."""
+    from sdjax import main
+
+    rows = dict(re.findall(r"^ *\| (\d) \| .* \| (.*) \|$", (REPO / "README.md").read_text(), re.M))
+    docstring = {int(n) for n in re.findall(r"^  (\d)  ", main.__doc__, re.M)}
+    assert {int(status) for status in rows} == docstring == {0, 1, 2, 3}
+    source = Path(main.__file__).read_text()
+    for status, prefix in [("2", "Bad config"), ("2", "Cannot run"), ("1", "Training failed")]:
+        assert f"`{prefix}: ...`" in rows[status]
+        assert re.search(rf'print\(f"{prefix}: .*\n +return {status}\n', source), prefix
+    assert "`Multi-host start failed: ...`" in rows["3"]
+    multihost_source = Path(multihost.__file__).read_text()
+    assert re.search(r'f"Multi-host start failed: [^)]*\)\n\s+os\._exit\(3\)', multihost_source)
