@@ -63,12 +63,13 @@ def parse_flags(argv: list[str]) -> list[str]:
             print(f"Bad config: {str(error).split('ConfigError: ')[-1]}", file=sys.stderr)
         else:
             print(f"{error}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
-    except OSError:  # ml_collections' "Configuration is not available ...": chained errors
+    except OSError as error:  # ml_collections' "Configuration is not available ...", chained
         path = _config_argument(argv)
         if not _config_file_exists(path):
             print(f"Bad config: --config: got {path!r}, no such config file.", file=sys.stderr)
-        else:
-            print(f"Bad config: --config: {path!r} does not load.", file=sys.stderr)
+        else:  # its last line is the config file's own error
+            detail = str(error).strip().splitlines()[-1].strip()
+            print(f"Bad config: --config: {path!r} does not load: {detail}", file=sys.stderr)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         message = " ".join(str(error).replace("\\n", " ").replace("\\'", "").split())
         overrides = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")]
