@@ -32,7 +32,7 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard log
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
-SHOWN_RESULTS = ("linear_eval", "random_init", "classifier")  # "classifier": method "joint"
+SHOWN_RESULTS = ("linear_eval", "random_init", "classifier", "validation")  # "classifier": joint
 
 
 def summary(results: dict, workdir: str) -> str:
@@ -116,6 +116,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
         config_lib.ConfigError,
         checkpointing.WorkdirUnusable,
         input_pipeline.DataUnavailable,
+        input_pipeline.MissingExtra,
     ) as error:
         print(f"Cannot run: {config_lib.one_line(error)}", file=sys.stderr, flush=True)
         return 2
