@@ -170,7 +170,9 @@ def evaluate_workdir(workdir: str | Path, output_dir: str | Path | None = None) 
     is_chief = jax.process_index() == 0
     if output_dir is not None and is_chief:
         output_dir.mkdir(parents=True, exist_ok=True)
-    writer = metric_writers.create_default_writer(output_dir, just_logging=not is_chief)
+    writer = metric_writers.create_default_writer(
+        output_dir, just_logging=output_dir is None or not is_chief
+    )
     results = {"evaluated_step": step, "config": config.to_dict()}
     results |= evaluate(config, model, data, mesh, output_dir, writer)
     writer.close()
