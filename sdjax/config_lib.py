@@ -46,6 +46,12 @@ class ConfigError(ValueError):
     """A config that cannot run; the message is one line that names the field."""
 
 
+def one_line(error: Exception) -> str:
+    """The message of `error` on one line, as the commands print failures (some messages list
+    files to download one per line)."""
+    return " ".join(str(error).split())
+
+
 def load_config_file(path: str | Path, profile: str = "") -> ml_collections.ConfigDict:
     """`get_config(profile)` of a config file.
 
@@ -292,6 +298,33 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
     limit = config.dataset.train_examples
     if limit and config.batch_size > limit:
         _fail("batch_size", config.batch_size, f"<= dataset.train_examples = {limit}")
+    size = input_pipeline.DATASETS[config.dataset.name].train_size
+    if size is not None and config.batch_size > size:  # else check_data_fits, once loaded
+        _fail(
+            "batch_size",
+            config.batch_size,
+            f"<= the {size} training examples of {config.dataset.name}",
+        )
+    _check_model(config)
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+    """Builds the model abstractly (shapes only, nothing allocated): the encoders' own checks
+    of their fields run now, before any data loads, rather than once the model is built."""
+    from flax import nnx
+
+    from sdjax import objectives
+
+    encoder = config.model.encoder
+    for field, value in encoder.items():  # the encoders convert sizes with int()
+        if isinstance(value, tuple) and not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in value
+        ):
+            _fail(f"model.encoder.{field}", value, "a tuple of ints")
+    try:
+        nnx.eval_shape(lambda: objectives.create_model(config, num_classes=2))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from None
 
 
 def _check_moco(config: ml_collections.ConfigDict) -> None:
@@ -316,7 +349,11 @@ def check_data_fits(config: ml_collections.ConfigDict, train: dict) -> None:
     """Raises ConfigError when the batch or the encoder's input fields disagree with the data."""
     inputs, num_examples = train["inputs"], len(train["labels"])
     if config.batch_size > num_examples:
-        _fail("batch_size", config.batch_size, f"<= the {num_examples} training examples")
+        _fail(
+            "batch_size",
+            config.batch_size,
+            f"<= the {num_examples} training examples of {config.dataset.name}",
+        )
     encoder = config.model.encoder
     expected = {
         "resnet": ("in_channels", inputs.shape[-1]),

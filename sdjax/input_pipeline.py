@@ -56,6 +56,10 @@ class Dataset:
       validation_positions: `() -> int array`, the sorted positions in "train" of the
         validation examples, for builders whose validation is a subset of "train".
       A `loader` serves every split itself.
+      train_size: the examples of the "train" split, known without loading it, so that a batch
+        larger than the dataset is refused before any data loads; None when only the data
+        knows (debtags: the machine's apt lists decide). With `dataset.validation` training
+        gets fewer, which is checked once they are loaded.
     """
 
     modality: Modality
@@ -64,6 +68,11 @@ class Dataset:
     streamed: bool = False
     validation_builder: str = ""
     validation_positions: Callable[[], np.ndarray] | None = None
+    train_size: int | None = None
+
+
+class DataUnavailable(FileNotFoundError):
+    """A dataset's source files are missing; the message says what to get and where."""
 
 
 SPLITS = ("train", "test", "validation", "train_without_validation")
@@ -167,23 +176,43 @@ def _yeast_validation_positions() -> np.ndarray:
     return yeast.validation_positions()
 
 
+# The train sizes: the builders' own (tests check them), VOC 2007's train+validation and COCO
+# 2017's train images as tfds builds them.
 DATASETS = {
     "mnist_mosaic": Dataset(
-        IMAGE, "mnist_mosaic/default", validation_builder="mnist_mosaic/with_validation"
+        IMAGE,
+        "mnist_mosaic/default",
+        validation_builder="mnist_mosaic/with_validation",
+        train_size=10_000,
     ),
     "mnist_mosaic_tiny": Dataset(
-        IMAGE, "mnist_mosaic/tiny", validation_builder="mnist_mosaic/tiny_with_validation"
+        IMAGE,
+        "mnist_mosaic/tiny",
+        validation_builder="mnist_mosaic/tiny_with_validation",
+        train_size=256,
     ),
     "fashion_mosaic": Dataset(
-        IMAGE, "fashion_mosaic/default", validation_builder="fashion_mosaic/with_validation"
+        IMAGE,
+        "fashion_mosaic/default",
+        validation_builder="fashion_mosaic/with_validation",
+        train_size=10_000,
     ),
     "fashion_mosaic_tiny": Dataset(
-        IMAGE, "fashion_mosaic/tiny", validation_builder="fashion_mosaic/tiny_with_validation"
+        IMAGE,
+        "fashion_mosaic/tiny",
+        validation_builder="fashion_mosaic/tiny_with_validation",
+        train_size=256,
     ),
-    "yeast": Dataset(TABULAR, "yeast", validation_positions=_yeast_validation_positions),
+    "yeast": Dataset(
+        TABULAR, "yeast", validation_positions=_yeast_validation_positions, train_size=1_500
+    ),
     "debtags": Dataset(TEXT, loader=_load_debtags),
-    "voc2007": Dataset(IMAGE, loader=_tfds_multilabel_loader("voc2007"), streamed=True),
-    "coco2017": Dataset(IMAGE, loader=_tfds_multilabel_loader("coco2017"), streamed=True),
+    "voc2007": Dataset(
+        IMAGE, loader=_tfds_multilabel_loader("voc2007"), streamed=True, train_size=5_011
+    ),
+    "coco2017": Dataset(
+        IMAGE, loader=_tfds_multilabel_loader("coco2017"), streamed=True, train_size=118_287
+    ),
 }
 OPTIONS = ("vocab_size", "max_length", "case_fold", "image_size")  # per-modality loading options
 
@@ -319,6 +348,9 @@ def load_splits(
 
     The "train" role is cut to `train_examples` and every other role to `test_examples` when
     that is > 0: the first ones in the fixed order, the same subset on every run.
+
+    Raises:
+      DataUnavailable: the dataset's source files are missing (the message says which, where).
     """
     fields = dataset_config.to_dict()
     limits = {"train": fields.pop("train_examples", 0)}
@@ -327,7 +359,10 @@ def load_splits(
     name = fields.pop("name")
     loaded = {}
     for role, split in roles.items():
-        arrays = load_split(name, split, **fields)
+        try:
+            arrays = load_split(name, split, **fields)
+        except FileNotFoundError as error:  # the loaders' "get these files, put them there"
+            raise DataUnavailable(str(error)) from error
         limit = limits.get(role, heldout_limit)
         if limit:
             arrays = {key: _first(value, limit, key) for key, value in arrays.items()}

@@ -107,10 +107,11 @@ class MultiWriter(MetricWriter):
             writer.close()
 
 
-def create_default_writer(logdir: str | Path, *, just_logging: bool = False) -> MultiWriter:
-    """The log, plus TensorBoard event files in `logdir` unless `just_logging` (non-chief hosts)."""
+def create_default_writer(logdir: str | Path | None, *, just_logging: bool = False) -> MultiWriter:
+    """The log, plus TensorBoard event files in `logdir` unless it is None or `just_logging`
+    (non-chief hosts)."""
     writers: list[MetricWriter] = [LoggingWriter()]
-    if not just_logging:
+    if logdir is not None and not just_logging:
         writers.append(TensorBoardWriter(logdir))
     return MultiWriter(writers)
 
