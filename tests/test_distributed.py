@@ -1,6 +1,7 @@
 """The cross-device loss equals the single-device loss on the concatenated batch, in value and
 gradient: under shard_map and pmap on 8 fake CPU devices, and across 2 processes on loopback."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -161,9 +162,47 @@ def test_two_processes_over_loopback_match_single_process(tmp_path):
     features, labels, mask = multiprocess_worker.global_batch()
     for positives in multiprocess_worker.POSITIVES_CHECKED:
         want, want_grad = reference(features, labels, mask, positives=positives)
-        for process_id in range(2):
-            result = json.loads((tmp_path / f"{positives}_{process_id}.json").read_text())
+        for process_id, exchange in itertools.product(range(2), losses.EXCHANGES):
+            name = f"{positives}_{exchange}_{process_id}.json"
+            result = json.loads((tmp_path / name).read_text())
             rows = np.asarray(result["rows"])
             np.testing.assert_allclose(result["loss"], want, rtol=1e-5)
             np.testing.assert_allclose(result["grad"], want_grad[rows], rtol=1e-4, atol=1e-6)
             assert result["num_global_devices"] == 4 and result["num_local_devices"] == 2
+
+
+def sharded_value_and_grads(features, labels, mask, exchange, **kwargs):
+    """Loss and its gradients w.r.t. the features and a traced temperature, over MESH."""
+    sharded = losses.make_sharded_loss(MESH, "data", exchange=exchange, **kwargs)
+    return jax.jit(
+        jax.value_and_grad(lambda f, t: sharded(f, labels, mask, temperature=t), argnums=(0, 1))
+    )(features, jnp.asarray(0.2, features.dtype))
+
+
+@pytest.mark.parametrize("positives", losses.POSITIVES)
+def test_ring_equals_all_gather(positives):
+    """Multi-hot labels in float32, index lists in float64, with padding and label weights."""
+    features, labels, mask, label_weights = make_batch(8)
+    kwargs = dict(positives=positives, label_weights=label_weights, block_size=3)
+    want, (want_grad, want_tau_grad) = sharded_value_and_grads(
+        features, labels, mask, "all_gather", **kwargs
+    )
+    got, (got_grad, got_tau_grad) = sharded_value_and_grads(
+        features, labels, mask, "ring", **kwargs
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got_tau_grad, want_tau_grad, rtol=1e-4)
+    assert float(want) > 0 and np.abs(want_grad).max() > 1e-3 and abs(want_tau_grad) > 1e-3
+
+    with jax.enable_x64(True):
+        features64 = jnp.asarray(features, jnp.float64)
+        weights64 = jnp.asarray(label_weights, jnp.float64)
+        indices = losses.LabelIndices.from_multi_hot(np.asarray(labels))
+        kwargs64 = dict(kwargs, label_weights=weights64)
+        want64 = sharded_value_and_grads(features64, labels, mask, "all_gather", **kwargs64)
+        got64 = sharded_value_and_grads(features64, indices, mask, "ring", **kwargs64)
+    for got_part, want_part in zip(jax.tree.leaves(got64), jax.tree.leaves(want64), strict=True):
+        assert got_part.dtype == np.float64
+        np.testing.assert_allclose(got_part, want_part, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(want64[0], want, rtol=1e-5)
