@@ -20,7 +20,7 @@ import dataclasses
 import enum
 import itertools
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
@@ -128,7 +128,7 @@ class LabelIndices:
         width = max(1, int(present.sum(axis=1).max(initial=0)))
         order = np.argsort(~present, axis=1, kind="stable")[:, :width]
         ids = np.where(np.take_along_axis(present, order, axis=1), order, -1)
-        return cls(ids.astype(np.int32))
+        return cls(jnp.asarray(ids, jnp.int32))
 
 
 class _Labels(NamedTuple):
@@ -195,7 +195,8 @@ class _Labels(NamedTuple):
             matched = jnp.any(ids[:, None, None] == other.values[None, :, :], axis=2)
             return jnp.dot((matched & (ids >= 0)[:, None]).astype(weights.dtype), weights)
 
-        return jax.lax.map(count, self.values.T).T
+        counts: jax.Array = jax.lax.map(count, self.values.T)
+        return counts.T
 
 
 def _as_labels(labels: Any, dtype: Any, label_weights: jax.Array | None) -> _Labels:
@@ -299,7 +300,7 @@ def _check_options(positives: str, temperature: Any, jaccard_threshold: Any) -> 
     if (
         isinstance(jaccard_threshold, bool)
         or not np.isscalar(jaccard_threshold)
-        or not 0 < float(jaccard_threshold) <= 1
+        or not 0 < float(jaccard_threshold) <= 1  # type: ignore[arg-type]
     ):
         raise ValueError(
             f"`jaccard_threshold`: got {jaccard_threshold!r}, expected a number in (0, 1]."
@@ -320,7 +321,9 @@ def _check_axis_name(axis_name: Hashable | None) -> int:
         ) from error
 
 
-def _check_features(name: str, features: Any, ranks: tuple[int, ...], expected: str):
+def _check_features(
+    name: str, features: Any, ranks: tuple[int, ...], expected: str
+) -> tuple[int, ...]:
     """Checks a feature array's rank, dtype kind and sizes; returns its shape."""
     shape = np.shape(features)
     if len(shape) not in ranks:
@@ -329,10 +332,12 @@ def _check_features(name: str, features: Any, ranks: tuple[int, ...], expected: 
         raise _dtype_error(name, f"dtype {jnp.result_type(features)}", "a real float dtype")
     if min(shape) < 1:
         raise _shape_error(name, f"shape {shape}", f"{expected} with every size >= 1")
-    return shape
+    return tuple(shape)
 
 
-def _check_labels(name: str, labels: Any, num_rows: int, rows_from: str) -> tuple[int, ...]:
+def _check_labels(
+    name: str, labels: Any, num_rows: int, rows_from: tuple[str, str]
+) -> tuple[int, ...]:
     if isinstance(labels, LabelIndices):
         shape, dtype = np.shape(labels.indices), jnp.result_type(labels.indices)
         if len(shape) != 2 or shape[0] != num_rows:
@@ -403,15 +408,15 @@ def _check_arrays(
 
 
 def validate_inputs(
-    features,
-    labels,
+    features: ArrayLike,
+    labels: ArrayLike | LabelIndices,
     *,
-    sample_mask=None,
-    label_weights=None,
-    contrast_features=None,
-    contrast_labels=None,
-    contrast_mask=None,
-    contrast_sample_ids=None,
+    sample_mask: ArrayLike | None = None,
+    label_weights: ArrayLike | None = None,
+    contrast_features: ArrayLike | None = None,
+    contrast_labels: ArrayLike | LabelIndices | None = None,
+    contrast_mask: ArrayLike | None = None,
+    contrast_sample_ids: ArrayLike | None = None,
 ) -> None:
     """Checks the values that `jit` cannot check. Call it eagerly, outside `jit`.
 
@@ -461,7 +466,9 @@ def validate_inputs(
             )
 
 
-def _check_values(features_name, labels_name, features, labels, label_weights) -> None:
+def _check_values(
+    features_name: str, labels_name: str, features: Any, labels: Any, label_weights: Any
+) -> None:
     features = np.asarray(jnp.asarray(features, jnp.result_type(jnp.float32, features)))
     bad = np.argwhere(~np.isfinite(features))
     if bad.size:
@@ -576,7 +583,7 @@ def _label_pair_weights(
         return positive.astype(dtype), positive
     anchor_size = anchor_labels.weighted_sizes[:, None]
     candidate_size = candidates.weighted_sizes[None, :]
-    tiny = jnp.finfo(dtype).tiny  # the sizes are 0 only where there is no positive
+    tiny = np.finfo(dtype).tiny  # the sizes are 0 only where there is no positive
     if positives == "sd_swapped":  # the factors' roles swapped, as ws-MulSupCon computes
         similarity = shared_w / jnp.maximum(candidate_size, tiny)
         dissimilarity = 1.0 / (1.0 + anchor_size - shared_w)
@@ -642,6 +649,7 @@ def _with_label_scale(
     """
     labels = anchors.labels
     if options.positives == "mulsupcon":
+        assert candidate_counts is not None
         counts = candidate_counts if labels.are_indices else candidate_counts[None, :]
         present = labels.present()
         if not options.has_keys:  # the anchor itself is not its own positive
@@ -667,7 +675,8 @@ def _candidate_counts(anchors: _Anchors, contrast: _ContrastSet, options: _Optio
         return carry, block_anchors.labels.slot_counts(contrast.labels, group_weights)
 
     num_samples = anchors.labels.values.shape[0]
-    return _map_blocks(_blocks(anchors, options), block, None, num_samples)[1]
+    counts: jax.Array = _map_blocks(_blocks(anchors, options), block, None, num_samples)[1]
+    return counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,7 +691,7 @@ class _RowTerms(NamedTuple):
     sum_exp: jax.Array  # [B] sum_c exp(s_ac - shift)
     total_weight: jax.Array  # [B] sum_b w_ab
     weighted_logits: jax.Array  # [B] sum_b w_ab s_ab
-    count: jax.Array  # [B] |P(a)| (not used by mulsupcon)
+    num_positives: jax.Array  # [B] |P(a)| (not used by mulsupcon)
 
 
 def _merge_terms(first: _RowTerms, second: _RowTerms) -> _RowTerms:
@@ -697,7 +706,7 @@ def _merge_terms(first: _RowTerms, second: _RowTerms) -> _RowTerms:
         sum_exp,
         first.total_weight + second.total_weight,
         first.weighted_logits + second.weighted_logits,
-        first.count + second.count,
+        first.num_positives + second.num_positives,
     )
 
 
@@ -714,7 +723,7 @@ def _row_terms(
     anchors: _Anchors, contrast: _ContrastSet, temperature: jax.Array, options: _Options
 ) -> tuple[_RowTerms, _Scores]:
     """The terms of a block of anchors against (a part of) the contrast set."""
-    weights, in_contrast, count = _block_weights(anchors, contrast, options)
+    weights, in_contrast, num_positives = _block_weights(anchors, contrast, options)
     logits = jnp.dot(anchors.z, contrast.z.T) / temperature
     # The shift only keeps exp in range; it cancels in value and gradient.
     shift = jax.lax.stop_gradient(jnp.max(jnp.where(in_contrast, logits, -jnp.inf), axis=1))
@@ -728,7 +737,7 @@ def _row_terms(
         sum_exp=jnp.sum(exp_logits, axis=1),
         total_weight=jnp.sum(weights, axis=1),
         weighted_logits=jnp.sum(weights * in_contrast_logits, axis=1),
-        count=count,
+        num_positives=num_positives,
     )
     return terms, _Scores(in_contrast_logits, in_contrast, weights, exp_logits)
 
@@ -745,10 +754,11 @@ class _Finished(NamedTuple):
 def _finish(terms: _RowTerms, anchors: _Anchors, options: _Options) -> _Finished:
     """l_a = -sum_b w_ab (s_ab - log sum_c exp s_ac) / |P(a)|, from the terms."""
     if options.positives == "mulsupcon":
+        assert anchors.rows is not None
         norm = jnp.repeat(anchors.rows, options.num_views)  # the label rows with a positive
         anchor_weights = norm
     else:
-        norm = terms.count
+        norm = terms.num_positives
         anchor_weights = (norm > 0).astype(norm.dtype)
     norm = jnp.maximum(norm, 1.0)
     safe_shift = jnp.where(jnp.isfinite(terms.shift), terms.shift, 0.0)
@@ -795,7 +805,10 @@ def _gather_contrast(local: _ContrastSet, options: _Options) -> _ContrastSet:
     """The global contrast set: every device's candidates, in device order."""
     if options.axis_name is None:
         return local
-    return jax.tree.map(lambda x: jax.lax.all_gather(x, options.axis_name, tiled=True), local)
+    gathered: _ContrastSet = jax.tree.map(
+        lambda x: jax.lax.all_gather(x, options.axis_name, tiled=True), local
+    )
+    return gathered
 
 
 def _local_contrast(
@@ -824,27 +837,26 @@ class _Blocks(NamedTuple):
     """The local anchors padded to whole row blocks of `samples` samples."""
 
     padded: _Anchors
-    count: int
+    num_blocks: int
     samples: int
     num_views: int
 
     def take(self, index: jax.Array | int) -> _Anchors:
-        def rows(x: jax.Array | None, per_row: int) -> jax.Array | None:
-            if x is None:
-                return None
-            size = self.samples * per_row
+        def view(x: jax.Array) -> jax.Array:
+            size = self.samples * self.num_views
             return jax.lax.dynamic_slice_in_dim(x, index * size, size)
 
-        view = lambda x: rows(x, self.num_views)
-        sample = lambda x: rows(x, 1)
+        def sample(x: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_slice_in_dim(x, index * self.samples, self.samples)
+
         anchors = self.padded
         return _Anchors(
             z=view(anchors.z),
             valid=view(anchors.valid),
             view_ids=view(anchors.view_ids),
             labels=jax.tree.map(sample, anchors.labels),
-            label_scale=sample(anchors.label_scale),
-            rows=sample(anchors.rows),
+            label_scale=None if anchors.label_scale is None else sample(anchors.label_scale),
+            rows=None if anchors.rows is None else sample(anchors.rows),
         )
 
 
@@ -853,8 +865,8 @@ def _blocks(anchors: _Anchors, options: _Options) -> _Blocks:
     num_views = options.num_views
     num_samples = anchors.z.shape[0] // num_views
     samples = max(1, min(-(-options.block_size // num_views), num_samples))
-    count = -(-num_samples // samples)
-    pad = count * samples - num_samples
+    num_blocks = -(-num_samples // samples)
+    pad = num_blocks * samples - num_samples
     labels = anchors.labels
     padded = _Anchors(
         z=_pad_rows(anchors.z, pad * num_views),
@@ -868,11 +880,15 @@ def _blocks(anchors: _Anchors, options: _Options) -> _Blocks:
         label_scale=None if anchors.label_scale is None else _pad_rows(anchors.label_scale, pad),
         rows=None if anchors.rows is None else _pad_rows(anchors.rows, pad),
     )
-    return _Blocks(padded, count, samples, num_views)
+    return _Blocks(padded, num_blocks, samples, num_views)
 
 
 def _map_blocks(
-    blocks: _Blocks, block_fn: Any, init: Any, num_rows: int, per_view: Any = None
+    blocks: _Blocks,
+    block_fn: Callable[..., tuple[Any, Any]],
+    init: Any,
+    num_rows: int,
+    per_view: Any = None,
 ) -> tuple[Any, Any]:
     """Scans `block_fn(carry, block anchors[, block rows of per_view]) -> (carry, per-view
     outputs)` over the blocks.
@@ -880,7 +896,7 @@ def _map_blocks(
     Returns the final carry and the outputs stacked over the first `num_rows` anchor views.
     """
     views = blocks.samples * blocks.num_views
-    padded = jax.tree.map(lambda x: _pad_rows(x, blocks.count * views - num_rows), per_view)
+    padded = jax.tree.map(lambda x: _pad_rows(x, blocks.num_blocks * views - num_rows), per_view)
 
     def run(carry: Any, index: jax.Array | int) -> tuple[Any, Any]:
         if per_view is None:
@@ -888,11 +904,11 @@ def _map_blocks(
         rows = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, index * views, views), padded)
         return block_fn(carry, blocks.take(index), rows)
 
-    if blocks.count == 1:
+    if blocks.num_blocks == 1:
         carry, stacked = run(init, 0)
         stacked = jax.tree.map(lambda x: x[None], stacked)
     else:
-        carry, stacked = jax.lax.scan(run, init, jnp.arange(blocks.count))
+        carry, stacked = jax.lax.scan(run, init, jnp.arange(blocks.num_blocks))
     stacked = jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:]))[:num_rows], stacked)
     return carry, stacked
 
@@ -969,7 +985,9 @@ def _scan_blocks(
     if options.axis_name is not None:
         # Every device scored its own anchors against everyone's candidates: send each
         # candidate's share of the gradient back to the device that owns it.
-        contrast_grad = jax.lax.psum_scatter(contrast_grad, options.axis_name, tiled=True)
+        contrast_grad = jax.lax.psum_scatter(  # type: ignore[no-untyped-call]
+            contrast_grad, options.axis_name, tiled=True
+        )
     gradients = _kernel_gradients(
         anchors, keys, anchor_grad, contrast_grad, logit_moment, temperature
     )
@@ -977,7 +995,10 @@ def _scan_blocks(
 
 
 def _psum(x: jax.Array, axis_name: Hashable | None) -> jax.Array:
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
+    if axis_name is None:
+        return x
+    summed: jax.Array = jax.lax.psum(x, axis_name)  # type: ignore[no-untyped-call]
+    return summed
 
 
 def _mean_over_anchors(
@@ -1046,7 +1067,10 @@ def _ring_permute(tree: Any, options: _Options) -> Any:
     """Every device's `tree` moves on to the next device of the ring."""
     size = jax.lax.axis_size(options.axis_name)
     ring = [(device, (device + 1) % size) for device in range(size)]
-    return jax.tree.map(lambda x: jax.lax.ppermute(x, options.axis_name, ring), tree)
+    return jax.tree.map(
+        lambda x: jax.lax.ppermute(x, options.axis_name, ring),  # type: ignore[no-untyped-call]
+        tree,
+    )
 
 
 def _ring(local: Any, fold: Any, init: Any, travelling: Any, options: _Options) -> Any:
@@ -1063,8 +1087,10 @@ def _ring(local: Any, fold: Any, init: Any, travelling: Any, options: _Options) 
         carry, travel = fold(carry, shard, travel)
         return (carry, incoming, _ring_permute(travel, options)), None
 
+    # Every device's values differ (e.g. keys' constant ids would not): types match the carry.
+    state = jax.tree.map(lambda x: _varying(x, options.axis_name), (init, local, travelling))
     num_steps = jax.lax.axis_size(options.axis_name) - 1
-    (carry, last, travel), _ = jax.lax.scan(step, (init, local, travelling), None, num_steps)
+    (carry, last, travel), _ = jax.lax.scan(step, state, None, num_steps)
     carry, travel = fold(carry, last, travel)
     return carry, _ring_permute(travel, options)
 
@@ -1074,14 +1100,15 @@ def _ring_counts(anchors: _Anchors, local: _ContrastSet, options: _Options) -> j
     if options.positives != "mulsupcon":
         return None
     if not anchors.labels.are_indices:
-        return jax.lax.psum(_candidate_counts(anchors, local, options), options.axis_name)
+        return _psum(_candidate_counts(anchors, local, options), options.axis_name)
 
     def fold(counts: jax.Array, shard: _ContrastSet, _: None) -> tuple[jax.Array, None]:
         return counts + _candidate_counts(anchors, shard, options), None
 
     labels_only = local._replace(z=local.z[:, :0])  # the features need not travel
     init = jnp.zeros_like(anchors.labels.values, anchors.z.dtype)
-    return _ring(labels_only, fold, init, None, options)[0]
+    counts: jax.Array = _ring(labels_only, fold, init, None, options)[0]
+    return counts
 
 
 def _ring_setup(
@@ -1189,7 +1216,12 @@ _ring_loss.defvjp(_ring_loss_fwd, _ring_loss_bwd)
 
 
 def _check_contrast(
-    contrast_features, contrast_labels, contrast_mask, contrast_sample_ids, labels, feature_dim
+    contrast_features: Any,
+    contrast_labels: Any,
+    contrast_mask: Any,
+    contrast_sample_ids: Any,
+    labels: Any,
+    feature_dim: int,
 ) -> None:
     """Checks the keys of the query/key form against the anchors' labels and feature size."""
     if contrast_features is None:
@@ -1347,27 +1379,28 @@ def _prepare(
 
 def _varying(x: jax.Array, axis_name: Hashable) -> jax.Array:
     try:
-        return jax.lax.pcast(x, axis_name, to="varying")
+        varying: jax.Array = jax.lax.pcast(x, axis_name, to="varying")
     except ValueError:  # already varying
         return x
+    return varying
 
 
 def multilabel_supcon_loss(
-    features: jax.Array,
-    labels: jax.Array,
+    features: ArrayLike,
+    labels: ArrayLike | LabelIndices,
     *,
     positives: str = "sd",
-    temperature: float | jax.Array = 0.07,
-    sample_mask: jax.Array | None = None,
-    label_weights: jax.Array | None = None,
+    temperature: ArrayLike = 0.07,
+    sample_mask: ArrayLike | None = None,
+    label_weights: ArrayLike | None = None,
     jaccard_threshold: float = 0.5,
     axis_name: Hashable | None = None,
     block_size: int | None = None,
     exchange: str = "all_gather",
-    contrast_features: jax.Array | None = None,
-    contrast_labels: jax.Array | None = None,
-    contrast_mask: jax.Array | None = None,
-    contrast_sample_ids: jax.Array | None = None,
+    contrast_features: ArrayLike | None = None,
+    contrast_labels: ArrayLike | LabelIndices | None = None,
+    contrast_mask: ArrayLike | None = None,
+    contrast_sample_ids: ArrayLike | None = None,
 ) -> jax.Array:
     """Multi-label supervised contrastive loss with a choice of positives and pair weights.
 
@@ -1432,7 +1465,7 @@ def multilabel_supcon_loss(
       contrast_sample_ids: optional [M] integer: the index of the anchor sample each key is a
         view of, -1 for none (queue entries, the default for every key). A key of the anchor's
         own sample is a positive of weight 1 (mulsupcon: through its labels, as in-batch). With
-        `axis_name` the keys are sharded like the batch and gathered, and the ids count samples
+        `axis_name` the keys are sharded like the batch and exchanged, and the ids count samples
         in the global batch (device d's local sample n is d * N_local + n).
     Returns:
       A scalar in the compute dtype: float32, or float64 for float64 inputs under
@@ -1488,19 +1521,19 @@ def multilabel_supcon_loss(
 
 
 def similarity_dissimilarity_loss(
-    features: jax.Array,
-    labels: jax.Array,
+    features: ArrayLike,
+    labels: ArrayLike | LabelIndices,
     *,
-    temperature: float | jax.Array = 0.07,
-    sample_mask: jax.Array | None = None,
-    label_weights: jax.Array | None = None,
+    temperature: ArrayLike = 0.07,
+    sample_mask: ArrayLike | None = None,
+    label_weights: ArrayLike | None = None,
     axis_name: Hashable | None = None,
     block_size: int | None = None,
     exchange: str = "all_gather",
-    contrast_features: jax.Array | None = None,
-    contrast_labels: jax.Array | None = None,
-    contrast_mask: jax.Array | None = None,
-    contrast_sample_ids: jax.Array | None = None,
+    contrast_features: ArrayLike | None = None,
+    contrast_labels: ArrayLike | LabelIndices | None = None,
+    contrast_mask: ArrayLike | None = None,
+    contrast_sample_ids: ArrayLike | None = None,
 ) -> jax.Array:
     """The Similarity-Dissimilarity (S-D) loss: `multilabel_supcon_loss(positives="sd")`.
 
@@ -1551,19 +1584,19 @@ def similarity_dissimilarity_loss(
 
 
 def per_anchor_losses(
-    features: jax.Array,
-    labels: jax.Array,
+    features: ArrayLike,
+    labels: ArrayLike | LabelIndices,
     *,
     positives: str = "sd",
-    temperature: float | jax.Array = 0.07,
-    sample_mask: jax.Array | None = None,
-    label_weights: jax.Array | None = None,
+    temperature: ArrayLike = 0.07,
+    sample_mask: ArrayLike | None = None,
+    label_weights: ArrayLike | None = None,
     jaccard_threshold: float = 0.5,
     axis_name: Hashable | None = None,
-    contrast_features: jax.Array | None = None,
-    contrast_labels: jax.Array | None = None,
-    contrast_mask: jax.Array | None = None,
-    contrast_sample_ids: jax.Array | None = None,
+    contrast_features: ArrayLike | None = None,
+    contrast_labels: ArrayLike | LabelIndices | None = None,
+    contrast_mask: ArrayLike | None = None,
+    contrast_sample_ids: ArrayLike | None = None,
 ) -> PerAnchorLosses:
     """Per-anchor losses and has-positive masks, for users who reduce the loss themselves.
 
@@ -1615,16 +1648,16 @@ def reduce_per_anchor(per_anchor: PerAnchorLosses, axis_name: Hashable | None = 
 
 
 def pair_weights(
-    labels: jax.Array,
+    labels: ArrayLike | LabelIndices,
     *,
     positives: str = "sd",
     num_views: int = 1,
-    sample_mask: jax.Array | None = None,
-    label_weights: jax.Array | None = None,
+    sample_mask: ArrayLike | None = None,
+    label_weights: ArrayLike | None = None,
     jaccard_threshold: float = 0.5,
-    contrast_labels: jax.Array | None = None,
-    contrast_mask: jax.Array | None = None,
-    contrast_sample_ids: jax.Array | None = None,
+    contrast_labels: ArrayLike | LabelIndices | None = None,
+    contrast_mask: ArrayLike | None = None,
+    contrast_sample_ids: ArrayLike | None = None,
 ) -> jax.Array:
     """The weight w_ab each candidate b gets in anchor view a's positive sum.
 
@@ -1686,7 +1719,9 @@ def pair_weights(
     return _block_weights(anchors, contrast, options)[0]
 
 
-def label_relations(labels_a: jax.Array, labels_b: jax.Array | None = None) -> jax.Array:
+def label_relations(
+    labels_a: ArrayLike | LabelIndices, labels_b: ArrayLike | LabelIndices | None = None
+) -> jax.Array:
     """The `Relation` of every candidate's label set to every anchor's label set.
 
     Args:
@@ -1711,13 +1746,15 @@ def label_relations(labels_a: jax.Array, labels_b: jax.Array | None = None) -> j
             type(labels_b).__name__,
             "the form of `labels_a`: both LabelIndices or neither",
         )
-    for name, value in (("labels_a", labels_a), ("labels_b", labels_b)):
-        if np.ndim(value.indices if isinstance(value, LabelIndices) else value) != 2:
-            raise _shape_error(name, f"shape {np.shape(value)}", "[N, C] multi-hot")
-    if not isinstance(labels_a, LabelIndices) and np.shape(labels_a)[1] != np.shape(labels_b)[1]:
-        raise _shape_error(
-            "labels_b", f"shape {np.shape(labels_b)}", f"C = {np.shape(labels_a)[1]} classes"
-        )
+    shapes = [
+        np.shape(value.indices if isinstance(value, LabelIndices) else value)
+        for value in (labels_a, labels_b)
+    ]
+    for name, shape in zip(("labels_a", "labels_b"), shapes, strict=True):
+        if len(shape) != 2:
+            raise _shape_error(name, f"shape {shape}", "[N, C] multi-hot or LabelIndices")
+    if not isinstance(labels_a, LabelIndices) and shapes[0][1] != shapes[1][1]:
+        raise _shape_error("labels_b", f"shape {shapes[1]}", f"C = {shapes[0][1]} classes")
     anchors = _as_labels(labels_a, jnp.float32, None)
     candidates = _as_labels(labels_b, jnp.float32, None)
     shared = anchors.intersection(candidates)
@@ -1732,7 +1769,7 @@ def label_relations(labels_a: jax.Array, labels_b: jax.Array | None = None) -> j
     ).astype(jnp.int32)
 
 
-def labels_from_indices(label_indices: jax.Array, num_classes: int) -> jax.Array:
+def labels_from_indices(label_indices: ArrayLike, num_classes: int) -> jax.Array:
     """Multi-hot labels from padded label-index lists.
 
     Args:
@@ -1762,7 +1799,7 @@ def labels_from_indices(label_indices: jax.Array, num_classes: int) -> jax.Array
 
 def make_sharded_loss(
     mesh: jax.sharding.Mesh, axis_name: Hashable = "data", **loss_kwargs: Any
-) -> Any:
+) -> Callable[..., jax.Array]:
     """The loss over a batch sharded along `axis_name` of `mesh`: the one right way to scale out.
 
     Wraps `multilabel_supcon_loss(..., axis_name=axis_name)` in `jax.shard_map`. Call the result
@@ -1800,10 +1837,18 @@ def make_sharded_loss(
             raise ValueError(f"`{name}`: pass it to the returned loss function, not here.")
     if axis_name not in mesh.axis_names:
         raise ValueError(f"`axis_name`: got {axis_name!r}, expected one of {mesh.axis_names}.")
-    batch = jax.sharding.PartitionSpec(axis_name)
+    batch = jax.sharding.PartitionSpec(axis_name)  # type: ignore[no-untyped-call]
+    replicated = jax.sharding.PartitionSpec()  # type: ignore[no-untyped-call]
     num_shards = mesh.shape[axis_name]
 
-    def loss_fn(features, labels, sample_mask=None, *, temperature=None, **keys):
+    def loss_fn(
+        features: ArrayLike,
+        labels: ArrayLike | LabelIndices,
+        sample_mask: ArrayLike | None = None,
+        *,
+        temperature: float | ArrayLike | None = None,
+        **keys: Any,
+    ) -> jax.Array:
         unknown = set(keys) - set(_KEY_ARGUMENTS)
         if unknown:
             raise TypeError(f"unexpected keyword arguments {sorted(unknown)}.")
@@ -1828,19 +1873,18 @@ def make_sharded_loss(
         operands = (features, labels, sample_mask, *(keys[k] for k in key_names))
         specs = (batch,) * len(operands)
         if traced_temperature:
-            operands, specs = (*operands, temperature), (*specs, jax.sharding.PartitionSpec())
+            operands, specs = (*operands, temperature), (*specs, replicated)
 
-        def body(f, y, m, *rest):
+        def body(f: jax.Array, y: Any, m: jax.Array, *rest: Any) -> jax.Array:
             tau = rest[-1] if traced_temperature else temperature
             key_values = dict(zip(key_names, rest[: len(key_names)], strict=True))
             return multilabel_supcon_loss(
                 f, y, sample_mask=m, temperature=tau, axis_name=axis_name, **key_values, **kwargs
             )
 
-        per_shard = jax.shard_map(
-            body, mesh=mesh, in_specs=specs, out_specs=jax.sharding.PartitionSpec()
-        )
-        return per_shard(*operands)
+        per_shard = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=replicated)
+        loss: jax.Array = per_shard(*operands)
+        return loss
 
     return loss_fn
 
