@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import itertools
+import functools
 import math
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
@@ -165,19 +165,22 @@ class _Labels(NamedTuple):
             rows = self.values if scale is None else scale
             return jnp.dot(rows, other.values.T, precision=_EXACT)
         anchor_ids, candidate_ids = self.values, other.values
-        if scale is None:  # an integer reduction, which XLA fuses with the comparisons
-            matches = (anchor_ids[:, None, :, None] == candidate_ids[None, :, None, :]) & (
-                anchor_ids >= 0
-            )[:, None, :, None]
-            return jnp.sum(matches, axis=(2, 3), dtype=jnp.int32).astype(dtype)
+        if scale is None:
+            scale = self.present().astype(dtype)
         slots, other_slots = anchor_ids.shape[1], candidate_ids.shape[1]
         if slots * other_slots <= _UNROLLED_SLOT_PAIRS:
-            # One fused elementwise pass over [S, G]: a float reduction over the slot axes
+            # Fused elementwise passes over [S, G]: a float reduction over the slot axes
             # would materialise [S, G, K, K'].
             total = jnp.zeros((anchor_ids.shape[0], candidate_ids.shape[0]), dtype)
-            for i, j in itertools.product(range(slots), range(other_slots)):
-                same = anchor_ids[:, i, None] == candidate_ids[None, :, j]
-                total = total + jnp.where(same, scale[:, i, None], 0.0)
+            for i in range(slots):
+                matched = functools.reduce(
+                    jnp.logical_or,
+                    (
+                        anchor_ids[:, i, None] == candidate_ids[None, :, j]
+                        for j in range(other_slots)
+                    ),
+                )
+                total = total + jnp.where(matched, scale[:, i, None], 0.0)
             return total
 
         def add_slot(total: jax.Array, slot: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
@@ -189,14 +192,21 @@ class _Labels(NamedTuple):
         return jax.lax.scan(add_slot, total, (anchor_ids.T, scale.T.astype(dtype)))[0]
 
     def slot_counts(self, other: _Labels, weights: jax.Array) -> jax.Array:
-        """[S, K] sum of `weights` [G] over the sets of `other` that hold each slot's id."""
+        """[S, K] sum of `weights` [G] over the sets of `other` that hold each slot's id.
 
-        def count(ids: jax.Array) -> jax.Array:
-            matched = jnp.any(ids[:, None, None] == other.values[None, :, :], axis=2)
-            return jnp.dot((matched & (ids >= 0)[:, None]).astype(weights.dtype), weights)
-
-        counts: jax.Array = jax.lax.map(count, self.values.T)
-        return counts.T
+        A sort of other's ids and a binary search per slot: O((G K' + S K) log(G K')), whatever
+        C is. The sums are of integer counts, exact in float32 below 2^24.
+        """
+        ids = other.values.reshape(-1)
+        slot_weights = jnp.where(other.values >= 0, weights[:, None], 0.0).reshape(-1)
+        order = jnp.argsort(ids)
+        sorted_ids = ids[order]
+        cumulative = jnp.concatenate(
+            [jnp.zeros((1,), weights.dtype), jnp.cumsum(slot_weights[order])]
+        )
+        first = jnp.searchsorted(sorted_ids, self.values, side="left")
+        last = jnp.searchsorted(sorted_ids, self.values, side="right")
+        return jnp.where(self.present(), cumulative[last] - cumulative[first], 0.0)
 
 
 def _as_labels(labels: Any, dtype: Any, label_weights: jax.Array | None) -> _Labels:
@@ -613,7 +623,11 @@ def _block_weights(
     """
     not_self = anchors.view_ids[:, None] != contrast.view_ids[None, :]
     in_contrast = not_self & contrast.valid[None, :] & anchors.valid[:, None]
-    sample_weights, sample_positive = _label_pair_weights(anchors, contrast.labels, options)
+    # The barrier keeps XLA from fusing the label arithmetic into every view pair's consumers,
+    # which would redo it V * V' times.
+    sample_weights, sample_positive = jax.lax.optimization_barrier(
+        _label_pair_weights(anchors, contrast.labels, options)
+    )
     group_size = _group_size(options)
     positive = _expand(sample_positive, options.num_views, group_size) & in_contrast
     weights = jnp.where(positive, _expand(sample_weights, options.num_views, group_size), 0.0)
@@ -668,15 +682,9 @@ def _with_label_scale(
 def _candidate_counts(anchors: _Anchors, contrast: _ContrastSet, options: _Options) -> jax.Array:
     """mulsupcon: valid candidates of `contrast` carrying each label (see `_with_label_scale`)."""
     group_weights = _group_weights(contrast, options)
-    if not anchors.labels.are_indices:
-        return jnp.dot(group_weights, contrast.labels.values, precision=_EXACT)
-
-    def block(carry: None, block_anchors: _Anchors) -> tuple[None, jax.Array]:
-        return carry, block_anchors.labels.slot_counts(contrast.labels, group_weights)
-
-    num_samples = anchors.labels.values.shape[0]
-    counts: jax.Array = _map_blocks(_blocks(anchors, options), block, None, num_samples)[1]
-    return counts
+    if anchors.labels.are_indices:
+        return anchors.labels.slot_counts(contrast.labels, group_weights)
+    return jnp.dot(group_weights, contrast.labels.values, precision=_EXACT)
 
 
 # --------------------------------------------------------------------------------------------
