@@ -152,6 +152,7 @@ def time_worker(impl: str, label_format: str, positives: str, num_classes: int) 
         "classes": num_classes,
         "loss": float(loss),
         "median_s": float(np.median(times)),
+        "min_s": float(np.min(times)),
         "times_s": times,
         "first_call_s": first_call,
         "peak_rss_mb": peak_rss_mb(),
@@ -230,34 +231,36 @@ def run_child(worker: list[str]) -> dict:
 def label_rows(results: list[dict]) -> list[str]:
     ok = [r for r in results if r.get("status") == "ok" and "classes" in r]
     lines = [
-        "| positives | C | impl | labels | median fwd+bwd (s) | × its C=80 | peak RSS (MB) | "
-        "XLA temporaries (MB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| positives | C | impl | labels | median fwd+bwd (s) | fastest (s) | fastest × its C=80 "
+        "| peak RSS (MB) | XLA temporaries (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     base = {(r["impl"], r["format"], r["positives"]): r for r in ok if r["classes"] == 80}
     for r in sorted(ok, key=lambda r: (r["positives"], r["impl"], r["format"], r["classes"])):
         reference = base.get((r["impl"], r["format"], r["positives"]))
-        ratio = f"{r['median_s'] / reference['median_s']:.2f}" if reference else ""
+        ratio = f"{r['min_s'] / reference['min_s']:.2f}" if reference else ""
         lines.append(
             f"| {r['positives']} | {r['classes']} | {r['impl']} | {r['format']} | "
-            f"{r['median_s']:.3f} | {ratio} | {r['peak_rss_mb']:.0f} | {r['temp_mb']:.0f} |"
+            f"{r['median_s']:.3f} | {r['min_s']:.3f} | {ratio} | {r['peak_rss_mb']:.0f} | "
+            f"{r['temp_mb']:.0f} |"
         )
     for r in results:
         if r.get("status") != "ok" and r["worker"][0] == "time":
-            lines.append(f"| {' | '.join(r['worker'][1:])} | {r['status']} | | | |")
+            lines.append(f"| {' | '.join(r['worker'][1:])} | {r['status']} | | | | |")
     return lines
 
 
 def label_targets(results: list[dict]) -> list[str]:
-    """C = 8922 with index lists against the fastest new format at C = 80, per positives."""
+    """C = 8922 with index lists against the faster new format at C = 80, per positives, from
+    each configuration's fastest call (the least disturbed on a shared machine)."""
     ok = [r for r in results if r.get("status") == "ok" and "classes" in r]
     targets = []
     for positives in POSITIVES:
         new = [r for r in ok if r["impl"] == "new" and r["positives"] == positives]
-        small = [r["median_s"] for r in new if r["classes"] == 80]
+        small = [r["min_s"] for r in new if r["classes"] == 80]
         large = [r for r in new if r["classes"] == 8922 and r["format"] == "indices"]
         if small and large:
-            ratio = large[0]["median_s"] / min(small)
+            ratio = large[0]["min_s"] / min(small)
             verdict = "PASS" if ratio <= 1.5 else "FAIL"
             targets.append(
                 f"{positives}: C=8922 (index lists) / C=80 (fastest format) = {ratio:.2f} "
@@ -403,8 +406,8 @@ def main(argv):
         f"## Label-space size: N = {FLAGS.samples} samples x {NUM_VIEWS} views, D = "
         f"{FEATURE_DIM}, {LABELS_PER_SAMPLE} labels per sample, τ = {TEMPERATURE}",
         "",
-        f"Median of {FLAGS.repeats} calls after a compile call; each configuration in its own "
-        "process.",
+        f"{FLAGS.repeats} calls after a compile call, each configuration in its own process; "
+        "ratios use each configuration's fastest call.",
         "",
         *label_rows(results),
         "",

@@ -68,8 +68,8 @@ _RESCALE_ABOVE = 1e15
 # sized), 256 MiB on a GPU/TPU, where small blocks leave the chip idle (measured on an H100:
 # experiments/README.md). Working memory is a few such matrices, whatever N is.
 _AUTO_BLOCK_ELEMENTS = {"cpu": 1 << 22, "accelerator": 1 << 26}
-# Weighted intersections of index lists with at most this many slot pairs are unrolled.
-_UNROLLED_SLOT_PAIRS = 1024
+# Index lists compare each anchor slot with up to this many candidate slots in one fused pass.
+_UNROLLED_SLOTS = 64
 # Label intersections must be exact integers on every backend (TPUs default to bf16 passes).
 _EXACT = jax.lax.Precision.HIGHEST
 
@@ -167,25 +167,19 @@ class _Labels(NamedTuple):
         anchor_ids, candidate_ids = self.values, other.values
         if scale is None:
             scale = self.present().astype(dtype)
-        slots, other_slots = anchor_ids.shape[1], candidate_ids.shape[1]
-        if slots * other_slots <= _UNROLLED_SLOT_PAIRS:
-            # Fused elementwise passes over [S, G]: a float reduction over the slot axes
-            # would materialise [S, G, K, K'].
-            total = jnp.zeros((anchor_ids.shape[0], candidate_ids.shape[0]), dtype)
-            for i in range(slots):
-                matched = functools.reduce(
-                    jnp.logical_or,
-                    (
-                        anchor_ids[:, i, None] == candidate_ids[None, :, j]
-                        for j in range(other_slots)
-                    ),
-                )
-                total = total + jnp.where(matched, scale[:, i, None], 0.0)
-            return total
+        candidate_slots = candidate_ids.T  # [K', G]: each slot's ids contiguous
 
         def add_slot(total: jax.Array, slot: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
-            ids, weights = slot
-            matched = jnp.any(ids[:, None, None] == candidate_ids[None, :, :], axis=2)
+            ids, weights = slot  # one slot of every anchor's list
+            if candidate_slots.shape[0] <= _UNROLLED_SLOTS:
+                # Fused elementwise passes over [S, G]: a float reduction over the slot axes
+                # would materialise [S, G, K'].
+                matched = functools.reduce(
+                    jnp.logical_or,
+                    (ids[:, None] == other_ids[None, :] for other_ids in candidate_slots),
+                )
+            else:
+                matched = jnp.any(ids[:, None, None] == candidate_slots.T[None, :, :], axis=2)
             return total + jnp.where(matched, weights[:, None], 0.0), None
 
         total = jnp.zeros((anchor_ids.shape[0], candidate_ids.shape[0]), dtype)
@@ -212,7 +206,9 @@ class _Labels(NamedTuple):
 def _as_labels(labels: Any, dtype: Any, label_weights: jax.Array | None) -> _Labels:
     """Per-sample `_Labels` of multi-hot labels, class ids or `LabelIndices`."""
     if isinstance(labels, LabelIndices):
-        ids = jnp.asarray(labels.indices).astype(jnp.int32)
+        ids = jnp.asarray(labels.indices)
+        if ids.dtype not in (jnp.int8, jnp.int16):  # narrow ids compare faster: keep them
+            ids = ids.astype(jnp.int32)
         ids = jnp.where(ids >= 0, ids, -1)
         # A repeated id counts once: only its first slot is kept.
         width = ids.shape[1]
@@ -666,12 +662,11 @@ def _with_label_scale(
         assert candidate_counts is not None
         counts = candidate_counts if labels.are_indices else candidate_counts[None, :]
         present = labels.present()
+        sample_valid = anchors.valid.reshape(-1, options.num_views)[:, 0]
         if not options.has_keys:  # the anchor itself is not its own positive
-            sample_valid = anchors.valid.reshape(-1, options.num_views)[:, 0]
             counts = counts - present * sample_valid[:, None]
         has_positive = present & (counts > 0)
         scale = jnp.where(has_positive, 1.0 / jnp.maximum(counts, 1.0), 0.0)
-        sample_valid = anchors.valid.reshape(-1, options.num_views)[:, 0]
         rows = jnp.sum(has_positive, axis=1).astype(scale.dtype) * sample_valid
         return anchors._replace(label_scale=scale.astype(anchors.z.dtype), rows=rows)
     if label_weights is None or options.positives in ("all", "any"):
