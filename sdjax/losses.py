@@ -168,9 +168,11 @@ class _Labels(NamedTuple):
         if scale is None:
             scale = self.present().astype(dtype)
         candidate_slots = candidate_ids.T  # [K', G]: each slot's ids contiguous
+        if anchor_ids.shape[1] == 0 or candidate_slots.shape[0] == 0:
+            return jnp.zeros((anchor_ids.shape[0], candidate_ids.shape[0]), dtype)
 
-        def add_slot(total: jax.Array, slot: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
-            ids, weights = slot  # one slot of every anchor's list
+        def slot_total(ids: jax.Array, weights: jax.Array) -> jax.Array:
+            """One slot of every anchor's list against every candidate list: [S, G]."""
             if candidate_slots.shape[0] <= _UNROLLED_SLOTS:
                 # Fused elementwise passes over [S, G]: a float reduction over the slot axes
                 # would materialise [S, G, K'].
@@ -179,11 +181,16 @@ class _Labels(NamedTuple):
                     (ids[:, None] == other_ids[None, :] for other_ids in candidate_slots),
                 )
             else:
-                matched = jnp.any(ids[:, None, None] == candidate_slots.T[None, :, :], axis=2)
-            return total + jnp.where(matched, weights[:, None], 0.0), None
+                matched = jnp.any(ids[:, None, None] == candidate_ids[None, :, :], axis=2)
+            return jnp.where(matched, weights[:, None], 0.0)
 
-        total = jnp.zeros((anchor_ids.shape[0], candidate_ids.shape[0]), dtype)
-        return jax.lax.scan(add_slot, total, (anchor_ids.T, scale.T.astype(dtype)))[0]
+        def add_slot(total: jax.Array, slot: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
+            return total + slot_total(*slot), None
+
+        scale = scale.astype(dtype)
+        # The first slot starts the sum, so that the carry varies over devices as the data do.
+        first = slot_total(anchor_ids[:, 0], scale[:, 0])
+        return jax.lax.scan(add_slot, first, (anchor_ids.T[1:], scale.T[1:]))[0]
 
     def slot_counts(self, other: _Labels, weights: jax.Array) -> jax.Array:
         """[S, K] sum of `weights` [G] over the sets of `other` that hold each slot's id.
@@ -621,7 +628,7 @@ def _block_weights(
     in_contrast = not_self & contrast.valid[None, :] & anchors.valid[:, None]
     # The barrier keeps XLA from fusing the label arithmetic into every view pair's consumers,
     # which would redo it V * V' times.
-    sample_weights, sample_positive = jax.lax.optimization_barrier(
+    sample_weights, sample_positive = jax.lax.optimization_barrier(  # type: ignore[no-untyped-call]
         _label_pair_weights(anchors, contrast.labels, options)
     )
     group_size = _group_size(options)
