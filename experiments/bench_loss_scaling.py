@@ -48,6 +48,7 @@ NUM_VIEWS = 2
 LABELS_PER_SAMPLE = 16
 TEMPERATURE = 0.1
 NUM_DEVICES = 8
+RESUMED: dict[tuple[str, ...], dict] = {}
 POSITIVES = (
     "sd",
     "all",
@@ -69,10 +70,16 @@ flags.DEFINE_string("old_rev", "65c59b1", "Part 1: the git revision of the old l
 flags.DEFINE_list(
     "global_samples", ["16384", "65536", "262144", "1048576"], "Part 2: global batch sizes."
 )
+flags.DEFINE_list(
+    "device_counts", ["2", "4"], "Part 2: other device counts P, at the largest global batch."
+)
 flags.DEFINE_integer("repeats", 3, "Timed calls per configuration, after a compile call.")
 flags.DEFINE_integer("timeout", 900, "Seconds per configuration.")
 flags.DEFINE_bool("gpu", False, "Part 1 on the GPU (float32 matmuls at highest precision).")
 flags.DEFINE_string("out_dir", str(RESULTS), "Where the table, JSON and figure go.")
+flags.DEFINE_string(
+    "resume_from", "", "A log of an interrupted run (its stdout): configurations there are reused."
+)
 flags.DEFINE_list("worker", [], "Internal: one configuration in this process.")
 
 
@@ -160,16 +167,16 @@ def time_worker(impl: str, label_format: str, positives: str, num_classes: int) 
     }
 
 
-def memory_worker(exchange: str, global_samples: int) -> dict:
+def memory_worker(exchange: str, global_samples: int, num_devices: int) -> dict:
     import jax
 
-    jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
+    jax.config.update("jax_num_cpu_devices", num_devices)
     import jax.numpy as jnp
     from jax.sharding import AxisType
 
     from sdjax import losses
 
-    mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(AxisType.Auto,))
+    mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(AxisType.Auto,))
     loss_fn = losses.make_sharded_loss(
         mesh, positives="sd", temperature=TEMPERATURE, exchange=exchange
     )
@@ -192,6 +199,7 @@ def memory_worker(exchange: str, global_samples: int) -> dict:
     return {
         "exchange": exchange,
         "global_samples": global_samples,
+        "devices": num_devices,
         "per_device_mb": per_device / 2**20,
         "temp_mb": memory.temp_size_in_bytes / 2**20,
         "argument_mb": memory.argument_size_in_bytes / 2**20,
@@ -199,7 +207,29 @@ def memory_worker(exchange: str, global_samples: int) -> dict:
     }
 
 
+def worker_of(result: dict) -> list[str]:
+    """The worker arguments that produced a result row."""
+    if "classes" in result:
+        keys = ("impl", "format", "positives", "classes")
+        return ["time", *(str(result[k]) for k in keys)]
+    devices = str(result.get("devices", NUM_DEVICES))
+    return ["devices", result["exchange"], str(result["global_samples"]), devices]
+
+
+def resumed_results() -> dict[tuple[str, ...], dict]:
+    if not FLAGS.resume_from:
+        return {}
+    rows = {}
+    for line in Path(FLAGS.resume_from).read_text().splitlines():
+        if line.startswith("{"):
+            result = json.loads(line)
+            rows[tuple(worker_of(result))] = result
+    return rows
+
+
 def run_child(worker: list[str]) -> dict:
+    if tuple(worker) in RESUMED:
+        return RESUMED[tuple(worker)]
     command = [
         sys.executable,
         "-m",
@@ -273,7 +303,13 @@ def device_fit(results: list[dict]) -> dict[str, tuple[float, float]]:
     """Least-squares per-device MB = a + b * (global samples / 2^20), per exchange."""
     fits = {}
     for exchange in ("all_gather", "ring"):
-        rows = [r for r in results if r.get("exchange") == exchange and r.get("status") == "ok"]
+        rows = [
+            r
+            for r in results
+            if r.get("exchange") == exchange
+            and r.get("status") == "ok"
+            and r.get("devices", NUM_DEVICES) == NUM_DEVICES
+        ]
         if len(rows) >= 2:
             x = np.array([r["global_samples"] for r in rows]) / 2**20
             y = np.array([r["per_device_mb"] for r in rows])
@@ -284,15 +320,17 @@ def device_fit(results: list[dict]) -> dict[str, tuple[float, float]]:
 
 def device_rows(results: list[dict]) -> list[str]:
     lines = [
-        "| global samples | exchange | per-device MB (args + temps + outputs) | temporaries MB |",
-        "|---|---|---|---|",
+        "| global samples | devices P | exchange | per-device MB (args + temps + outputs) | "
+        "temporaries MB |",
+        "|---|---|---|---|---|",
     ]
+    ok = (r for r in results if "exchange" in r and r.get("status") == "ok")
     for r in sorted(
-        (r for r in results if "exchange" in r), key=lambda r: (r["exchange"], r["global_samples"])
+        ok, key=lambda r: (r["exchange"], -r.get("devices", NUM_DEVICES), r["global_samples"])
     ):
         lines.append(
-            f"| {r['global_samples']} | {r['exchange']} | {r['per_device_mb']:.1f} | "
-            f"{r['temp_mb']:.1f} |"
+            f"| {r['global_samples']} | {r.get('devices', NUM_DEVICES)} | {r['exchange']} | "
+            f"{r['per_device_mb']:.1f} | {r['temp_mb']:.1f} |"
         )
     return lines
 
@@ -337,7 +375,12 @@ def plot(results: list[dict], path: Path) -> None:
     )
     for exchange in ("all_gather", "ring"):
         rows = sorted(
-            (r for r in ok if r.get("exchange") == exchange), key=lambda r: r["global_samples"]
+            (
+                r
+                for r in ok
+                if r.get("exchange") == exchange and r.get("devices", NUM_DEVICES) == NUM_DEVICES
+            ),
+            key=lambda r: r["global_samples"],
         )
         if rows:
             ax_memory.plot(
@@ -369,12 +412,13 @@ def main(argv):
             impl, label_format, positives, num_classes = args
             print(json.dumps(time_worker(impl, label_format, positives, int(num_classes))))
         else:
-            exchange, global_samples = args
-            print(json.dumps(memory_worker(exchange, int(global_samples))))
+            exchange, global_samples, num_devices = args
+            print(json.dumps(memory_worker(exchange, int(global_samples), int(num_devices))))
         return
 
     import jax
 
+    RESUMED.update(resumed_results())
     out_dir = Path(FLAGS.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -389,9 +433,11 @@ def main(argv):
                 for impl, label_format in configs:
                     results.append(run_child(["time", impl, label_format, positives, num_classes]))
     if FLAGS.part in ("both", "devices"):
-        for global_samples in FLAGS.global_samples:
+        sizes = [(n, str(NUM_DEVICES)) for n in FLAGS.global_samples]
+        sizes += [(FLAGS.global_samples[-1], p) for p in FLAGS.device_counts]
+        for global_samples, num_devices in sizes:
             for exchange in ("all_gather", "ring"):
-                results.append(run_child(["devices", exchange, global_samples]))
+                results.append(run_child(["devices", exchange, global_samples, num_devices]))
 
     fits = device_fit(results)
     device = "GPU" if FLAGS.gpu else f"{cpu_model()}, {os.cpu_count()} cores"
