@@ -35,7 +35,13 @@ from absl import app, flags
 if __package__ in (None, ""):  # run as a script: import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_loss import cpu_model, peak_gpu_mb, peak_rss_mb, torch_sd_loss
+from experiments.bench_loss import (
+    cpu_model,
+    peak_gpu_mb,
+    peak_rss_mb,
+    torch_available,
+    torch_sd_loss,
+)
 
 ARCHS = {  # name: (stage sizes, block)
     "resnet18": ((2, 2, 2, 2), "basic"),
@@ -414,7 +420,8 @@ def main(argv):
     chunk_size = FLAGS.chunk_size
     import jax
 
-    torch_version = __import__("torch").__version__
+    has_torch = torch_available()  # without it, the PyTorch rows say so
+    torch_version = __import__("torch").__version__ if has_torch else "not installed"
     if gpu:
         device = f"{jax.devices()[0].device_kind} (GPU)"
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
@@ -427,9 +434,13 @@ def main(argv):
         for impl in impls:
             chunks = [0, chunk_size] if impl == "sdjax" and chunk_size else [0]
             for chunk in chunks:
-                row = run_config(
-                    impl, arch, batch_size, chunk, image_size, steps, gpu, FLAGS.timeout
-                )
+                if impl != "sdjax" and not has_torch:
+                    row = {"impl": impl, "arch": arch, "batch_size": batch_size, "chunk_size": 0}
+                    row["status"] = "skipped (torch not installed)"
+                else:
+                    row = run_config(
+                        impl, arch, batch_size, chunk, image_size, steps, gpu, FLAGS.timeout
+                    )
                 if row["status"] == "ok" and peak and row["xla_flops_per_step"]:
                     achieved = row["xla_flops_per_step"] / row["median_step_s"]
                     row["mfu"] = achieved / (peak * 1e12)
@@ -441,7 +452,7 @@ def main(argv):
             raise app.UsageError("--max_batch: the largest-batch search runs with --gpu only.")
         for arch in FLAGS.archs:
             for impl, chunk in (("sdjax", 0), ("sdjax", chunk_size or 64), ("torch_compile", 0)):
-                if impl in FLAGS.impls:
+                if impl in FLAGS.impls and (impl == "sdjax" or has_torch):
                     name = f"{impl} (chunk {chunk})" if chunk else impl
                     max_batches[(arch, name)] = largest_batch(
                         impl, arch, chunk, image_size, batch_size, FLAGS.timeout
