@@ -181,28 +181,22 @@ def sharded_value_and_grads(features, labels, mask, exchange, **kwargs):
 
 @pytest.mark.parametrize("positives", losses.POSITIVES)
 def test_ring_equals_all_gather(positives):
-    """Multi-hot labels in float32, index lists in float64, with padding and label weights."""
+    """In float64 (the float32 ring is checked by the query/key and loopback tests): the ring on
+    index lists against all_gather on multi-hot labels, with padding, label weights and a traced
+    temperature, to float64 rounding."""
     features, labels, mask, label_weights = make_batch(8)
-    kwargs = dict(positives=positives, label_weights=label_weights, block_size=3)
-    want, (want_grad, want_tau_grad) = sharded_value_and_grads(
-        features, labels, mask, "all_gather", **kwargs
-    )
-    got, (got_grad, got_tau_grad) = sharded_value_and_grads(
-        features, labels, mask, "ring", **kwargs
-    )
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(got_tau_grad, want_tau_grad, rtol=1e-4)
-    assert float(want) > 0 and np.abs(want_grad).max() > 1e-3 and abs(want_tau_grad) > 1e-3
-
     with jax.enable_x64(True):
-        features64 = jnp.asarray(features, jnp.float64)
-        weights64 = jnp.asarray(label_weights, jnp.float64)
+        features = jnp.asarray(features, jnp.float64)
+        kwargs = dict(
+            positives=positives,
+            label_weights=jnp.asarray(label_weights, jnp.float64),
+            block_size=3,
+        )
         indices = losses.LabelIndices.from_multi_hot(np.asarray(labels))
-        kwargs64 = dict(kwargs, label_weights=weights64)
-        want64 = sharded_value_and_grads(features64, labels, mask, "all_gather", **kwargs64)
-        got64 = sharded_value_and_grads(features64, indices, mask, "ring", **kwargs64)
-    for got_part, want_part in zip(jax.tree.leaves(got64), jax.tree.leaves(want64), strict=True):
+        want = sharded_value_and_grads(features, labels, mask, "all_gather", **kwargs)
+        got = sharded_value_and_grads(features, indices, mask, "ring", **kwargs)
+    for got_part, want_part in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert got_part.dtype == np.float64
         np.testing.assert_allclose(got_part, want_part, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(want64[0], want, rtol=1e-5)
+    value, (grad, tau_grad) = want
+    assert float(value) > 0 and np.abs(grad).max() > 1e-3 and abs(float(tau_grad)) > 1e-3

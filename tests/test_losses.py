@@ -309,6 +309,7 @@ BAD_INPUTS = [
     (dict(temperature=-1), ValueError, "`temperature`: got -1"),
     (dict(temperature=jnp.ones(2)), TypeError, "`temperature`: got an array of shape (2,)"),
     (dict(positives="supcon"), ValueError, "`positives`: got 'supcon'"),
+    (dict(exchange="gather"), ValueError, "`exchange`: got 'gather'"),
     (dict(jaccard_threshold=0.0), ValueError, "`jaccard_threshold`: got 0.0"),
     (dict(jaccard_threshold=1.5), ValueError, "`jaccard_threshold`: got 1.5"),
     (dict(label_weights=np.ones(4, np.float32)), ValueError, "`label_weights`: got shape (4,)"),
