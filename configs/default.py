@@ -55,6 +55,9 @@ def get_config(profile: str = "") -> ml_collections.ConfigDict:
     config.loss.temperature = 0.1
     config.loss.jaccard_threshold = 0.5
     config.loss.block_size = 0  # 0 = automatic
+    # How the contrast set crosses devices: "all_gather" (every device holds the global batch's
+    # embeddings) or "ring" (shards travel round the devices; per-device memory O(N / devices)).
+    config.loss.exchange = "all_gather"
     config.loss.joint_weight = 1.0  # method "joint": the weight of `loss` next to the BCE
 
     config.num_views = 2

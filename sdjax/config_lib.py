@@ -268,6 +268,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
     for field, choices in {
         **_CHOICES,
         "loss.positives": losses.POSITIVES,
+        "loss.exchange": losses.EXCHANGES,
         "dataset.name": tuple(sorted(input_pipeline.DATASETS)),
     }.items():
         if config[field] not in choices:

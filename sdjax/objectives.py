@@ -165,6 +165,7 @@ def _sharded_loss(config, mesh) -> Callable:
         temperature=float(config.loss.temperature),
         jaccard_threshold=float(config.loss.jaccard_threshold),
         block_size=config.loss.block_size or None,
+        exchange=config.loss.exchange,
     )
 
 

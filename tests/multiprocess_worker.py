@@ -3,6 +3,7 @@
 Usage: python multiprocess_worker.py PORT PROCESS_ID OUT_DIR
 """
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -39,8 +40,8 @@ def main(port, process_id, out_dir):
     features, labels, mask = global_batch()
     rows = np.arange(NUM_SAMPLES).reshape(2, -1)[process_id]  # this process's samples
     put = lambda x: jax.make_array_from_process_local_data(sharding, x[rows])
-    for positives in POSITIVES_CHECKED:
-        loss_fn = losses.make_sharded_loss(mesh, positives=positives)
+    for positives, exchange in itertools.product(POSITIVES_CHECKED, losses.EXCHANGES):
+        loss_fn = losses.make_sharded_loss(mesh, positives=positives, exchange=exchange)
         loss, grad = jax.jit(jax.value_and_grad(loss_fn))(put(features), put(labels), put(mask))
         local = sorted(grad.addressable_shards, key=lambda s: s.index[0].start)
         local_rows = np.concatenate([np.arange(NUM_SAMPLES)[s.index[0]] for s in local])
@@ -51,7 +52,8 @@ def main(port, process_id, out_dir):
             "num_global_devices": jax.device_count(),
             "num_local_devices": jax.local_device_count(),
         }
-        (Path(out_dir) / f"{positives}_{process_id}.json").write_text(json.dumps(result))
+        name = f"{positives}_{exchange}_{process_id}.json"
+        (Path(out_dir) / name).write_text(json.dumps(result))
     jax.distributed.shutdown()
 
 

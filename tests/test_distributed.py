@@ -1,6 +1,7 @@
 """The cross-device loss equals the single-device loss on the concatenated batch, in value and
 gradient: under shard_map and pmap on 8 fake CPU devices, and across 2 processes on loopback."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -161,9 +162,41 @@ def test_two_processes_over_loopback_match_single_process(tmp_path):
     features, labels, mask = multiprocess_worker.global_batch()
     for positives in multiprocess_worker.POSITIVES_CHECKED:
         want, want_grad = reference(features, labels, mask, positives=positives)
-        for process_id in range(2):
-            result = json.loads((tmp_path / f"{positives}_{process_id}.json").read_text())
+        for process_id, exchange in itertools.product(range(2), losses.EXCHANGES):
+            name = f"{positives}_{exchange}_{process_id}.json"
+            result = json.loads((tmp_path / name).read_text())
             rows = np.asarray(result["rows"])
             np.testing.assert_allclose(result["loss"], want, rtol=1e-5)
             np.testing.assert_allclose(result["grad"], want_grad[rows], rtol=1e-4, atol=1e-6)
             assert result["num_global_devices"] == 4 and result["num_local_devices"] == 2
+
+
+def sharded_value_and_grads(features, labels, mask, exchange, **kwargs):
+    """Loss and its gradients w.r.t. the features and a traced temperature, over MESH."""
+    sharded = losses.make_sharded_loss(MESH, "data", exchange=exchange, **kwargs)
+    return jax.jit(
+        jax.value_and_grad(lambda f, t: sharded(f, labels, mask, temperature=t), argnums=(0, 1))
+    )(features, jnp.asarray(0.2, features.dtype))
+
+
+@pytest.mark.parametrize("positives", losses.POSITIVES)
+def test_ring_equals_all_gather(positives):
+    """In float64 (the float32 ring is checked by the query/key and loopback tests): the ring on
+    index lists against all_gather on multi-hot labels, with padding, label weights and a traced
+    temperature, to float64 rounding."""
+    features, labels, mask, label_weights = make_batch(8)
+    with jax.enable_x64(True):
+        features = jnp.asarray(features, jnp.float64)
+        kwargs = dict(
+            positives=positives,
+            label_weights=jnp.asarray(label_weights, jnp.float64),
+            block_size=3,
+        )
+        indices = losses.LabelIndices.from_multi_hot(np.asarray(labels))
+        want = sharded_value_and_grads(features, labels, mask, "all_gather", **kwargs)
+        got = sharded_value_and_grads(features, indices, mask, "ring", **kwargs)
+    for got_part, want_part in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert got_part.dtype == np.float64
+        np.testing.assert_allclose(got_part, want_part, rtol=1e-12, atol=1e-14)
+    value, (grad, tau_grad) = want
+    assert float(value) > 0 and np.abs(grad).max() > 1e-3 and abs(float(tau_grad)) > 1e-3

@@ -309,6 +309,7 @@ BAD_INPUTS = [
     (dict(temperature=-1), ValueError, "`temperature`: got -1"),
     (dict(temperature=jnp.ones(2)), TypeError, "`temperature`: got an array of shape (2,)"),
     (dict(positives="supcon"), ValueError, "`positives`: got 'supcon'"),
+    (dict(exchange="gather"), ValueError, "`exchange`: got 'gather'"),
     (dict(jaccard_threshold=0.0), ValueError, "`jaccard_threshold`: got 0.0"),
     (dict(jaccard_threshold=1.5), ValueError, "`jaccard_threshold`: got 1.5"),
     (dict(label_weights=np.ones(4, np.float32)), ValueError, "`label_weights`: got shape (4,)"),
@@ -374,3 +375,68 @@ def test_the_core_imports_only_jax_and_numpy():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert output.stdout.strip() == "[]", output.stdout
+
+
+def index_lists(labels, width, seed=0):
+    """`labels` as shuffled, -1-padded index lists of `width` slots with a repeated id per row."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for row in np.asarray(labels):
+        ids = list(np.flatnonzero(row))
+        ids = ids + ids[:1]  # a repeated id counts once
+        ids = ids + [-1] * (width - len(ids))
+        rows.append(rng.permutation(ids))
+    return losses.LabelIndices(np.array(rows, np.int32))
+
+
+@pytest.mark.parametrize("positives", losses.POSITIVES)
+def test_label_indices_match_the_oracle_and_multi_hot(positives):
+    features, labels, mask, label_weights = random_case(12, num_samples=8, num_classes=6)
+    kwargs = dict(
+        positives=positives,
+        temperature=0.3,
+        sample_mask=mask,
+        label_weights=label_weights,
+        jaccard_threshold=0.3,
+    )
+    want = oracle(features, labels, **kwargs)[0]
+    indices = index_lists(labels, width=8)
+    value, grad = jax.value_and_grad(
+        lambda f: losses.multilabel_supcon_loss(f, indices, block_size=3, **kwargs)
+    )(features)
+    dense_value, dense_grad = jax.value_and_grad(
+        lambda f: losses.multilabel_supcon_loss(f, labels, block_size=3, **kwargs)
+    )(features)
+    np.testing.assert_allclose(value, want, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(value, dense_value, rtol=1e-6)
+    np.testing.assert_allclose(grad, dense_grad, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        losses.pair_weights(indices, positives=positives, num_views=2, label_weights=label_weights),
+        losses.pair_weights(labels, positives=positives, num_views=2, label_weights=label_weights),
+        rtol=1e-6,
+    )
+    assert want > 0 and np.abs(dense_grad).max() > 1e-3
+
+
+def test_label_indices_from_multi_hot_and_relations():
+    labels = multi_hot({1, 2}, {1, 2}, {1}, {1, 2, 3}, {2, 4}, {5}, set())
+    indices = losses.LabelIndices.from_multi_hot(labels)
+    assert indices.indices.shape == (7, 3) and indices.indices[6].tolist() == [-1, -1, -1]
+    np.testing.assert_array_equal(losses.labels_from_indices(indices.indices, 5), labels)
+    np.testing.assert_array_equal(losses.label_relations(indices), losses.label_relations(labels))
+
+
+def test_bad_label_indices_are_errors_naming_the_argument():
+    features = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match=re_escape("`labels`: got LabelIndices of shape (3, 2)")):
+        losses.multilabel_supcon_loss(features, losses.LabelIndices(np.zeros((3, 2), np.int32)))
+    with pytest.raises(TypeError, match=re_escape("`labels`: got LabelIndices of dtype float32")):
+        losses.multilabel_supcon_loss(features, losses.LabelIndices(np.zeros((4, 2), np.float32)))
+    with pytest.raises(ValueError, match=re_escape("`labels`: got class id -2 at index 1")):
+        losses.validate_inputs(features, losses.LabelIndices(np.array([[0], [-2], [1], [2]])))
+    with pytest.raises(ValueError, match=re_escape("`labels`: got class id 3, expected ids < 3")):
+        losses.validate_inputs(
+            features,
+            losses.LabelIndices(np.array([[0], [3], [1], [2]])),
+            label_weights=np.ones(3, np.float32),
+        )

@@ -218,10 +218,17 @@ def shard_case(seed, num_samples=16, num_keys=24):
     return {k: jnp.asarray(v) for k, v in case.items()}
 
 
+@pytest.mark.parametrize("exchange", losses.EXCHANGES)
 @pytest.mark.parametrize("positives", losses.POSITIVES)
-def test_sharded_query_key_matches_single_device(positives):
+def test_sharded_query_key_matches_single_device(positives, exchange):
+    """The ring runs on index lists, all_gather on multi-hot labels."""
     case = shard_case(4)
     kwargs = dict(positives=positives, label_weights=case.pop("label_weights"), block_size=3)
+    sharded_labels = {n: case[n] for n in ("labels", "contrast_labels")}
+    if exchange == "ring":
+        sharded_labels = {
+            n: losses.LabelIndices.from_multi_hot(np.asarray(v)) for n, v in sharded_labels.items()
+        }
     mask = case.pop("sample_mask")
     want, want_grads = jax.value_and_grad(
         lambda f, k, t: losses.multilabel_supcon_loss(
@@ -235,15 +242,15 @@ def test_sharded_query_key_matches_single_device(positives):
         argnums=(0, 1, 2),
     )(case["features"], case["contrast_features"], jnp.float32(0.2))
 
-    sharded = losses.make_sharded_loss(MESH, "data", **kwargs)
+    sharded = losses.make_sharded_loss(MESH, "data", exchange=exchange, **kwargs)
     got, got_grads = jax.jit(
         jax.value_and_grad(
             lambda f, k, t: sharded(
                 f,
-                case["labels"],
+                sharded_labels["labels"],
                 mask,
                 contrast_features=k,
-                contrast_labels=case["contrast_labels"],
+                contrast_labels=sharded_labels["contrast_labels"],
                 contrast_mask=case["contrast_mask"],
                 contrast_sample_ids=case["contrast_sample_ids"],
                 temperature=t,

@@ -89,6 +89,7 @@ def stored_history(workdir):
         ({"batch_size": 12}, "config.batch_size: got 12, expected a multiple of the 8"),
         ({"dataset.name": "imagenet"}, "config.dataset.name: got 'imagenet'"),
         ({"loss.temperature": 0.0}, "config.loss.temperature: got 0.0"),
+        ({"loss.exchange": "gather"}, "config.loss.exchange: got 'gather'"),
         ({"num_train_steps": 0}, "config.num_train_steps: got 0"),
         ({"linear_eval.num_steps": 0}, "config.linear_eval.num_steps: got 0"),
     ],
@@ -195,6 +196,12 @@ def assert_same_step(step, reference):
 
 def test_data_parallel_step_matches_single_device(data_dir):
     assert_same_step(one_training_step(data_dir, 4), one_training_step(data_dir, 1))
+
+
+def test_ring_exchange_step_matches_all_gather(data_dir):
+    """config.loss.exchange reaches the loss: the ring gives the all_gather step."""
+    ring = one_training_step(data_dir, 4, **{"loss.exchange": "ring"})
+    assert_same_step(ring, one_training_step(data_dir, 4))
 
 
 def test_gradient_cached_step_matches_the_plain_step(data_dir):
