@@ -75,8 +75,8 @@ def make_batch(batch_size: int, image_size: int, seed: int = 0):
 # --------------------------------------------------------------------------------------------
 
 
-def sdjax_step(arch: str, batch_size: int, image_size: int, chunk_size: int, gpu: bool):
-    """`(run, flops_per_step)`: `run()` takes one training step and waits for it."""
+def sdjax_train_step(arch: str, batch_size: int, image_size: int, chunk_size: int, gpu: bool):
+    """`(train_step, args)`: the jitted step and its arguments (model, optimizer, views, labels)."""
     import jax
     import ml_collections
     import optax
@@ -131,13 +131,21 @@ def sdjax_step(arch: str, batch_size: int, image_size: int, chunk_size: int, gpu
         optimizer.update(model, grads)
         return loss
 
-    cost = train_step.lower(model, optimizer, views, labels).compile().cost_analysis()
+    return train_step, (model, optimizer, views, labels)
+
+
+def sdjax_step(arch: str, batch_size: int, image_size: int, chunk_size: int, gpu: bool):
+    """`(run, flops_per_step)`: `run()` takes one training step and waits for it."""
+    import jax
+
+    train_step, args = sdjax_train_step(arch, batch_size, image_size, chunk_size, gpu)
+    cost = train_step.lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     # XLA counts a loop's body once, not per iteration: no FLOP count for the chunked step.
     flops = float(cost.get("flops", 0.0)) if cost and not chunk_size else 0.0
 
     def run():
-        return float(jax.block_until_ready(train_step(model, optimizer, views, labels)))
+        return float(jax.block_until_ready(train_step(*args)))
 
     return run, flops
 
