@@ -218,9 +218,10 @@ def test_float32_compute_dtype_is_todays_model():
         models.create_model(config, 10, seed=0)
 
 
-def test_a_bfloat16_training_step_reduces_the_sd_loss():
+def sd_loss_trajectory(compute_dtype: str, steps: int) -> list[float]:
+    """The S-D loss over `steps` AdamW steps of the tiny encoder on a fixed random batch."""
     config = config_lib.load_config_file("default", "tiny")
-    config.compute_dtype = "bfloat16"
+    config.compute_dtype = compute_dtype
     model = models.create_model(config, 10, seed=0)
     x = jax.random.uniform(jax.random.key(1), (16, 56, 56, 1))
     y = (jax.random.uniform(jax.random.key(2), (16, 10)) < 0.3).astype(jnp.float32)
@@ -236,9 +237,20 @@ def test_a_bfloat16_training_step_reduces_the_sd_loss():
         optimizer.update(model, grads)
         return loss
 
-    values = [float(step(model, optimizer)) for _ in range(15)]
-    assert values[-1] < values[0] - 0.05, values
+    values = [float(step(model, optimizer)) for _ in range(steps)]
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return values
+
+
+def test_a_bfloat16_training_step_reduces_the_sd_loss_as_float32_does():
+    # bfloat16 rounding sends the run along another path, so it is held to the float32 run's
+    # progress, not to its values: at least half of float32's decrease over the same steps
+    # (measured: 0.069 against 0.061 after 25 steps, on jax 0.12).
+    float32 = sd_loss_trajectory("float32", 25)
+    bfloat16 = sd_loss_trajectory("bfloat16", 25)
+    assert bfloat16[0] == pytest.approx(float32[0], abs=2**-7)
+    assert float32[0] - float32[-1] > 0.05, float32
+    assert bfloat16[0] - bfloat16[-1] > 0.5 * (float32[0] - float32[-1]), (bfloat16, float32)
 
 
 def numpy_bigram_buckets(tokens: np.ndarray, num_buckets: int) -> np.ndarray:
