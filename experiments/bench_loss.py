@@ -237,20 +237,27 @@ def torch_agreement_result(gpu: bool) -> dict:
     return {"loss": float(loss), "grad": grad.cpu().numpy().tolist()}
 
 
+def worker_json(command: list[str], gpu: bool, timeout: float | None = None) -> dict:
+    """A worker process's last line of output, as JSON (an error with its stderr's tail)."""
+    done = subprocess.run(
+        command + (["--gpu"] if gpu else []),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPOSITORY,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()[-300:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def check_agreement(gpu: bool) -> float:
     """sdjax and the PyTorch reference agree in value and gradient before anything is timed."""
     features, labels = make_inputs(AGREEMENT_VIEWS, seed=1)
     to_device, run = sdjax_value_and_grad(labels, gpu)
     loss, grad = run(to_device(features))
     command = [interpreter("torch"), "-m", "experiments.bench_loss", "--agreement_worker"]
-    done = subprocess.run(
-        command + (["--gpu"] if gpu else []),
-        capture_output=True,
-        text=True,
-        cwd=REPOSITORY,
-        check=True,
-    )
-    torch_result = json.loads(done.stdout.strip().splitlines()[-1])
+    torch_result = worker_json(command, gpu)
     torch_loss, torch_grad = torch_result["loss"], np.asarray(torch_result["grad"])
     np.testing.assert_allclose(float(loss), torch_loss, rtol=1e-4)
     np.testing.assert_allclose(grad, torch_grad, rtol=1e-3, atol=1e-6)

@@ -47,6 +47,7 @@ from experiments.bench_loss import (
     peak_rss_mb,
     torch_sd_loss,
     torch_version,
+    worker_json,
 )
 
 ARCHS = {  # name: (stage sizes, block)
@@ -73,6 +74,12 @@ flags.DEFINE_integer("chunk_size", 0, "sdjax gradient caching: inputs per chunk;
 flags.DEFINE_integer("rounds", 1, "Times the sequence of configurations runs (alternating).")
 flags.DEFINE_list(
     "chunk_counts", [], "Numbers of chunks whose gradient-cached step's XLA buffers to report."
+)
+flags.DEFINE_string(
+    "chunk_memory_from",
+    "",
+    "A bench_train JSON whose chunk-count memory rows to reuse (compiled sizes do not depend on "
+    "the machine's load) instead of compiling them again with --chunk_counts.",
 )
 flags.DEFINE_string("note", "", "A line for the header, e.g. what else ran on the machine.")
 flags.DEFINE_bool("max_batch", None, "Search the largest batch that fits; default: with --gpu.")
@@ -338,16 +345,7 @@ def memory_worker(arch, batch_size, chunk_size, image_size, gpu) -> dict:
 def run_memory_worker(arch, batch_size, chunk_size, image_size, gpu, timeout) -> dict:
     command = [sys.executable, "-m", "experiments.bench_train"]
     command += [f"--memory_worker={arch},{batch_size},{chunk_size}", f"--image_size={image_size}"]
-    done = subprocess.run(
-        command + (["--gpu"] if gpu else []),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPOSITORY,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"memory worker {command}: {done.stderr.strip()[-300:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return worker_json(command, gpu, timeout)
 
 
 def run_config(impl, arch, batch_size, chunk_size, image_size, steps, gpu, timeout) -> dict:
@@ -620,11 +618,14 @@ def main(argv):
     for row in results:
         if row["status"] == "ok" and peak and row["xla_flops_per_step"]:
             row["mfu"] = row["xla_flops_per_step"] / row["median_step_s"] / (peak * 1e12)
-    memory_rows = [
-        run_memory_worker(arch, batch_size, chunk, image_size, gpu, FLAGS.timeout)
-        for arch in FLAGS.archs
-        for chunk in [0] + [batch_size * NUM_VIEWS // int(n) for n in FLAGS.chunk_counts]
-    ]
+    if FLAGS.chunk_memory_from:
+        memory_rows = json.loads(Path(FLAGS.chunk_memory_from).read_text())["chunk_memory"]
+    else:
+        memory_rows = [
+            run_memory_worker(arch, batch_size, chunk, image_size, gpu, FLAGS.timeout)
+            for arch in FLAGS.archs
+            for chunk in [0] + [batch_size * NUM_VIEWS // int(n) for n in FLAGS.chunk_counts]
+        ]
     max_batches = {}
     if FLAGS.max_batch if FLAGS.max_batch is not None else gpu:
         if not gpu:
