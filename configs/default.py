@@ -35,7 +35,10 @@ def get_config(profile: str = "") -> ml_collections.ConfigDict:
     config.dataset.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/.cache/sdjax/tensorflow_datasets
     config.dataset.source_dir = ""  # local source files, for builders that read them
     config.dataset.train_examples = 0  # > 0: use only the first N (fixed order); 0 = all
-    config.dataset.test_examples = 0
+    config.dataset.test_examples = 0  # > 0: also limits the validation split
+    # True: set the dataset's validation split aside (carved from its training data, disjoint
+    # from test; each dataset module says how) and train on the rest.
+    config.dataset.validation = False
 
     config.model = ml_collections.ConfigDict()
     config.model.encoder = ml_collections.ConfigDict()
@@ -70,6 +73,9 @@ def get_config(profile: str = "") -> ml_collections.ConfigDict:
     config.optimizer.weight_decay = 1e-4
     config.optimizer.decay_only_matrices = False  # True: no decay of biases, norms, 1-d weights
     config.optimizer.warmup_steps = 50
+    # method "joint": the classifier's own peak learning rate, so that it can converge while
+    # the encoder trains gently; 0 = optimizer.learning_rate.
+    config.optimizer.classifier_learning_rate = 0.0
 
     config.linear_eval = ml_collections.ConfigDict()
     config.linear_eval.num_steps = 1000
@@ -80,6 +86,9 @@ def get_config(profile: str = "") -> ml_collections.ConfigDict:
     # Also write workdir/test_outputs.npz: test features, scores and labels.
     config.linear_eval.save_test_outputs = False
 
+    # What the evaluators score: "test" (and the validation split beside it, if there is one)
+    # or "validation" alone, for choosing settings: test is then never loaded.
+    config.eval_split = "test"
     config.eval_batch_size = 512
     config.log_every_steps = 25
     config.checkpoint_every_steps = 100

@@ -13,6 +13,7 @@ COMMAND (from the repository root):
   make bench                         # makes .venv-torch (torch==2.13.0), then runs this
   .venv/bin/python -m experiments.bench_loss [--sizes=1024,4096] [--impls=sdjax,torch_eager]
   python -m experiments.bench_loss --gpu   # both frameworks on the GPU, float32 matmuls
+  python -m experiments.bench_loss --gpu --precision=bfloat16   # or =default (TF32 matmuls)
 """
 
 from __future__ import annotations
@@ -45,9 +46,17 @@ RESULTS = REPOSITORY / "experiments" / "results"
 TORCH_VENV_PYTHON = REPOSITORY / ".venv-torch" / "bin" / "python"
 CPU_SIZES = (1024, 4096, 16384, 65536)
 GPU_SIZES = (1024, 4096, 16384, 32768, 65536, 262144)
+PRECISIONS = {  # --precision: what both frameworks compute in
+    "highest": "float32 inputs; float32 matmuls in float32 in both frameworks (JAX precision "
+    "'highest', no TF32)",
+    "default": "float32 inputs; each framework's fast float32 matmuls (JAX's default precision, "
+    "PyTorch's 'high': TF32 on a GPU)",
+    "bfloat16": "bfloat16 inputs in both frameworks",
+}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("gpu", False, "Run both frameworks on the GPU.")
+flags.DEFINE_enum("precision", "highest", list(PRECISIONS), "What the timed calls compute in.")
 flags.DEFINE_list("sizes", [], f"Numbers of views N; default {CPU_SIZES}, with --gpu {GPU_SIZES}.")
 flags.DEFINE_list("impls", list(IMPLS), f"Implementations to time, from {IMPLS}.")
 flags.DEFINE_integer("block_size", 0, "sdjax's block_size (0: automatic).")
@@ -59,6 +68,7 @@ flags.DEFINE_float(
 flags.DEFINE_string("out_dir", str(RESULTS), "Where the table, JSON and figure go.")
 flags.DEFINE_string("device_label", "", "The machine's name in the table; '': the CPU's or GPU's.")
 flags.DEFINE_bool("quick", False, "Sizes 1024 and 4096 only.")
+flags.DEFINE_integer("matmul_size", 0, "Side of the matmul-rate check; 0: 4096, with --gpu 16384.")
 flags.DEFINE_string(
     "torch_python",
     "",
@@ -88,21 +98,24 @@ def dense_flops(num_views: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def use_gpu_float32(gpu: bool) -> None:
+def use_gpu_float32(gpu: bool, precision: str = "highest") -> None:
     """On the GPU, both frameworks multiply float32 in float32 (no TF32), so they do the same
-    arithmetic; PyTorch's default already does, JAX's may use TF32."""
-    if gpu:
+    arithmetic; PyTorch's default already does, JAX's may use TF32. Other precisions keep
+    JAX's default."""
+    if gpu and precision == "highest":
         import jax
 
         jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def sdjax_value_and_grad(labels: np.ndarray, gpu: bool = False, block_size: int | None = None):
+def sdjax_value_and_grad(
+    labels: np.ndarray, gpu: bool = False, block_size: int | None = None, precision="highest"
+):
     import jax
 
     from sdjax.losses import similarity_dissimilarity_loss
 
-    use_gpu_float32(gpu)
+    use_gpu_float32(gpu, precision)
     expected = "gpu" if gpu else "cpu"
     if jax.default_backend() != expected:
         raise RuntimeError(f"jax runs on {jax.default_backend()}, expected {expected}.")
@@ -114,7 +127,11 @@ def sdjax_value_and_grad(labels: np.ndarray, gpu: bool = False, block_size: int 
             )
         )
     )
-    return jax.numpy.asarray, lambda features: jax.block_until_ready(step(features))
+    dtype = jax.numpy.bfloat16 if precision == "bfloat16" else jax.numpy.float32
+    return (
+        lambda features: jax.numpy.asarray(features, dtype),
+        lambda features: jax.block_until_ready(step(features)),
+    )
 
 
 def torch_sd_loss(features, labels, temperature=TEMPERATURE):
@@ -138,10 +155,15 @@ def torch_sd_loss(features, labels, temperature=TEMPERATURE):
     return (per_anchor * has_positive).sum() / has_positive.sum().clamp(min=1)
 
 
-def torch_value_and_grad(labels: np.ndarray, compiled: bool, gpu: bool = False):
+def torch_value_and_grad(
+    labels: np.ndarray, compiled: bool, gpu: bool = False, precision: str = "highest"
+):
     import torch
 
     device = "cuda" if gpu else "cpu"
+    if precision == "default":
+        torch.set_float32_matmul_precision("high")  # TF32, as JAX's default precision
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
     labels = torch.from_numpy(labels).to(device)
     loss_fn = torch.compile(torch_sd_loss) if compiled else torch_sd_loss
 
@@ -153,13 +175,13 @@ def torch_value_and_grad(labels: np.ndarray, compiled: bool, gpu: bool = False):
             torch.cuda.synchronize()
         return loss.detach(), x.grad
 
-    return lambda features: torch.from_numpy(features).to(device), run
+    return lambda features: torch.from_numpy(features).to(device, dtype), run
 
 
-def make_impl(name: str, labels: np.ndarray, gpu: bool, block_size: int | None):
+def make_impl(name: str, labels: np.ndarray, gpu: bool, block_size: int | None, precision: str):
     if name == "sdjax":
-        return sdjax_value_and_grad(labels, gpu, block_size)
-    return torch_value_and_grad(labels, compiled=name == "torch_compile", gpu=gpu)
+        return sdjax_value_and_grad(labels, gpu, block_size, precision)
+    return torch_value_and_grad(labels, name == "torch_compile", gpu, precision)
 
 
 def interpreter(impl: str) -> str:
@@ -204,9 +226,11 @@ def peak_gpu_mb(impl: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def worker(impl: str, num_views: int, repeats: int, gpu: bool, block_size: int | None) -> dict:
+def worker(
+    impl: str, num_views: int, repeats: int, gpu: bool, block_size: int | None, precision: str
+) -> dict:
     features, labels = make_inputs(num_views)
-    to_device, run = make_impl(impl, labels, gpu, block_size)
+    to_device, run = make_impl(impl, labels, gpu, block_size, precision)
     features = to_device(features)
     start = time.perf_counter()
     run(features)  # compiles
@@ -269,12 +293,11 @@ def check_agreement(gpu: bool) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def matmul_gflops(gpu: bool) -> float:
+def matmul_gflops(gpu: bool, size: int) -> float:
     import jax
     import jax.numpy as jnp
 
     use_gpu_float32(gpu)
-    size = 16384 if gpu else 4096
     a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)).astype(np.float32))
     matmul = jax.jit(lambda x: x @ x)
     jax.block_until_ready(matmul(a))
@@ -291,12 +314,13 @@ def estimated_dense_gb(num_views: int) -> float:
     return 12 * num_views**2 * 4 / 1e9
 
 
-def run_config(impl, num_views, repeats, timeout, gpu, block_size) -> dict:
+def run_config(impl, num_views, repeats, timeout, gpu, block_size, precision) -> dict:
     command = [
         interpreter(impl),
         "-m",
         "experiments.bench_loss",
         f"--worker={impl},{num_views},{repeats}",
+        f"--precision={precision}",
     ]
     command += ["--gpu"] if gpu else []
     command += [f"--block_size={block_size}"] if block_size else []
@@ -412,7 +436,9 @@ def main(argv):
     if FLAGS.worker:
         impl, n, repeats = FLAGS.worker
         block_size = FLAGS.block_size or None
-        print(json.dumps(worker(impl, int(n), int(repeats), FLAGS.gpu, block_size)))
+        print(
+            json.dumps(worker(impl, int(n), int(repeats), FLAGS.gpu, block_size, FLAGS.precision))
+        )
         return
 
     if FLAGS.quick:
@@ -431,7 +457,8 @@ def main(argv):
     if has_torch:
         loss = check_agreement(FLAGS.gpu)
         print(f"agreement check: sdjax and PyTorch give {loss:.6f}", flush=True)
-    gflops = matmul_gflops(FLAGS.gpu)
+    matmul_size = FLAGS.matmul_size or (16384 if FLAGS.gpu else 4096)
+    gflops = matmul_gflops(FLAGS.gpu, matmul_size)
     import jax
 
     if FLAGS.gpu:
@@ -449,7 +476,6 @@ def main(argv):
         memory_note = "peak RSS: the process's VmHWM"
         memory_limit = FLAGS.memory_limit_gb or 20.0
         slow_calls = " (1 at N >= 65536)"
-    matmul_size = 16384 if FLAGS.gpu else 4096
     python = Path(sys.executable).name
     header = [
         f"# S-D loss fwd+bwd: sdjax vs dense PyTorch ({device})",
@@ -462,11 +488,7 @@ def main(argv):
         f"median of {repeats} calls{slow_calls} after a "
         "compile call; inputs on the device before timing; GFLOP/s from "
         f"the dense floor 2·N²·(3D + C); each configuration in its own process ({memory_note}).",
-        *(
-            ["- float32 matmuls in float32 in both frameworks (JAX precision 'highest', no TF32)"]
-            if FLAGS.gpu
-            else []
-        ),
+        f"- {PRECISIONS[FLAGS.precision]}",
         f"- command: `{' '.join([python, '-m', 'experiments.bench_loss', *sys.argv[1:]])}`",
     ]
     results = []
@@ -486,7 +508,9 @@ def main(argv):
                 print(f"N={n} {impl} ...", flush=True)
                 calls = 1 if slow_calls and n >= 65536 else repeats  # minutes a call on a CPU
                 results.append(
-                    run_config(impl, n, calls, FLAGS.timeout, FLAGS.gpu, FLAGS.block_size)
+                    run_config(
+                        impl, n, calls, FLAGS.timeout, FLAGS.gpu, FLAGS.block_size, FLAGS.precision
+                    )
                 )
             r = results[-1]
             print(
@@ -501,6 +525,7 @@ def main(argv):
     out_dir = Path(FLAGS.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "bench_loss_gpu" if FLAGS.gpu else "bench_loss"
+    stem += "" if FLAGS.precision == "highest" else f"_{FLAGS.precision}"
     targets = check_targets(results, memory_name)
     write_table(results, header, targets, out_dir / f"{stem}.md", memory_name)
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))

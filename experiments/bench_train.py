@@ -594,6 +594,8 @@ def main(argv):
     import jax
 
     load_before, started = load_line(), datetime.datetime.now(datetime.UTC)
+    torch_version_name = torch_version()
+    has_torch = torch_version_name is not None  # without it, the PyTorch rows say so
     if gpu:
         device = f"{jax.devices()[0].device_kind} (GPU)"
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
@@ -610,7 +612,13 @@ def main(argv):
     by_config = {config: [] for config in configs}
     for round_index in range(FLAGS.rounds):
         for arch, impl, chunk in configs:
-            row = run_config(impl, arch, batch_size, chunk, image_size, steps, gpu, FLAGS.timeout)
+            if impl != "sdjax" and not has_torch:
+                row = {"impl": impl, "arch": arch, "batch_size": batch_size, "chunk_size": 0}
+                row["status"] = "skipped (torch not installed)"
+            else:
+                row = run_config(
+                    impl, arch, batch_size, chunk, image_size, steps, gpu, FLAGS.timeout
+                )
             shown = {k: v for k, v in row.items() if k != "times_s"}
             print(json.dumps({"round": round_index} | shown), flush=True)
             by_config[(arch, impl, chunk)].append(row)
@@ -632,7 +640,7 @@ def main(argv):
             raise app.UsageError("--max_batch: the largest-batch search runs with --gpu only.")
         for arch in FLAGS.archs:
             for impl, chunk in (("sdjax", 0), ("sdjax", chunk_size or 64), ("torch_compile", 0)):
-                if impl in FLAGS.impls:
+                if impl in FLAGS.impls and (impl == "sdjax" or has_torch):
                     name = f"{impl} (chunk {chunk})" if chunk else impl
                     max_batches[(arch, name)] = largest_batch(
                         impl, arch, chunk, image_size, batch_size, FLAGS.timeout
@@ -643,7 +651,7 @@ def main(argv):
         f"# Stage-1 training step: sdjax vs PyTorch ({device})",
         "",
         f"- date: {started:%Y-%m-%d %H:%M} UTC, jax {jax.__version__} (Python "
-        f"{sys.version.split()[0]}), torch {torch_version() or 'not installed'}",
+        f"{sys.version.split()[0]}), torch {torch_version_name or 'not installed'}",
         f"- load average (1, 5, 15 min, as `uptime` gives it): {load_before} at the start, "
         f"{load_line()} at the end",
         f"- {image_size}x{image_size}x3 images, batch {batch_size} x {NUM_VIEWS} views, width "

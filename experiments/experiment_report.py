@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 from scipy import stats
-from statsmodels.stats.multitest import multipletests
 
 if __package__ in (None, ""):  # run as a script: import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments.stats import holm_adjusted
 from experiments.suite import (
     ABLATIONS,
     COMPARED,
@@ -123,17 +123,6 @@ def paired_effect(a: dict, b: dict) -> dict:
     interval = test.confidence_interval(0.95)
     result.update(p=float(test.pvalue), low=float(interval.low), high=float(interval.high))
     return result
-
-
-def holm_adjusted(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjustment of one family of p-values; NaN (no test) stays out of it."""
-    tested = [i for i, p in enumerate(p_values) if not np.isnan(p)]
-    adjusted = [float("nan")] * len(p_values)
-    if tested:
-        corrected = multipletests([p_values[i] for i in tested], method="holm")[1]
-        for i, p in zip(tested, corrected, strict=True):
-            adjusted[i] = float(p)
-    return adjusted
 
 
 def metric_table(
@@ -604,8 +593,12 @@ def write_report(profile: str, results_dir: Path, readme: Path | None = None) ->
     # report.md lies in results_dir itself, so its links drop the results/{profile}/ prefix.
     report = "\n".join(body).replace(f"(results/{profile}/", "(")
     (results_dir / "report.md").write_text(report + "\n")
-    if readme is None:
-        return
+    if readme is not None:
+        write_readme_block(readme, profile, body)
+
+
+def write_readme_block(readme: Path, profile: str, body: list[str]) -> None:
+    """Puts `body` between the profile's markers in `readme` (at its end if it has none)."""
     text = readme.read_text() if readme.exists() else ""
     begin, end = f"<!-- report:{profile}:begin -->", f"<!-- report:{profile}:end -->"
     block = f"{begin}\n" + "\n".join(body) + f"\n{end}"
@@ -631,22 +624,38 @@ def incomplete_profile_message(profile: str, results_dir: Path, missing: list[Ru
 
 def main(argv):
     del argv
-    unknown = set(FLAGS.profiles) - set(PROFILES)
+    from experiments import protocol_report
+    from experiments.protocol import PROTOCOLS
+
+    known = [*PROFILES, *PROTOCOLS]
+    unknown = set(FLAGS.profiles) - set(known)
     if unknown:
-        raise app.UsageError(
-            f"--profiles: got {sorted(unknown)}, expected some of {list(PROFILES)}"
-        )
+        raise app.UsageError(f"--profiles: got {sorted(unknown)}, expected some of {known}")
     results_root = Path(FLAGS.results_dir).resolve()
-    profiles = FLAGS.profiles or [p for p in PROFILES if (results_root / p / "runs").is_dir()]
+    profiles = FLAGS.profiles or [p for p in known if (results_root / p / "runs").is_dir()]
     if not profiles:
         sys.exit(f"No profile has result files in {results_root}; expected <profile>/runs/.")
     for profile in profiles:  # all complete, or nothing is written
-        missing = missing_runs(profile, results_root / profile)
+        results_dir = results_root / profile
+        if profile in PROTOCOLS:
+            missing = protocol_report.missing_runs(
+                profile, results_dir, protocol_report.uses_moco(results_dir)
+            )
+            if missing:
+                sys.exit(
+                    f"The {profile} profile in {results_dir} is incomplete: {len(missing)} "
+                    f"runs missing (e.g. {missing[0]}); finish it with `python -m "
+                    f"experiments.run_experiments --profile={profile} "
+                    f"--results_dir={results_root}`."
+                )
+            continue
+        missing = missing_runs(profile, results_dir)
         if missing:
-            sys.exit(incomplete_profile_message(profile, results_root / profile, missing))
+            sys.exit(incomplete_profile_message(profile, results_dir, missing))
     committed = results_root == COMMITTED_RESULTS.resolve()
     for profile in profiles:
-        write_report(profile, results_root / profile, README if committed else None)
+        build = protocol_report.write_report if profile in PROTOCOLS else write_report
+        build(profile, results_root / profile, README if committed else None)
         print(f"wrote {results_root / profile / 'report.md'}", flush=True)
     if committed:
         print(f"wrote the {', '.join(profiles)} report(s) into {README}")

@@ -8,7 +8,17 @@ continues where it stopped. When a call finishes the last missing run of the pro
 after a subset (`--sections`, `--datasets`) nothing is reported. experiments/README.md changes
 only through `python -m experiments.experiment_report`.
 
+The protocol profiles (`protocol`, `protocol_quick`; experiments/protocol.py) run the tuning
+protocol instead: every configuration of every entry on the validation split, then the
+selected configuration of each with fresh seeds on test. Their runs go to
+<results_dir>/<profile>/runs/{tuning,confirmation}/, each finished run appends a line to
+<results_dir>/<profile>/ledger.jsonl, and the confirmation runs are planned as each entry's
+tuning completes; the report comes from `experiments.protocol_report`.
+
 COMMAND:
+  python -m experiments.run_experiments --profile=protocol --dry_run  # the plan and its hours
+  python -m experiments.run_experiments --profile=protocol            # ~12 h, resumable
+  python -m experiments.run_experiments --profile=protocol_quick      # ~1 h, smaller grid
   python -m experiments.run_experiments --profile=quick --results_dir=/tmp/suite  # <= 60 min
   python -m experiments.run_experiments --profile=full --results_dir=/tmp/suite   # resumable
   python -m experiments.run_experiments --profile=quick --dry_run   # list the runs, done or to do
@@ -32,7 +42,8 @@ from absl import app, flags, logging
 if __package__ in (None, ""):  # run as a script: import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments import experiment_report
+from experiments import experiment_report, protocol, protocol_report
+from experiments.protocol import PROTOCOLS, ProtocolRun
 from experiments.suite import (
     COMMON_OVERRIDES,
     CONFIG_FILES,
@@ -50,13 +61,18 @@ from experiments.suite import (
 EXPERIMENTS = Path(__file__).resolve().parent
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("profile", "quick", list(PROFILES), "Which budget to run.")
+flags.DEFINE_enum("profile", "quick", [*PROFILES, *PROTOCOLS], "Which budget to run.")
 flags.DEFINE_string("results_dir", str(EXPERIMENTS / "results"), "Where result files go.")
 flags.DEFINE_string("workdir", str(EXPERIMENTS / "workdirs"), "Scratch space for checkpoints.")
 flags.DEFINE_string("data_dir", "", "tfds data dir; '' = $TFDS_DATA_DIR or the sdjax cache.")
 flags.DEFINE_bool("dry_run", False, "Only list the planned runs, each as done or to do.")
 flags.DEFINE_list("sections", [], "Run only these sections (default: all).")
 flags.DEFINE_list("datasets", [], "Run only these datasets (default: all).")
+flags.DEFINE_bool(
+    "moco",
+    False,
+    "Protocol profiles: add the MoCo setting, exploratory only (experiments/protocol.py says why).",
+)
 
 
 def run_config(profile: str, run: Run, data_dir: str):
@@ -117,9 +133,202 @@ def execute(profile: str, run: Run, results_dir: Path, workdir_root: Path, data_
     return record
 
 
+def protocol_config(profile: str, run: ProtocolRun, data_dir: str):
+    """(config, knob values, overrides) of a neural protocol run."""
+    from sdjax import config_lib
+
+    config = config_lib.load_config_file(
+        CONFIG_FILES[run.dataset], PROTOCOLS[profile].config_profile
+    )
+    budget = PROTOCOLS[profile].budgets[run.dataset]
+    knobs = protocol.configurations(run.dataset, run.setting, run.entry, budget.num_configs)[
+        run.config_id
+    ]
+    overrides = protocol.config_overrides(run.dataset, run.setting, run.entry, knobs, config)
+    config = config_lib.override(
+        config,
+        **COMMON_OVERRIDES,
+        **overrides,
+        seed=run.seed,
+        eval_split="validation" if run.stage == "tuning" else "test",
+        **{"dataset.data_dir": data_dir, "dataset.validation": True},
+    )
+    return config, knobs, overrides
+
+
+def text_reference_results(profile: str, run: ProtocolRun, knobs: dict, data_dir: str):
+    """The TF-IDF reference's metrics and float32 scores on the protocol's splits, cut to the
+    example limits of the profile's debtags config, as the neural runs' are."""
+    from experiments import text_reference
+    from sdjax import config_lib, evaluation, input_pipeline
+
+    dataset = config_lib.load_config_file(
+        CONFIG_FILES[run.dataset], PROTOCOLS[profile].config_profile
+    ).dataset
+    roles = {"train": "train_without_validation", "validation": "validation"}
+    if run.stage == "confirmation":
+        roles["test"] = "test"
+    corpus, _ = input_pipeline.debtags_corpus(data_dir, dataset.source_dir, roles.values())
+    limits = {
+        role: dataset.train_examples if role == "train" else dataset.test_examples for role in roles
+    }
+    texts, labels = {}, {}
+    for role, split in roles.items():
+        split_texts, split_labels = corpus[split]
+        limit = limits[role] or len(split_labels)
+        texts[role], labels[role] = split_texts[:limit], split_labels[:limit]
+    train_texts, train_labels = texts.pop("train"), labels.pop("train")
+    scores, _ = text_reference.tfidf_scores(train_texts, train_labels, texts, **knobs)
+    scores = {role: value.astype(np.float32) for role, value in scores.items()}
+    metrics = {role: evaluation.multilabel_metrics(scores[role], labels[role]) for role in scores}
+    return metrics, scores, labels
+
+
+def execute_protocol_run(
+    profile: str, run: ProtocolRun, results_dir: Path, workdir_root: Path, data_dir: str
+) -> dict:
+    """Runs one protocol run, writes its result file and appends it to the ledger.
+
+    A tuning run scores the validation split only; a confirmation run also scores test, keeps
+    the scorer's float32 test scores (<results>/test_scores/<run>.npz) and the mAP of every
+    test resample.
+    """
+    from sdjax import evaluation, train
+
+    start = time.time()
+    scorer = run.scorer
+    budget = PROTOCOLS[profile].budgets[run.dataset]
+    record = {"name": run.name, "run": dataclasses.asdict(run), "profile": profile}
+    if run.entry == protocol.TEXT_REFERENCE:
+        knobs = protocol.configurations(run.dataset, run.setting, run.entry, budget.num_configs)[
+            run.config_id
+        ]
+        metrics, scores, labels = text_reference_results(profile, run, knobs, data_dir)
+        record |= {
+            "knobs": knobs,
+            "overrides": knobs,
+            "validation": {scorer: metrics["validation"]},
+        }
+        if run.stage == "confirmation":
+            record["test"] = {scorer: metrics["test"]}
+            test_scores, test_labels = scores["test"], labels["test"]
+    else:
+        config, knobs, overrides = protocol_config(profile, run, data_dir)
+        workdir = workdir_root / profile / run.name
+        results = train.train_and_evaluate(config, workdir)
+        if run.stage == "tuning" and "linear_eval" in results:
+            raise RuntimeError(f"{run.name}: a tuning run scored test; it must not.")
+        record |= {
+            "knobs": knobs,
+            "overrides": overrides,
+            "validation": results["validation"],
+            "final_train_loss": results["final_train_loss"],
+            "heldout_stage1_loss": results["heldout_stage1_loss"],
+            "heldout_split": results["heldout_split"],
+        }
+        if run.stage == "confirmation":
+            record["test"] = {k: results[k] for k in ("linear_eval", "classifier") if k in results}
+            outputs = np.load(workdir / "test_outputs.npz")
+            test_scores = outputs["classifier_scores" if scorer == "classifier" else "scores"]
+            test_labels = outputs["labels"]
+        shutil.rmtree(workdir, ignore_errors=True)  # checkpoints are no longer needed
+    record["scored_by"] = scorer
+    record["validation_mAP"] = record["validation"][scorer]["mAP"]
+    if run.stage == "confirmation":
+        record["test_mAP"] = record["test"][scorer]["mAP"]
+        record["test_bootstrap_mAP"] = evaluation.bootstrap_mean_average_precision(
+            test_scores, test_labels, num_resamples=PROTOCOLS[profile].bootstrap_resamples
+        ).tolist()
+        scores_path = results_dir / "test_scores" / f"{run.name}.npz"
+        scores_path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            scores_path,
+            scores=np.asarray(test_scores, np.float32),
+            labels=np.asarray(test_labels, np.uint8),
+        )
+    record |= {
+        "wall_seconds": time.time() - start,
+        "hardware": hardware_name(),
+        "config": f"configs/{CONFIG_FILES[run.dataset]}.py:{PROTOCOLS[profile].config_profile}",
+    }
+    path = protocol.result_path(results_dir, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(record, indent=1) + "\n")
+    path.with_suffix(".tmp").replace(path)
+    protocol.append_to_ledger(results_dir, record)
+    return record
+
+
+def dry_run_listing(profile: str, results_dir: Path, datasets, moco: bool) -> str:
+    """Every planned run as done or to do with its estimated time, the confirmation runs that
+    wait for tuning, and the estimated hours left."""
+    runs, waiting = protocol.plan(profile, results_dir, datasets, moco)
+    lines, seconds_left = [], 0.0
+    for run in runs:
+        done = protocol.result_path(results_dir, run).exists()
+        estimate = protocol.estimated_seconds(profile, run)
+        seconds_left += 0 if done else estimate
+        lines.append(f"{'done' if done else 'to do':6} {run.name}  (~{estimate:.0f} s)")
+    seeds = PROTOCOLS[profile].confirmation_seeds
+    for cell in waiting:
+        count = 1 if cell[2] == protocol.TEXT_REFERENCE else len(seeds)
+        estimate = count * protocol.estimated_seconds(profile, None, cell)
+        seconds_left += estimate
+        lines.append(
+            f"later  confirmation/{'/'.join(cell)}/<selected>: {count} seed(s), ~{estimate:.0f} s"
+        )
+    header = (
+        f"{PROTOCOLS[profile].description}\n{len(runs)} runs planned now "
+        f"({sum(not protocol.result_path(results_dir, r).exists() for r in runs)} to do), "
+        f"{len(waiting)} entries' confirmation waiting for their tuning; estimated "
+        f"{seconds_left / 3600:.1f} h left on the 2-core CPU."
+    )
+    return header + "\n" + "\n".join(lines)
+
+
+def run_protocol(profile: str, results_dir: Path) -> None:
+    datasets, moco = FLAGS.datasets, FLAGS.moco
+    if FLAGS.dry_run:
+        print(dry_run_listing(profile, results_dir, datasets, moco), flush=True)
+        return
+    finished = 0
+    while True:  # confirmation runs become known as tuning completes
+        runs, waiting = protocol.plan(profile, results_dir, datasets, moco)
+        pending = [r for r in runs if not protocol.result_path(results_dir, r).exists()]
+        print(f"{len(runs)} runs planned, {len(pending)} to do.", flush=True)
+        if not pending:
+            break
+        start = time.time()
+        for i, run in enumerate(pending):
+            record = execute_protocol_run(
+                profile, run, results_dir, Path(FLAGS.workdir), FLAGS.data_dir
+            )
+            finished += 1
+            eta = (time.time() - start) / (i + 1) * (len(pending) - i - 1)
+            print(
+                f"[{i + 1}/{len(pending)}] {run.name}: validation mAP "
+                f"{record['validation_mAP']:.4f} in {record['wall_seconds']:.0f} s; "
+                f"ETA {eta / 60:.0f} min (of this pass)",
+                flush=True,
+            )
+    if waiting or datasets:
+        print("Not reporting: the profile is not complete in this call's datasets.", flush=True)
+    elif finished:
+        logging.set_verbosity(logging.WARNING)
+        protocol_report.write_report(profile, results_dir)
+        print(f"wrote {results_dir / 'report.md'}", flush=True)
+
+
 def main(argv):
     del argv
     results_dir = Path(FLAGS.results_dir) / FLAGS.profile
+    if FLAGS.profile in PROTOCOLS:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(Path(FLAGS.workdir) / "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        run_protocol(FLAGS.profile, results_dir)
+        return
     import jax
 
     # Runs that differ only in the loss share the probe's and the encoder's compiled programs.

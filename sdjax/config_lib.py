@@ -33,6 +33,7 @@ RESULT_NEUTRAL_FIELDS = (
     "dataset.source_dir",
     "linear_eval.save_test_outputs",
     "linear_eval.random_init_baseline",
+    "eval_split",
     "multihost.",  # a section: where the processes meet changes nothing they compute
 )
 
@@ -156,8 +157,13 @@ def flat_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return flat
 
 
+# Fields added after runs were stored: a stored config without one ran as this value says.
+ADDED_FIELD_DEFAULTS = {"dataset.validation": False, "optimizer.classifier_learning_rate": 0.0}
+
+
 def result_changing_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The dotted fields, other than RESULT_NEUTRAL_FIELDS, whose values differ."""
+    stored = {**ADDED_FIELD_DEFAULTS, **stored}
     fields = sorted(set(stored) | set(current))
     return [
         f"{name}: {stored.get(name, '<absent>')!r} -> {current.get(name, '<absent>')!r}"
@@ -202,12 +208,18 @@ _NON_NEGATIVE_INTS = (
     "dataset.test_examples",
 )
 _POSITIVE_FLOATS = ("optimizer.learning_rate", "linear_eval.learning_rate", "loss.temperature")
-_NON_NEGATIVE_FLOATS = ("optimizer.weight_decay", "linear_eval.weight_decay", "loss.joint_weight")
+_NON_NEGATIVE_FLOATS = (
+    "optimizer.weight_decay",
+    "optimizer.classifier_learning_rate",
+    "linear_eval.weight_decay",
+    "loss.joint_weight",
+)
 _CHOICES = {
     "method": ("contrastive", "bce", "joint"),
     "framework": ("in_batch", "moco"),
     "model.encoder.name": ("resnet", "mlp", "transformer", "bag_of_ngrams"),
     "compute_dtype": ("float32", "bfloat16"),
+    "eval_split": ("test", "validation"),
 }
 
 
@@ -244,6 +256,8 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
     if not 0 < config.loss.jaccard_threshold <= 1:
         _fail("loss.jaccard_threshold", config.loss.jaccard_threshold, "a number in (0, 1]")
     _check_moco(config)
+    if config.eval_split == "validation" and not config.dataset.validation:
+        _fail("eval_split", config.eval_split, '"test" unless dataset.validation is True')
     if config.optimizer.warmup_steps > config.num_train_steps:
         _fail("optimizer.warmup_steps", config.optimizer.warmup_steps, "<= num_train_steps")
     for field in ("batch_size", "eval_batch_size"):  # both are split over devices and hosts

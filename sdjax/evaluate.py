@@ -14,54 +14,74 @@ from pathlib import Path
 import jax
 import ml_collections
 from absl import app, flags, logging
-from clu import metric_writers
 from flax import nnx
 
-from sdjax import checkpointing, evaluation, input_pipeline, objectives
+from sdjax import checkpointing, evaluation, input_pipeline, metric_writers, objectives
 from sdjax.evaluators import HeldoutLoss, LinearProbe, joint_classifier_scores, save_test_outputs
 from sdjax.sharding import data_parallel_mesh, replicate
 
 
 def evaluate(
-    config: ml_collections.ConfigDict, model, data: tuple[dict, dict], mesh, workdir: Path, writer
+    config: ml_collections.ConfigDict, model, data: dict[str, dict], mesh, workdir: Path, writer
 ) -> dict:
     """Held-out stage-1 loss (initial and final), linear probes and, if asked, test outputs.
 
+    Args:
+      data: {"train": arrays, and the scored splits "validation" and/or "test"}, as
+        `input_pipeline.run_splits(config)` names them.
+
     Returns:
-      {"heldout_stage1_loss": {"initial", "final"}, "linear_eval": metrics,
-      "random_init": metrics (if `linear_eval.random_init_baseline`), "classifier": the
+      {"heldout_stage1_loss": {"initial", "final"}, "heldout_split": the split it used,
+      "linear_eval": test metrics,
+      "random_init": test metrics (if `linear_eval.random_init_baseline`), "classifier": the
       jointly trained classifier's test metrics (`method = "joint"`: end-to-end fine-tuning,
-      the same keys as "linear_eval"), "stage2_seconds"}.
+      the same keys as "linear_eval"), "validation": {"linear_eval", "classifier"} metrics on
+      the validation split (when there is one), "stage2_seconds"}. Test entries are absent
+      when test is not scored (`eval_split = "validation"`). The held-out loss uses the
+      validation split when there is one, else test.
     """
     start = time.time()
-    train, test = data
+    train = data["train"]
+    scored = {split: data[split] for split in ("validation", "test") if split in data}
     initial_model = objectives.create_model(config, train["labels"].shape[1])
     nnx.update(initial_model, replicate(nnx.state(initial_model), mesh))
-    heldout = HeldoutLoss(config, mesh, test)
-    results = {"heldout_stage1_loss": {"initial": heldout(initial_model), "final": heldout(model)}}
+    heldout_split = next(iter(scored))
+    heldout = HeldoutLoss(config, mesh, scored[heldout_split])
+    results = {
+        "heldout_stage1_loss": {"initial": heldout(initial_model), "final": heldout(model)},
+        "heldout_split": heldout_split,
+    }
     probe = LinearProbe(config, mesh)
     probed = {"linear_eval": model}
     if config.linear_eval.random_init_baseline:
         probed["random_init"] = initial_model
     for name, probed_model in probed.items():
-        outcome = probe(probed_model, train, test)
-        results[name] = outcome.metrics
-        writer.write_scalars(
-            config.num_train_steps, {f"{name}/{k}": v for k, v in outcome.metrics.items()}
-        )
-        if (
-            name == "linear_eval"
-            and config.linear_eval.save_test_outputs
-            and jax.process_index() == 0
-        ):
-            save_test_outputs(workdir / "test_outputs.npz", outcome, train, test)
-        if name == "linear_eval" and config.method == "joint":
-            scores = joint_classifier_scores(model, outcome.test_features, mesh)
-            results["classifier"] = evaluation.multilabel_metrics(scores, test["labels"])
+        for split, outcome in probe(probed_model, train, scored).items():
+            split_results = results if split == "test" else results.setdefault(split, {})
+            split_results[name] = outcome.metrics
+            prefix = name if split == "test" else f"{split}/{name}"
             writer.write_scalars(
-                config.num_train_steps,
-                {f"classifier/{k}": v for k, v in results["classifier"].items()},
+                config.num_train_steps, {f"{prefix}/{k}": v for k, v in outcome.metrics.items()}
             )
+            if name != "linear_eval":
+                continue
+            classifier_scores = None
+            if config.method == "joint":
+                classifier_scores = joint_classifier_scores(model, outcome.features, mesh)
+                metrics = evaluation.multilabel_metrics(classifier_scores, scored[split]["labels"])
+                split_results["classifier"] = metrics
+                prefix = "classifier" if split == "test" else f"{split}/classifier"
+                writer.write_scalars(
+                    config.num_train_steps, {f"{prefix}/{k}": v for k, v in metrics.items()}
+                )
+            if (
+                split == "test"
+                and config.linear_eval.save_test_outputs
+                and jax.process_index() == 0
+            ):
+                save_test_outputs(
+                    workdir / "test_outputs.npz", outcome, train, data["test"], classifier_scores
+                )
     results["stage2_seconds"] = time.time() - start
     return results
 
@@ -103,15 +123,15 @@ def evaluate_workdir(workdir: str | Path) -> dict:
     workdir = Path(workdir)
     config, step = checkpointing.stored_config(workdir)
     mesh = data_parallel_mesh()
-    train, test = input_pipeline.load_train_and_test(config.dataset)
-    train_state = objectives.create_train_state(config, train["labels"].shape[1], mesh)
+    data = input_pipeline.load_splits(config.dataset, input_pipeline.run_splits(config))
+    train_state = objectives.create_train_state(config, data["train"]["labels"].shape[1], mesh)
     state = objectives.checkpoint_state(*train_state)
     objectives.restore_train_state(checkpointing.restore_state(workdir, step, state), *train_state)
     model = train_state[0]
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
     results = {"evaluated_step": step, "config": config.to_dict()}
-    results |= evaluate(config, model, (train, test), mesh, workdir, writer)
-    writer.flush()
+    results |= evaluate(config, model, data, mesh, workdir, writer)
+    writer.close()
     if jax.process_index() == 0:
         write_results(workdir, results)
     return results
@@ -122,11 +142,11 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         results = evaluate_workdir(flags.FLAGS.workdir)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, input_pipeline.MissingExtra) as error:
         print(error, file=sys.stderr)
         return 2
     logging.info("Evaluated checkpoint %d.", results["evaluated_step"])
-    shown = ("linear_eval", "random_init", "classifier")
+    shown = ("linear_eval", "random_init", "classifier", "validation")
     print(json.dumps({k: results[k] for k in shown if k in results}))
     return 0
 

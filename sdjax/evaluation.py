@@ -118,3 +118,44 @@ def bootstrap_group_metrics(
             results[group]["mAP"].append(float(np.nanmean(ap[members])))
             results[group]["macro_f1"].append(float(f1[members].mean()))
     return results
+
+
+def bootstrap_mean_average_precision(
+    scores: np.ndarray, labels: np.ndarray, *, num_resamples: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """mAP on the test set and on bootstrap resamples of its examples: float64 [1 + R].
+
+    Resample r draws the examples of `bootstrap_group_metrics`'s resample r, so every run
+    scored on one test set sees the same resamples and replicates pair across runs. A resample
+    is computed as example weights (how often each example was drawn) over one sort per label,
+    which equals `per_label_average_precision` of the resampled rows when scores have no ties;
+    a label without a positive in a resample is left out of its mean, as there.
+    """
+    scores = np.asarray(scores, np.float32)
+    labels = np.asarray(labels) > 0
+    num_examples, num_labels = labels.shape
+    order = np.argsort(-scores, axis=0, kind="stable")  # [N, C]: each label's ranking
+    # The positives, label by label, each in its label's rank order.
+    label_of, rank_of = np.nonzero(np.take_along_axis(labels, order, axis=0).T)
+    first_of_label = np.searchsorted(label_of, np.arange(num_labels))
+    replicates = np.empty(1 + num_resamples)
+    for r in range(1 + num_resamples):
+        if r == 0:
+            weights = np.ones(num_examples, np.int32)
+        else:
+            sample = np.random.default_rng((seed, r - 1)).integers(0, num_examples, num_examples)
+            weights = np.bincount(sample, minlength=num_examples).astype(np.int32)
+        ranked = weights[order]  # copies of each example, in each label's order
+        copies = ranked[rank_of, label_of]  # of each positive
+        copies_before = np.cumsum(ranked, axis=0)[rank_of, label_of] - copies
+        running = np.cumsum(copies)
+        hits_before = running - copies - (running - copies)[first_of_label[label_of]]
+        # The j-th copy of a positive example has precision (hits before + j) / (rank + j).
+        precision_sum = np.zeros(len(copies))
+        for j in range(1, int(copies.max(initial=0)) + 1):
+            term = (hits_before + j) / (copies_before + j)
+            precision_sum += np.where(copies >= j, term, 0.0)
+        positives = np.bincount(label_of, weights=copies, minlength=num_labels)
+        sums = np.bincount(label_of, weights=precision_sum, minlength=num_labels)
+        replicates[r] = np.mean(sums[positives > 0] / positives[positives > 0])
+    return replicates

@@ -5,6 +5,13 @@ multi-hot}, and its `Dataset.modality` (sdjax.modalities) says how inputs become
 and views. sdjax's builders store examples in that form too (debtags's `inputs` is the text,
 which its loader tokenises), in array_record files that `tfds.data_source` reads by index.
 
+Splits: every dataset has "train" and "test", and a validation split carved from its training
+data, disjoint from test: "validation" and "train_without_validation" (the rest of "train").
+Each dataset's module documents its rule. `config.dataset.validation` makes a run train on
+"train_without_validation"; `config.eval_split` says whether the evaluators score "validation"
+alone (test is then never loaded) or "test" (with validation beside it); `run_splits` maps a
+config to the splits it loads.
+
 Small datasets are held in memory as numpy arrays. Streamed datasets (VOC, COCO) keep only their
 labels in memory; `inputs` is a `StreamedInputs`, which reads and decodes the examples it is
 indexed with, so per-host memory does not grow with the dataset.
@@ -42,33 +49,81 @@ class Dataset:
       loader: `(split, *, data_dir, source_dir, options) -> {"inputs", "labels"}`, for datasets
         that need more than a builder (text is tokenised; VOC and COCO are converted).
       streamed: whether `loader` returns `StreamedInputs` (it keeps only the labels in memory).
+      validation_builder: a builder whose "train" and "validation" splits are this dataset's
+        "train_without_validation" and "validation" (the mosaics, made from disjoint sources).
+      validation_positions: `() -> int array`, the sorted positions in "train" of the
+        validation examples, for builders whose validation is a subset of "train".
+      A `loader` serves every split itself.
     """
 
     modality: Modality
     builder: str = ""
     loader: Callable[..., dict] | None = None
     streamed: bool = False
+    validation_builder: str = ""
+    validation_positions: Callable[[], np.ndarray] | None = None
 
 
-def debtags_corpus(data_dir: str = "", source_dir: str = "") -> tuple[dict, list[str]]:
+SPLITS = ("train", "test", "validation", "train_without_validation")
+
+
+def run_splits(config) -> dict[str, str]:
+    """{role: split} that a run of `config` loads: "train" always, and the scored ones.
+
+    Without `config.dataset.validation`: train on "train", score "test". With it: train on
+    "train_without_validation", score "validation", and "test" too when `config.eval_split`
+    is "test"; with `eval_split = "validation"` test is not loaded at all.
+    """
+    if not config.dataset.get("validation", False):
+        return {"train": "train", "test": "test"}
+    roles = {"train": "train_without_validation", "validation": "validation"}
+    if config.get("eval_split", "test") == "test":
+        roles["test"] = "test"
+    return roles
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"`split`: got {split!r}, expected one of {list(SPLITS)}.")
+
+
+def debtags_corpus(
+    data_dir: str = "", source_dir: str = "", splits=("train", "test")
+) -> tuple[dict, list[str]]:
     """Debtags texts and multi-hot tags: ({split: (texts, float32 [N, C])}, the C tag names).
 
-    Both come from the builder as they are stored; train and test share the tag columns.
+    All come from the builder as they are stored; every split shares the tag columns.
+    "validation" holds the training packages that `debtags.is_validation_package` picks, and
+    "train_without_validation" the others, in the stored (name) order.
     """
+    from sdjax.datasets.debtags import is_validation_package
+
     data_dir = data_dir or default_data_dir()
     corpus = {}
-    for split in ("train", "test"):
-        source = tfds_source("debtags/default", split, data_dir, source_dir)
+    for split in splits:
+        _check_split(split)
+        source = tfds_source(
+            "debtags/default", "test" if split == "test" else "train", data_dir, source_dir
+        )
         examples = _stack(source)
-        corpus[split] = ([text.decode() for text in examples["inputs"]], examples["labels"])
+        keep = np.arange(len(examples["labels"]))
+        if split in ("validation", "train_without_validation"):
+            held = np.array([is_validation_package(name.decode()) for name in examples["package"]])
+            keep = keep[held == (split == "validation")]
+        texts = [examples["inputs"][i].decode() for i in keep]
+        corpus[split] = (texts, examples["labels"][keep])
     return corpus, list(source.dataset_info.metadata["tags"])
 
 
 def _load_debtags(split: str, *, data_dir: str, source_dir: str, options: dict) -> dict:
-    """Debtags token ids (SentencePiece trained on the train split) and multi-hot tags."""
+    """Debtags token ids (SentencePiece trained on the train split) and multi-hot tags.
+
+    The tokenizer is the same for every split (trained on all of "train", texts without
+    labels), so a test example has the same tokens with a validation split and without.
+    """
     from sdjax import tokenizer
 
-    corpus, vocabulary = debtags_corpus(data_dir, source_dir)
+    corpus, vocabulary = debtags_corpus(data_dir, source_dir, dict.fromkeys(("train", split)))
     model_path = tokenizer.cached_tokenizer(
         corpus["train"][0],
         vocab_size=options.get("vocab_size", 8000),
@@ -80,9 +135,21 @@ def _load_debtags(split: str, *, data_dir: str, source_dir: str, options: dict) 
     return {"inputs": inputs, "labels": labels, "label_names": np.array(vocabulary)}
 
 
+class MissingExtra(ImportError):
+    """A dataset needs a package that the installed extras lack; the message names the extra."""
+
+
 def _tfds_multilabel_loader(name: str) -> Callable[..., dict]:
     def load(split, *, data_dir, source_dir, options):
-        from sdjax.datasets import tfds_multilabel
+        try:
+            from sdjax.datasets import tfds_multilabel
+        except ModuleNotFoundError as error:
+            if error.name != "tensorflow":
+                raise
+            raise MissingExtra(
+                f"config.dataset.name: {name!r} needs TensorFlow to prepare and decode its "
+                "images, and it is not installed: pip install 'sdjax[prepare]'."
+            ) from None
 
         del source_dir  # the real tfds builders download into data_dir themselves
         return tfds_multilabel.streamed_split(
@@ -92,12 +159,26 @@ def _tfds_multilabel_loader(name: str) -> Callable[..., dict]:
     return load
 
 
+def _yeast_validation_positions() -> np.ndarray:
+    from sdjax.datasets import yeast
+
+    return yeast.validation_positions()
+
+
 DATASETS = {
-    "mnist_mosaic": Dataset(IMAGE, "mnist_mosaic/default"),
-    "mnist_mosaic_tiny": Dataset(IMAGE, "mnist_mosaic/tiny"),
-    "fashion_mosaic": Dataset(IMAGE, "fashion_mosaic/default"),
-    "fashion_mosaic_tiny": Dataset(IMAGE, "fashion_mosaic/tiny"),
-    "yeast": Dataset(TABULAR, "yeast"),
+    "mnist_mosaic": Dataset(
+        IMAGE, "mnist_mosaic/default", validation_builder="mnist_mosaic/with_validation"
+    ),
+    "mnist_mosaic_tiny": Dataset(
+        IMAGE, "mnist_mosaic/tiny", validation_builder="mnist_mosaic/tiny_with_validation"
+    ),
+    "fashion_mosaic": Dataset(
+        IMAGE, "fashion_mosaic/default", validation_builder="fashion_mosaic/with_validation"
+    ),
+    "fashion_mosaic_tiny": Dataset(
+        IMAGE, "fashion_mosaic/tiny", validation_builder="fashion_mosaic/tiny_with_validation"
+    ),
+    "yeast": Dataset(TABULAR, "yeast", validation_positions=_yeast_validation_positions),
     "debtags": Dataset(TEXT, loader=_load_debtags),
     "voc2007": Dataset(IMAGE, loader=_tfds_multilabel_loader("voc2007"), streamed=True),
     "coco2017": Dataset(IMAGE, loader=_tfds_multilabel_loader("coco2017"), streamed=True),
@@ -195,7 +276,7 @@ def load_split(
 
     Args:
       name: a key of DATASETS.
-      split: "train" or "test".
+      split: one of SPLITS: "train", "test", "validation" or "train_without_validation".
       data_dir: the tfds data directory; "" = $TFDS_DATA_DIR or ~/.cache/sdjax/tensorflow_datasets.
       source_dir: where a builder finds its local source files; "" = the builder's default
         (see its module docstring).
@@ -205,29 +286,52 @@ def load_split(
         raise ValueError(f"`name`: got {name!r}, expected one of {sorted(DATASETS)}.")
     if unknown := sorted(set(options) - set(OPTIONS)):
         raise ValueError(f"options: got {unknown}, expected only {list(OPTIONS)}.")
+    _check_split(split)
     dataset = DATASETS[name]
     data_dir = data_dir or default_data_dir()
+    carved = split in ("validation", "train_without_validation")
     if dataset.loader is not None:
         arrays = dataset.loader(split, data_dir=data_dir, source_dir=source_dir, options=options)
+    elif carved and dataset.validation_builder:
+        stored = "validation" if split == "validation" else "train"
+        arrays = _stack(tfds_source(dataset.validation_builder, stored, data_dir, source_dir))
+    elif carved:
+        arrays = _stack(tfds_source(dataset.builder, "train", data_dir, source_dir))
+        held = np.zeros(len(arrays["labels"]), bool)
+        held[dataset.validation_positions()] = True
+        arrays = {key: value[held == (split == "validation")] for key, value in arrays.items()}
     else:
         arrays = _stack(tfds_source(dataset.builder, split, data_dir, source_dir))
     arrays["labels"] = arrays["labels"].astype(np.float32)
     return arrays
 
 
-def load_train_and_test(dataset_config) -> tuple[dict, dict]:
-    """Both splits for `config.dataset`, each cut to its `*_examples` limit when that is > 0."""
+def load_splits(dataset_config, roles: dict[str, str]) -> dict[str, dict]:
+    """{role: split arrays} for `config.dataset`, e.g. roles = `run_splits(config)`.
+
+    The "train" role is cut to `train_examples` and every other role to `test_examples` when
+    that is > 0: the first ones in the fixed order, the same subset on every run.
+    """
     fields = dataset_config.to_dict()
-    limits = {"train": fields.pop("train_examples", 0), "test": fields.pop("test_examples", 0)}
+    limits = {"train": fields.pop("train_examples", 0)}
+    heldout_limit = fields.pop("test_examples", 0)
+    fields.pop("validation", None)  # which splits to load is `roles`'s business
     name = fields.pop("name")
-    splits = []
-    for split, limit in limits.items():
+    loaded = {}
+    for role, split in roles.items():
         arrays = load_split(name, split, **fields)
-        if limit:  # the first `limit` in the fixed order: the same subset on every run
+        limit = limits.get(role, heldout_limit)
+        if limit:
             arrays = {key: _first(value, limit, key) for key, value in arrays.items()}
         logging.info("%s %s: %s", name, split, _describe(label_statistics(arrays["labels"])))
-        splits.append(arrays)
-    return splits[0], splits[1]
+        loaded[role] = arrays
+    return loaded
+
+
+def load_train_and_test(dataset_config) -> tuple[dict, dict]:
+    """ "train" and "test" for `config.dataset`, cut as `load_splits` cuts them."""
+    loaded = load_splits(dataset_config, {"train": "train", "test": "test"})
+    return loaded["train"], loaded["test"]
 
 
 def _first(value, limit: int, key: str):

@@ -16,14 +16,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdjax import checkpointing, config_lib, multihost, train
+from sdjax import checkpointing, config_lib, input_pipeline, multihost, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
-SHOWN_RESULTS = ("linear_eval", "random_init", "classifier")  # "classifier": method "joint"
+SHOWN_RESULTS = ("linear_eval", "random_init", "classifier", "validation")  # "classifier": joint
 
 
 def summary(results: dict, workdir: str) -> str:
@@ -81,7 +81,11 @@ def main(argv):
     logging.info("Config:\n%s", config)
     try:
         results = train.train_and_evaluate(config, FLAGS.workdir)
-    except (config_lib.ConfigError, checkpointing.WorkdirInUse) as error:
+    except (
+        config_lib.ConfigError,
+        checkpointing.WorkdirInUse,
+        input_pipeline.MissingExtra,
+    ) as error:
         print(f"Cannot run: {error}", file=sys.stderr)
         return 2
     except train.NonFiniteLoss as error:

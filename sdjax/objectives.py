@@ -65,17 +65,27 @@ def create_optimizer(config: ml_collections.ConfigDict, model) -> nnx.Optimizer:
     """AdamW with linear warmup and cosine decay over the parameters of `model`.
 
     With `config.optimizer.decay_only_matrices`, weight decay skips parameters of fewer than two
-    dimensions: biases, normalisation scales and per-token weights.
+    dimensions: biases, normalisation scales and per-token weights. With `method = "joint"` and
+    `optimizer.classifier_learning_rate` > 0, the classifier's updates are scaled to that peak
+    learning rate (AdamW's update, decay included, is proportional to the learning rate).
     """
     only_matrices = config.optimizer.get("decay_only_matrices", False)  # absent in older configs
-    return nnx.Optimizer(
-        model,
-        optax.adamw(
-            learning_rate_schedule(config),
-            weight_decay=config.optimizer.weight_decay,
-            mask=matrix_parameters if only_matrices else None,
-        ),
-        wrt=nnx.Param,
+    transform = optax.adamw(
+        learning_rate_schedule(config),
+        weight_decay=config.optimizer.weight_decay,
+        mask=matrix_parameters if only_matrices else None,
+    )
+    classifier_rate = config.optimizer.get("classifier_learning_rate", 0.0)
+    if config.method == "joint" and classifier_rate:
+        ratio = classifier_rate / config.optimizer.learning_rate
+        transform = optax.chain(transform, optax.masked(optax.scale(ratio), classifier_parameters))
+    return nnx.Optimizer(model, transform, wrt=nnx.Param)
+
+
+def classifier_parameters(params):
+    """A mask of `params`: True for the joint classifier's parameters."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[0], "key", None) == "classifier", params
     )
 
 

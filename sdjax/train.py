@@ -29,7 +29,7 @@ from pathlib import Path
 import flax
 import jax
 import ml_collections
-from clu import metric_writers, metrics, parameter_overview, periodic_actions
+from clu import metrics, parameter_overview
 from flax import nnx
 
 from sdjax import (
@@ -38,6 +38,7 @@ from sdjax import (
     evaluate,
     gradient_cache,
     input_pipeline,
+    metric_writers,
     objectives,
 )
 from sdjax.sharding import data_parallel_mesh, shard_host_batch
@@ -110,45 +111,6 @@ def make_train_step(config: ml_collections.ConfigDict, mesh) -> Callable:
     return moco_train_step
 
 
-class _CurveWriter(metric_writers.MetricWriter):
-    """Keeps the logged `train/*` scalars: the training curve that every checkpoint stores."""
-
-    def __init__(self, entries: list[dict]):
-        self.entries = entries
-
-    def write_scalars(self, step, scalars):
-        curve = {k: float(v) for k, v in scalars.items() if k.startswith("train/")}
-        if curve:
-            self.entries.append({"step": int(step), **curve})
-
-    def write_summaries(self, step, values, metadata=None):
-        pass
-
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def write_hparams(self, hparams):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
 class _Sigterm:
     """SIGTERM before this process has taken a training step ends it at once: nothing unsaved
     would be lost, and set-up or the first compilation can take minutes. (It exits rather than
@@ -198,7 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 def _train_and_evaluate(config, workdir: Path, sigterm: _Sigterm) -> dict:
     mesh = data_parallel_mesh()
-    train, test = input_pipeline.load_train_and_test(config.dataset)
+    data = input_pipeline.load_splits(config.dataset, input_pipeline.run_splits(config))
+    train = data["train"]
     config_lib.check_data_fits(config, train)
     num_classes = train["labels"].shape[1]
     model, optimizer, momentum_encoder = objectives.create_train_state(config, num_classes, mesh)
@@ -214,7 +177,7 @@ def _train_and_evaluate(config, workdir: Path, sigterm: _Sigterm) -> dict:
     writer = metric_writers.MultiWriter(
         [
             metric_writers.create_default_writer(workdir, just_logging=not is_chief),
-            _CurveWriter(curve),
+            metric_writers.CurveWriter(curve),
         ]
     )
     if start_step == 0:
@@ -240,8 +203,8 @@ def _train_and_evaluate(config, workdir: Path, sigterm: _Sigterm) -> dict:
         "stage1_seconds": stage1_seconds,
         "final_train_loss": curve[-1]["train/loss"] if curve else None,
     }
-    results |= evaluate.evaluate(config, model, (train, test), mesh, workdir, writer)
-    writer.flush()
+    results |= evaluate.evaluate(config, model, data, mesh, workdir, writer)
+    writer.close()
     if is_chief:
         evaluate.write_results(workdir, results)
         evaluate.plot_training_curve(config, curve, workdir / "training_curves.png")
@@ -259,7 +222,7 @@ def _train_stage1(config, mesh, train, train_state, checkpoints, writer, curve, 
     train_step = make_train_step(config, mesh)
     start_step = checkpoints.latest_step() or 0
     batches = input_pipeline.training_batches(config, train)
-    report_progress = periodic_actions.ReportProgress(
+    report_progress = metric_writers.ReportProgress(
         num_train_steps=config.num_train_steps, writer=writer, every_secs=30
     )
     interval = TrainMetrics.empty()
@@ -295,6 +258,7 @@ def _train_stage1(config, mesh, train, train_state, checkpoints, writer, curve, 
             checkpoints.save(
                 done, args=checkpointing.save_args(state, config, curve), force=last or preempted
             )
+            writer.flush()  # the event files hold what the checkpoint holds
         if preempted:
             checkpoints.wait_until_finished()
             raise Preempted(

@@ -96,3 +96,37 @@ def test_augmented_views_are_deterministic_shifted_copies():
     ink = images.sum(axis=(1, 2, 3))
     view_ink = np.asarray(views).sum(axis=(2, 3, 4))
     assert np.all(view_ink > 0.4 * ink[:, None]) and np.all(view_ink < 2.0 * ink[:, None] + 500)
+
+
+def test_validation_mosaics_use_their_own_source_digits_and_leave_test_as_it_was(tmp_path):
+    _, classes = mnist_mosaic.load_source_digits()
+    pools = {
+        split: set(mnist_mosaic.source_indices(classes, split, seed=0, with_validation=True))
+        for split in ("train", "validation", "test")
+    }
+    assert (len(pools["train"]), len(pools["validation"]), len(pools["test"])) == (3400, 600, 1000)
+    assert not pools["train"] & pools["validation"] and not pools["train"] & pools["test"]
+    assert not pools["validation"] & pools["test"]
+    # Together, train and validation are the training digits of the dataset without validation.
+    assert pools["train"] | pools["validation"] == set(
+        mnist_mosaic.source_indices(classes, "train", seed=0)
+    )
+    for split, pool in pools.items():
+        made = mnist_mosaic.make_mnist_mosaic(split, num_examples=100, seed=0, with_validation=True)
+        assert set(made["source_index"].ravel()) <= pool, split
+    # Through the input pipeline: the validation builder's splits, and test unchanged.
+    loaded = {
+        split: input_pipeline.load_split("mnist_mosaic_tiny", split, data_dir=str(tmp_path))
+        for split in ("validation", "train_without_validation", "test")
+    }
+    for split, stored in (("validation", "validation"), ("train_without_validation", "train")):
+        made = mnist_mosaic.make_mnist_mosaic(
+            stored, num_examples=256, seed=0, with_validation=True
+        )
+        np.testing.assert_array_equal(loaded[split]["inputs"], made["image"])
+    plain_test = mnist_mosaic.make_mnist_mosaic("test", num_examples=256, seed=0)
+    np.testing.assert_array_equal(loaded["test"]["inputs"], plain_test["image"])
+    with pytest.raises(ValueError, match="`split`: got 'validation', expected one of"):
+        mnist_mosaic.source_indices(classes, "validation", seed=0)
+    with pytest.raises(ValueError, match="`split`: got 'val', expected one of"):
+        input_pipeline.load_split("mnist_mosaic_tiny", "val", data_dir=str(tmp_path))

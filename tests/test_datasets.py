@@ -101,6 +101,22 @@ def test_fashion_builder_serves_the_mosaics_and_explains_missing_files(
         fashion_mosaic.load_source_images("train", str(tmp_path / "empty"), str(tmp_path))
 
 
+def test_fashion_validation_mosaics_come_from_held_out_training_images(fashion_dir):
+    _, classes = fashion_mosaic.load_source_images("train", str(fashion_dir))
+    held = fashion_mosaic.validation_sources(classes, seed=0)
+    # 15% of each class's 6 training images rounds to one per class.
+    assert sorted(classes[held].tolist()) == list(range(10))
+    np.testing.assert_array_equal(held, fashion_mosaic.validation_sources(classes, seed=0))
+    sources = {}
+    for split in ("train", "validation"):
+        made = fashion_mosaic.make_fashion_mosaic(
+            split, num_examples=40, seed=0, source_dir=str(fashion_dir), with_validation=True
+        )
+        sources[split] = set(made["source_index"].ravel())
+    assert sources["validation"] <= set(held)
+    assert not sources["train"] & set(held)  # and test mosaics read the other file
+
+
 # ---------------------------------------------------------------------------------------------
 # Yeast (the real data in river's wheel)
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +147,23 @@ def test_yeast_splits_are_a_fixed_partition_of_the_real_table():
         mean, std = features[train_rows].mean(0), features[train_rows].std(0) + 1e-6
         np.testing.assert_allclose(arrays["features"], (features[rows] - mean) / std, atol=1e-4)
     assert labels.shape == (2417, 14) and labels.sum(1).min() >= 1  # every gene has a label
+
+
+def test_yeast_validation_is_300_fixed_training_rows(tmp_path):
+    positions = yeast.validation_positions()
+    assert len(positions) == 300 and len(set(positions)) == 300
+    assert positions.min() >= 0 and positions.max() < 1500
+    np.testing.assert_array_equal(positions, yeast.validation_positions())
+    train = input_pipeline.load_split("yeast", "train", data_dir=str(tmp_path))
+    held = input_pipeline.load_split("yeast", "validation", data_dir=str(tmp_path))
+    rest = input_pipeline.load_split("yeast", "train_without_validation", data_dir=str(tmp_path))
+    np.testing.assert_array_equal(held["inputs"], train["inputs"][positions])
+    others = np.setdiff1d(np.arange(1500), positions)
+    np.testing.assert_array_equal(rest["labels"], train["labels"][others])
+    np.testing.assert_array_equal(rest["inputs"], train["inputs"][others])
+    # Their genes are training genes, so none is a test gene.
+    validation_rows = yeast.split_indices("train")[positions]
+    assert not set(validation_rows) & set(yeast.split_indices("test"))
 
 
 def test_yeast_loads_through_tfds_in_file_order(tmp_path):
@@ -273,6 +306,36 @@ def test_debtags_loads_token_ids_and_multi_hot_tags(apt_lists, tmp_path):
     assert corpus["test"][0][0] == text and tag_names == kept
     np.testing.assert_array_equal(corpus["test"][1], test["labels"])
     assert train["inputs"].max() < 64 and (train["inputs"] != tokenizer.PAD_ID).any(axis=1).all()
+
+
+def test_debtags_validation_is_a_hash_of_the_package_name(apt_lists, tmp_path):
+    import hashlib
+
+    names = sorted(name for name, _, _, _, _ in fake_corpus())
+    train_names, test_names = (
+        debtags.split_names(names, "train"),
+        debtags.split_names(names, "test"),
+    )
+
+    def hashed_low(name):  # the rule, written out: the first 8 bytes of SHA-256 below 15%
+        return int(hashlib.sha256(name.encode()).hexdigest()[:16], 16) / 2**64 < 0.15
+
+    expected = [name for name in train_names if hashed_low(name)]
+    assert 0.08 < len(expected) / len(train_names) < 0.22  # 192 names: about 29 expected
+    options = dict(data_dir=str(tmp_path), source_dir=str(apt_lists), vocab_size=64, max_length=12)
+    corpus, _ = input_pipeline.debtags_corpus(
+        str(tmp_path), str(apt_lists), ("train", "validation", "train_without_validation", "test")
+    )
+    by_text = {text: name for name, text, _ in debtags.read_corpus(apt_lists)}
+    split_names = {split: [by_text[t] for t in texts] for split, (texts, _) in corpus.items()}
+    assert split_names["validation"] == expected
+    assert split_names["train_without_validation"] == [n for n in train_names if n not in expected]
+    assert not set(split_names["validation"]) & set(test_names)
+    train = input_pipeline.load_split("debtags", "train", **options)
+    held = input_pipeline.load_split("debtags", "validation", **options)
+    positions = [train_names.index(name) for name in expected]
+    np.testing.assert_array_equal(held["labels"], train["labels"][positions])
+    np.testing.assert_array_equal(held["inputs"], train["inputs"][positions])  # one tokenizer
 
 
 def test_example_limits_cut_examples_not_the_label_names(apt_lists, tmp_path):

@@ -59,3 +59,20 @@ def test_bootstrap_point_estimate_and_paired_resamples():
     assert again == result
     replicates = np.array(result["head"]["mAP"][1:])
     assert replicates.std() > 0 and abs(replicates.mean() - result["head"]["mAP"][0]) < 0.05
+
+
+def test_bootstrap_map_replicates_are_the_resampled_rows_map():
+    rng = np.random.default_rng(1)
+    labels = (rng.random((200, 9)) < np.linspace(0.01, 0.4, 9)).astype(np.int64)
+    scores = (0.4 * labels + rng.random((200, 9))).astype(np.float32)  # no ties
+    replicates = evaluation.bootstrap_mean_average_precision(scores, labels, num_resamples=30)
+    assert replicates.shape == (31,)
+    # Replicate 0 is the test set itself: the headline mAP, computed by sklearn.
+    np.testing.assert_allclose(
+        replicates[0], evaluation.multilabel_metrics(scores, labels)["mAP"], rtol=1e-12
+    )
+    # Replicate r: bootstrap_group_metrics's resample r, rows copied and scored as they are.
+    for r in range(30):
+        rows = np.random.default_rng((0, r)).integers(0, 200, 200)
+        expected = np.nanmean(evaluation.per_label_average_precision(scores[rows], labels[rows]))
+        np.testing.assert_allclose(replicates[1 + r], expected, rtol=1e-12)

@@ -188,3 +188,39 @@ def test_mulsupcon_setting_takes_every_profile():
         config_lib.check_config(config, num_devices=8, num_processes=1)
         assert config.framework == "moco" and config.loss.positives == "mulsupcon"
         assert config.loss.temperature == 0.1 and config.moco.momentum == 0.999
+
+
+def test_the_joint_classifier_can_have_its_own_learning_rate(data_dir):
+    """AdamW's update is proportional to its learning rate: with a classifier rate 10x the
+    encoder's, one step moves the classifier exactly as AdamW at 10x moves it."""
+    # No warmup: the first step runs at the peak learning rate (warmup starts at 0).
+    joint = {"method": "joint", "optimizer.warmup_steps": 0}
+    rate = tiny_config(data_dir).optimizer.learning_rate
+    configs = {
+        "mixed": tiny_config(
+            data_dir, **joint, **{"optimizer.classifier_learning_rate": 10 * rate}
+        ),
+        "plain": tiny_config(data_dir, **joint),
+        "fast": tiny_config(data_dir, **joint, **{"optimizer.learning_rate": 10 * rate}),
+    }
+    moved = {}
+    for name, run_config in configs.items():
+        model = objectives.create_model(run_config, 10)
+        optimizer = objectives.create_optimizer(run_config, model)
+        params = nnx.state(model, nnx.Param)  # its Variables: the update changes them
+        before = jax.tree.map(np.array, params)
+        optimizer.update(model, jax.tree.map(jnp.ones_like, params))
+        after = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+        moved[name] = jax.tree.map(lambda a, b: a - b, after, before)
+    for part, reference in (("classifier", "fast"), ("encoder", "plain"), ("head", "plain")):
+        pairs = zip(
+            jax.tree.leaves(moved["mixed"][part]),
+            jax.tree.leaves(moved[reference][part]),
+            strict=True,
+        )
+        for got, expected in pairs:  # float32 updates of one formula: a few ulps apart at most
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
+    assert not np.allclose(
+        jax.tree.leaves(moved["mixed"]["classifier"])[0],
+        jax.tree.leaves(moved["plain"]["classifier"])[0],
+    )

@@ -23,8 +23,28 @@ IMAGE_SIZE = 32
 
 # Written out here rather than read from TFDS_MULTILABEL, so the tests check the module's table.
 EXPECTED = {
-    "voc2007": ("voc/2007", {"train": "train+validation", "test": "test"}, ("labels",), 20),
-    "coco2017": ("coco/2017", {"train": "train", "test": "validation"}, ("objects", "label"), 80),
+    "voc2007": (
+        "voc/2007",
+        {
+            "train": "train+validation",
+            "test": "test",
+            "validation": "validation",
+            "train_without_validation": "train",
+        },
+        ("labels",),
+        20,
+    ),
+    "coco2017": (
+        "coco/2017",
+        {
+            "train": "train",
+            "test": "validation",
+            "validation": "train[:5000]",
+            "train_without_validation": "train[5000:]",
+        },
+        ("objects", "label"),
+        80,
+    ),
 }
 
 
@@ -71,7 +91,7 @@ def recorded_loads(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", ["train", "test", "validation", "train_without_validation"])
 @pytest.mark.parametrize("name", ["voc2007", "coco2017"])
 def test_arrays_match_the_raw_tfds_examples(name, split, recorded_loads):
     tfds_name, splits, label_key, num_classes = EXPECTED[name]
@@ -159,7 +179,11 @@ def test_multi_hot_of_empty_and_repeated_ids():
     [
         ({"name": "foo"}, "`name`: got 'foo', expected one of ['coco2017', 'voc2007']."),
         ({"name": "voc/2007"}, "`name`: got 'voc/2007', expected one of ['coco2017', 'voc2007']."),
-        ({"split": "validation"}, "`split`: got 'validation', expected one of ['train', 'test']."),
+        (
+            {"split": "val"},
+            "`split`: got 'val', expected one of "
+            "['train', 'test', 'validation', 'train_without_validation'].",
+        ),
         ({"image_size": 0}, "`image_size`: got 0, expected an int >= 1."),
         ({"image_size": 32.0}, "`image_size`: got 32.0, expected an int >= 1."),
         ({"max_examples": 0}, "`max_examples`: got 0, expected None or an int >= 1."),
@@ -183,7 +207,7 @@ def test_table():
             num_classes,
             label_key,
         )
-        assert (spec.train_split, spec.test_split) == (splits["train"], splits["test"])
+        assert {split: getattr(spec, f"{split}_split") for split in splits} == splits
 
 
 def _consistent_voc_source(builder, split, decoders=None, num_examples=5, **kwargs):

@@ -14,6 +14,10 @@ Decisions (recorded in the dataset statistics):
 - Then tags with fewer than `min_tag_count` (50) packages are dropped, and packages left with
   no tag or an empty long description are dropped.
 - Split: a seeded 80/20 permutation of the package names.
+- Validation (`is_validation_package`): the training packages whose name's SHA-256 falls in the
+  lowest 15% of its range, carved out of the training split by the input pipeline when a config
+  asks for a validation split. A hash of the name, not a position, so a package stays on its
+  side when the apt lists change.
 
 Each example is {"inputs": the long description (text), "labels": float32 [C] multi-hot over the
 C kept tags in sorted order, "package": its name}, stored in package name order. The tag names,
@@ -27,6 +31,7 @@ import bz2
 import collections
 import functools
 import gzip
+import hashlib
 import lzma
 import re
 import shutil
@@ -41,6 +46,7 @@ from sdjax.datasets.local_source import LocalSourceBuilder
 APT_LISTS_DIR = "/var/lib/apt/lists"
 MIN_TAG_COUNT = 50
 TEST_FRACTION = 0.2
+VALIDATION_FRACTION = 0.15
 SPLIT_SEED = 0
 LEAK_THRESHOLD = 0.5
 # Debian naming conventions that may give a tag away (policy and team conventions).
@@ -182,6 +188,12 @@ def split_names(names: list[str], split: str, seed: int = SPLIT_SEED) -> list[st
     else:
         raise ValueError(f"`split`: got {split!r}, expected 'train' or 'test'.")
     return [names[i] for i in np.sort(chosen)]
+
+
+def is_validation_package(name: str) -> bool:
+    """Whether training package `name` belongs to the validation split (a stable hash)."""
+    digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+    return digest < VALIDATION_FRACTION * 2**64
 
 
 RELEASE_NOTES = {

@@ -1,7 +1,9 @@
 """Fashion-MNIST mosaics: 2x2 grids of 28x28 clothing images from 1-4 distinct classes.
 
 Train mosaics are built from the 60,000 Fashion-MNIST training images and test mosaics from the
-10,000 test images, so no source image is shared. The source files are the standard idx `.gz`
+10,000 test images, so no source image is shared. With a validation split (the builder's
+`*with_validation` configs), 15% of each class's training images, a seeded choice, make the
+validation mosaics and leave the training ones. The source files are the standard idx `.gz`
 files, read from (in order):
 
 1. `config.dataset.source_dir` (the builder's `source_dir`);
@@ -71,15 +73,44 @@ def load_source_images(split: str, source_dir: str = "", data_dir: str = "") -> 
         ) from None
 
 
+def validation_sources(classes: np.ndarray, seed: int) -> np.ndarray:
+    """Sorted indices of the training images set aside for validation mosaics: the first
+    `mosaic.VALIDATION_SOURCE_FRACTION` of each class in a seeded permutation."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in range(NUM_CLASSES):
+        members = rng.permutation(np.flatnonzero(classes == label))
+        chosen.append(members[: round(mosaic.VALIDATION_SOURCE_FRACTION * len(members))])
+    return np.sort(np.concatenate(chosen))
+
+
 def make_fashion_mosaic(
-    split: str, *, num_examples: int, seed: int = 0, source_dir: str = "", data_dir: str = ""
+    split: str,
+    *,
+    num_examples: int,
+    seed: int = 0,
+    source_dir: str = "",
+    data_dir: str = "",
+    with_validation: bool = False,
 ) -> dict[str, np.ndarray]:
-    """`num_examples` mosaics from the `split` source images (arrays as `compose_mosaics`)."""
-    images, classes = load_source_images(split, source_dir, data_dir)
+    """`num_examples` mosaics from the `split` source images (arrays as `compose_mosaics`).
+
+    `with_validation`: "validation" mosaics come from `validation_sources` of the training
+    images and "train" mosaics from the other training images.
+    """
+    splits = ("train", "test", "validation") if with_validation else ("train", "test")
+    if split not in splits:
+        raise ValueError(f"`split`: got {split!r}, expected one of {list(splits)}.")
+    source_split = "test" if split == "test" else "train"
+    images, classes = load_source_images(source_split, source_dir, data_dir)
+    allowed = np.arange(len(classes))
+    if with_validation and split != "test":
+        held = validation_sources(classes, seed)
+        allowed = held if split == "validation" else np.setdiff1d(allowed, held)
     return mosaic.compose_mosaics(
         images,
         classes,
-        np.arange(len(classes)),
+        allowed,
         num_classes=NUM_CLASSES,
         num_examples=num_examples,
         split=split,
@@ -93,11 +124,12 @@ class FashionMosaic(mosaic.MosaicBuilder):
     NUM_CLASSES = NUM_CLASSES
     CELL_SIZE = IMAGE_SIZE
 
-    def make_split(self, split, num_examples, seed):
+    def make_split(self, split, num_examples, seed, with_validation):
         return make_fashion_mosaic(
             split,
             num_examples=num_examples,
             seed=seed,
             source_dir=self.source_dir,
             data_dir=str(self.data_dir_root),
+            with_validation=with_validation,
         )

@@ -30,26 +30,37 @@ def load_source_digits() -> tuple[np.ndarray, np.ndarray]:
     return pixels.reshape(-1, DIGIT_SIZE, DIGIT_SIZE).astype(np.uint8), classes
 
 
-def source_indices(classes: np.ndarray, split: str, seed: int) -> np.ndarray:
-    """Indices of the source digits that `split` may use; train and test never share one."""
-    if split not in mosaic.SPLIT_IDS:
-        raise ValueError(f"`split`: got {split!r}, expected one of {sorted(mosaic.SPLIT_IDS)}.")
+def source_indices(
+    classes: np.ndarray, split: str, seed: int, with_validation: bool = False
+) -> np.ndarray:
+    """Indices of the source digits that `split` may use; no two splits share one.
+
+    `with_validation`: the first `mosaic.VALIDATION_SOURCE_FRACTION` of each digit's training
+    sources go to "validation" and leave "train"; "test" is the same either way.
+    """
+    splits = ("train", "test", "validation") if with_validation else ("train", "test")
+    if split not in splits:
+        raise ValueError(f"`split`: got {split!r}, expected one of {list(splits)}.")
     rng = np.random.default_rng(seed)
     chosen = []
     for digit in range(NUM_CLASSES):
         members = rng.permutation(np.flatnonzero(classes == digit))
         cut = round(SOURCE_TRAIN_FRACTION * len(members))
-        chosen.append(members[:cut] if split == "train" else members[cut:])
+        train, test = members[:cut], members[cut:]
+        held = round(mosaic.VALIDATION_SOURCE_FRACTION * len(train)) if with_validation else 0
+        chosen.append({"train": train[held:], "validation": train[:held], "test": test}[split])
     return np.sort(np.concatenate(chosen))
 
 
-def make_mnist_mosaic(split: str, *, num_examples: int, seed: int = 0) -> dict[str, np.ndarray]:
+def make_mnist_mosaic(
+    split: str, *, num_examples: int, seed: int = 0, with_validation: bool = False
+) -> dict[str, np.ndarray]:
     """Builds `num_examples` mosaics of `split` (see `mosaic.compose_mosaics` for the arrays)."""
     digits, classes = load_source_digits()
     return mosaic.compose_mosaics(
         digits,
         classes,
-        source_indices(classes, split, seed),
+        source_indices(classes, split, seed, with_validation),
         num_classes=NUM_CLASSES,
         num_examples=num_examples,
         split=split,
@@ -63,5 +74,7 @@ class MnistMosaic(mosaic.MosaicBuilder):
     NUM_CLASSES = NUM_CLASSES
     CELL_SIZE = DIGIT_SIZE
 
-    def make_split(self, split, num_examples, seed):
-        return make_mnist_mosaic(split, num_examples=num_examples, seed=seed)
+    def make_split(self, split, num_examples, seed, with_validation):
+        return make_mnist_mosaic(
+            split, num_examples=num_examples, seed=seed, with_validation=with_validation
+        )

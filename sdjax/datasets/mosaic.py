@@ -3,16 +3,24 @@
 Each mosaic holds four cells drawn from 1-4 distinct classes; its label set is the set of classes
 present, so every label is visible in the image. The MNIST and Fashion-MNIST mosaics share this
 module and differ only in where their source images come from.
+
+Each builder has configs with a validation split (`with_validation`, `tiny_with_validation`):
+15% of the training source images are set aside, validation mosaics are made from them alone
+and training mosaics from the rest, so no source image is shared between train, validation
+and test. Their test mosaics are those of the configs without validation, bit for bit.
 """
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from sdjax.datasets.local_source import LocalSourceBuilder
 
-SPLIT_IDS = {"train": 0, "test": 1}
+SPLIT_IDS = {"train": 0, "test": 1, "validation": 2}
+VALIDATION_SOURCE_FRACTION = 0.15  # of the training source images, with a validation split
 
 
 def compose_mosaics(
@@ -68,11 +76,14 @@ RELEASE_NOTES = {
 
 
 class MosaicConfig(tfds.core.BuilderConfig):
-    def __init__(self, *, num_train: int, num_test: int, seed: int = 0, **kwargs):
+    def __init__(
+        self, *, num_train: int, num_test: int, num_validation: int = 0, seed: int = 0, **kwargs
+    ):
         kwargs.setdefault("version", tfds.core.Version("1.3.0"))
         kwargs.setdefault("release_notes", RELEASE_NOTES)
         super().__init__(**kwargs)
         self.num_train, self.num_test, self.seed = num_train, num_test, seed
+        self.num_validation = num_validation  # > 0: a validation split from its own sources
 
 
 class MosaicBuilder(LocalSourceBuilder, skip_registration=True):
@@ -83,9 +94,17 @@ class MosaicBuilder(LocalSourceBuilder, skip_registration=True):
     BUILDER_CONFIGS = [  # noqa: RUF012 (tfds declares it as a list)
         MosaicConfig(name="default", num_train=10_000, num_test=2_000),
         MosaicConfig(name="tiny", num_train=256, num_test=256),
+        MosaicConfig(
+            name="with_validation", num_train=10_000, num_validation=2_000, num_test=2_000
+        ),
+        MosaicConfig(name="tiny_with_validation", num_train=256, num_validation=256, num_test=256),
     ]
 
-    def make_split(self, split: str, num_examples: int, seed: int) -> dict[str, np.ndarray]:
+    def make_split(
+        self, split: str, num_examples: int, seed: int, with_validation: bool
+    ) -> dict[str, np.ndarray]:
+        """`num_examples` mosaics of `split`; `with_validation`: the source images of
+        "train" exclude the validation split's."""
         raise NotImplementedError
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -106,12 +125,28 @@ class MosaicBuilder(LocalSourceBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         del dl_manager  # sources are local files or package data
         config = self.builder_config
+        sizes = {"train": config.num_train, "test": config.num_test}
+        if config.num_validation:
+            sizes["validation"] = config.num_validation
         return {
-            "train": self._generate_examples("train", config.num_train, config.seed),
-            "test": self._generate_examples("test", config.num_test, config.seed),
+            split: self._generate_examples(split, size, config.seed)
+            for split, size in sizes.items()
         }
 
     def _generate_examples(self, split, num_examples, seed):
-        mosaics = self.make_split(split, num_examples, seed)
+        with_validation = self.builder_config.num_validation > 0
+        mosaics = self.make_split(split, num_examples, seed, with_validation)
         for i in range(num_examples):
-            yield i, {"inputs": mosaics["image"][i], "labels": mosaics["labels"][i]}
+            yield i, {"inputs": png_bytes(mosaics["image"][i]), "labels": mosaics["labels"][i]}
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 [H, W, 1] image as PNG, encoded by Pillow: tfds's own encoder needs TensorFlow.
+
+    PNG is lossless, so the decoded pixels are the image's, whichever encoder wrote them.
+    """
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0]).save(buffer, format="PNG")  # uint8 2-D: grayscale
+    return buffer.getvalue()

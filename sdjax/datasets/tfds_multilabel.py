@@ -14,7 +14,11 @@ Images are plainly resized (bilinear, antialiased, aspect ratio not kept) to
 label the image still carries.
 
 Our split names are "train" and "test": VOC 2007 "train+validation" / "test", COCO 2017
-"train" / "validation" (the COCO 2017 test split has no labels).
+"train" / "validation" (the COCO 2017 test split has no labels). With a validation split
+(`config.dataset.validation`), "validation" is VOC 2007's own "validation" split and the first
+5,000 images of COCO 2017 "train" in tfds's file order (which tfds shuffled when it prepared the
+data), and "train_without_validation" is the rest of the training images: VOC 2007 "train",
+COCO 2017 "train[5000:]".
 
 Training streams these datasets (`streamed_split`): tfds prepares them as array_record files, and
 examples are read, decoded and resized when a batch asks for them, so only the labels stay in
@@ -41,6 +45,7 @@ from sdjax.datasets.local_source import no_stray_tfds_temp_dirs
 
 _BATCH_SIZE = 256
 _CONNECT_TIMEOUT_S = 5.0
+COCO_VALIDATION_IMAGES = 5000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,8 @@ class TfdsMultilabel:
     num_classes: int
     train_split: str
     test_split: str
+    validation_split: str  # a slice of `train_split`, disjoint from the next
+    train_without_validation_split: str
     label_key: tuple[str, ...]  # Path to the int class-id sequence in a tfds example.
     source_files: tuple[str, ...]  # The archives tfds downloads to build every split.
 
@@ -61,6 +68,8 @@ TFDS_MULTILABEL = {
         num_classes=20,
         train_split="train+validation",
         test_split="test",
+        validation_split="validation",
+        train_without_validation_split="train",
         label_key=("labels",),
         source_files=("VOCtrainval_06-Nov-2007.tar", "VOCtest_06-Nov-2007.tar"),
     ),
@@ -69,6 +78,8 @@ TFDS_MULTILABEL = {
         num_classes=80,
         train_split="train",
         test_split="validation",
+        validation_split=f"train[:{COCO_VALIDATION_IMAGES}]",
+        train_without_validation_split=f"train[{COCO_VALIDATION_IMAGES}:]",
         label_key=("objects", "label"),
         # tfds builds the unlabelled test split too, so it needs the test archives.
         source_files=(
@@ -81,7 +92,7 @@ TFDS_MULTILABEL = {
     ),
 }
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "validation", "train_without_validation")
 
 
 def _is_positive_int(x) -> bool:
@@ -207,7 +218,7 @@ def _spec_and_split(name: str, split: str, image_size) -> tuple[TfdsMultilabel, 
     if not _is_positive_int(image_size):
         raise ValueError(f"`image_size`: got {image_size!r}, expected an int >= 1.")
     spec = TFDS_MULTILABEL[name]
-    return spec, spec.train_split if split == "train" else spec.test_split
+    return spec, getattr(spec, f"{split}_split")
 
 
 def streamed_split(name: str, split: str, *, data_dir: str | None, image_size: int) -> dict:

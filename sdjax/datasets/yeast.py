@@ -3,6 +3,11 @@
 The data is the copy that `river` ships (`river/datasets/yeast.csv.gz`). MULAN's own split is not
 in that file, so the split here is a fixed, seeded permutation with MULAN's sizes: 1,500 train
 and 917 test genes. Features are standardised with the training split's mean and std.
+
+Validation (`validation_positions`): 300 of the 1,500 training genes, a fixed seeded choice,
+carved out of the training split by the input pipeline when a config asks for a validation
+split (`config.dataset.validation`). The standardisation statistics stay those of all 1,500
+training rows (features only, no labels), so the stored data is the same in both cases.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from sdjax.datasets.local_source import LocalSourceBuilder
 NUM_FEATURES = 103
 NUM_CLASSES = 14
 NUM_TRAIN = 1500
+NUM_VALIDATION = 300
 SPLIT_SEED = 0
+VALIDATION_SEED = 1
 
 
 @functools.cache
@@ -41,6 +48,11 @@ def split_indices(split: str, seed: int = SPLIT_SEED) -> np.ndarray:
     if split == "test":
         return np.sort(order[NUM_TRAIN:])
     raise ValueError(f"`split`: got {split!r}, expected 'train' or 'test'.")
+
+
+def validation_positions(seed: int = VALIDATION_SEED) -> np.ndarray:
+    """Sorted positions, within the train split (its rows in order), of the 300 validation genes."""
+    return np.sort(np.random.default_rng(seed).permutation(NUM_TRAIN)[:NUM_VALIDATION])
 
 
 def make_split(split: str, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:

@@ -13,21 +13,22 @@ HELDOUT_STEP = -1  # the views' (seed, step) key: no training step uses it
 
 
 class HeldoutLoss:
-    """`heldout(model) -> float`: the loss on the first test examples, always with the same views.
+    """`heldout(model) -> float`: the loss on the first held-out examples (the validation split
+    when there is one, else test), always with the same views.
 
     Dropout is off (models.evaluation_view): its masks would advance from call to call. The
-    batch is the training batch size (or the test set, if smaller), cut to a multiple of the
+    batch is the training batch size (or the held-out split, if smaller), cut to a multiple of the
     devices, so the loss is the one training minimises.
     """
 
-    def __init__(self, config, mesh, test: dict):
+    def __init__(self, config, mesh, examples: dict):
         modality = input_pipeline.modality_of(config)
         size = min(
-            config.batch_size, len(test["labels"]) // jax.device_count() * jax.device_count()
+            config.batch_size, len(examples["labels"]) // jax.device_count() * jax.device_count()
         )
         self._batch = (
-            shard_global_batch(modality.model_inputs(test["inputs"][:size]), mesh),
-            shard_global_batch(np.asarray(test["labels"][:size]), mesh),
+            shard_global_batch(modality.model_inputs(examples["inputs"][:size]), mesh),
+            shard_global_batch(np.asarray(examples["labels"][:size]), mesh),
         )
         self._loss = nnx.jit(objectives.make_stage1_loss(config, mesh))
 

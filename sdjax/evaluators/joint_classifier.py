@@ -14,10 +14,10 @@ def _scores(classifier, features):
     return jax.nn.sigmoid(classifier(features))
 
 
-def joint_classifier_scores(model, test_features: np.ndarray, mesh) -> np.ndarray:
-    """Sigmoid scores [N, C] of `model.classifier` on the encoder's test features [N, F].
+def joint_classifier_scores(model, features: np.ndarray, mesh) -> np.ndarray:
+    """Sigmoid scores [N, C] of `model.classifier` on the encoder's features [N, F] of a split.
 
     The features are `LinearProbe`'s, gathered on every host, so the classifier sees exactly the
     features the linear probe is fitted on, unstandardised, as in training.
     """
-    return np.asarray(_scores(model.classifier, replicate(test_features, mesh)))
+    return np.asarray(_scores(model.classifier, replicate(features, mesh)))

@@ -16,9 +16,9 @@ from sdjax.sharding import shard_global_batch
 
 
 class ProbeResult(NamedTuple):
-    metrics: dict  # sdjax.evaluation.multilabel_metrics of the test scores
-    scores: np.ndarray  # float32 [N_test, C], sigmoid outputs
-    test_features: np.ndarray  # float32 [N_test, F], the frozen encoder's
+    metrics: dict  # sdjax.evaluation.multilabel_metrics of the scored split's scores
+    scores: np.ndarray  # float32 [N, C], sigmoid outputs
+    features: np.ndarray  # float32 [N, F], the frozen encoder's
 
 
 @nnx.jit
@@ -37,10 +37,12 @@ def _fit_step(classifier, optimizer, features, labels):
 
 
 class LinearProbe:
-    """`probe(model, train, test) -> ProbeResult`, with `config.linear_eval`'s settings.
+    """`probe(model, train, scored) -> {split: ProbeResult}`, with `config.linear_eval`'s settings.
 
-    Features are standardised with training statistics, which makes one learning rate fit every
-    encoder. Every host computes the same probe on the gathered features.
+    One classifier is fitted on the training features and scores every split of `scored`
+    ({split: arrays}, e.g. validation and test). Features are standardised with training
+    statistics, which makes one learning rate fit every encoder. Every host computes the same
+    probe on the gathered features.
     """
 
     def __init__(self, config, mesh):
@@ -61,20 +63,22 @@ class LinearProbe:
             features.append(gathered[: batch_size - pad])
         return np.concatenate(features)
 
-    def __call__(self, model, train: dict, test: dict) -> ProbeResult:
+    def __call__(self, model, train: dict, scored: dict[str, dict]) -> dict[str, ProbeResult]:
         train_features = self.features(model, train["inputs"])
-        test_features = self.features(model, test["inputs"])
-        scores = self.fit_and_score(train_features, train["labels"], test_features)
-        return ProbeResult(
-            evaluation.multilabel_metrics(scores, test["labels"]), scores, test_features
-        )
+        classify = self.fit(train_features, train["labels"])
+        results = {}
+        for split, examples in scored.items():
+            features = self.features(model, examples["inputs"])
+            scores = classify(features)
+            metrics = evaluation.multilabel_metrics(scores, examples["labels"])
+            results[split] = ProbeResult(metrics, scores, features)
+        return results
 
-    def fit_and_score(self, train_features, train_labels, test_features) -> np.ndarray:
-        """Fits the classifier on training features; returns its test scores [N, C]."""
+    def fit(self, train_features, train_labels):
+        """Fits the classifier on training features; returns `features [N, F] -> scores [N, C]`."""
         config, settings = self._config, self._config.linear_eval
         mean, std = train_features.mean(axis=0), train_features.std(axis=0) + 1e-6
         train_x = jnp.asarray((train_features - mean) / std)
-        test_x = jnp.asarray((test_features - mean) / std)
         train_y = jnp.asarray(train_labels)
         classifier = models.LinearClassifier(
             train_x.shape[1], train_y.shape[1], rngs=nnx.Rngs(config.seed + 1)
@@ -89,4 +93,8 @@ class LinearProbe:
                 len(train_x), global_batch_size=batch_size, seed=config.seed + 1, step=step
             )
             _fit_step(classifier, optimizer, train_x[indices], train_y[indices])
-        return np.asarray(jax.nn.sigmoid(classifier(test_x)))
+
+        def classify(features):
+            return np.asarray(jax.nn.sigmoid(classifier(jnp.asarray((features - mean) / std))))
+
+        return classify

@@ -9,12 +9,25 @@ import numpy as np
 from sdjax.evaluators.linear_probe import ProbeResult
 
 
-def save_test_outputs(path: Path, probe: ProbeResult, train: dict, test: dict) -> None:
-    """Writes features and scores (float16), labels (uint8) and training label counts."""
+def save_test_outputs(
+    path: Path,
+    probe: ProbeResult,
+    train: dict,
+    test: dict,
+    classifier_scores: np.ndarray | None = None,
+) -> None:
+    """Writes features (float16), the probe's scores (float32), labels (uint8), training label
+    counts and, for a joint run, its classifier's scores (float32).
+
+    Scores stay float32 so that metrics recomputed from the file (bootstrap replicates) are
+    the run's own; float16 ties and rounds scores, which moves AP.
+    """
+    extra = {} if classifier_scores is None else {"classifier_scores": classifier_scores}
     np.savez_compressed(
         path,
-        features=probe.test_features.astype(np.float16),
-        scores=probe.scores.astype(np.float16),
+        features=probe.features.astype(np.float16),
+        scores=probe.scores.astype(np.float32),
         labels=test["labels"].astype(np.uint8),
         train_label_counts=train["labels"].sum(axis=0),
+        **{key: value.astype(np.float32) for key, value in extra.items()},
     )
