@@ -11,7 +11,7 @@ TORCH_VENV := .venv-torch
 TORCH_STAMP := $(TORCH_VENV)/.installed
 WORKDIR ?= workdirs/default
 
-.PHONY: test lint format demo bench clean
+.PHONY: test lint format docs demo bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.12 not found: make PYTHON=/path/to/python3.12" >&2; exit 2; }
@@ -24,6 +24,8 @@ $(STAMP): requirements.txt pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict sdjax/losses.py
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
@@ -31,6 +33,11 @@ format: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -n 2 -q
+
+# The documentation site, into docs/_build/html: every page re-read (-E), every tutorial run,
+# every warning an error.
+docs: $(STAMP)
+	$(PY) -m sphinx -E -W --keep-going -b html docs docs/_build/html
 
 demo: $(STAMP)
 	$(PY) -m sdjax.main --config configs/default.py --workdir $(WORKDIR)
@@ -46,4 +53,4 @@ bench: $(STAMP) $(TORCH_STAMP)
 	$(PY) -m experiments.bench_train --chunk_size=16 --chunk_counts=2,4,8,16,32,64 --rounds=2 --steps=5
 
 clean:
-	rm -rf $(VENV) $(TORCH_VENV) workdirs
+	rm -rf $(VENV) $(TORCH_VENV) workdirs docs/_build

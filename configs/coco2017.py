@@ -11,11 +11,13 @@ COMMAND:
       --config.multihost.enabled=True   # on each host of a multi-host slice
 """
 
+from pathlib import Path
+
 from sdjax import config_lib
 
 
 def get_config(profile: str = ""):
-    config = config_lib.load_config_file("voc2007", profile)
+    config = config_lib.load_config_file(Path(__file__).with_name("voc2007.py"), profile)
     config.dataset.name = "coco2017"
     if not profile:
         config.dataset.image_size = 160

@@ -14,13 +14,15 @@ COMMAND:
   python -m sdjax.main --config configs/debtags.py:tiny --workdir /tmp/debtags_tiny
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from sdjax import config_lib
 
 
 def get_config(profile: str = ""):
-    config = config_lib.load_config_file("default")
+    config = config_lib.load_config_file(Path(__file__).with_name("default.py"))
     config.dataset.name = "debtags"
     config.dataset.vocab_size = 8000  # 4k: -0.002, 16k: -0.005 by the probe
     config.dataset.max_length = 256  # 98% of descriptions fit

@@ -11,10 +11,12 @@ COMMAND:
   python -m sdjax.main --config configs/debtags_joint.py:tiny --workdir /tmp/debtags_joint_tiny
 """
 
+from pathlib import Path
+
 from sdjax import config_lib
 
 
 def get_config(profile: str = ""):
-    config = config_lib.load_config_file("debtags", profile)
+    config = config_lib.load_config_file(Path(__file__).with_name("debtags.py"), profile)
     config.method = "joint"
     return config

@@ -8,11 +8,13 @@ COMMAND:
   python -m sdjax.main --config configs/fashion_mosaic.py:tiny --workdir /tmp/fashion_tiny
 """
 
+from pathlib import Path
+
 from sdjax import config_lib
 
 
 def get_config(profile: str = ""):
     # The MNIST-mosaic settings and profiles, on clothing instead of digits.
-    config = config_lib.load_config_file("default", profile)
+    config = config_lib.load_config_file(Path(__file__).with_name("default.py"), profile)
     config.dataset.name = config.dataset.name.replace("mnist", "fashion")
     return config

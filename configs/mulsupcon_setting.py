@@ -35,13 +35,15 @@ COMMAND:
   python -m sdjax.main --config configs/mulsupcon_setting.py:tiny --workdir /tmp/mulsupcon_tiny
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from sdjax import config_lib
 
 
 def get_config(profile: str = ""):
-    config = config_lib.load_config_file("default")
+    config = config_lib.load_config_file(Path(__file__).with_name("default.py"))
     config.dataset.name = "yeast"
     config.framework = "moco"
     config.moco.momentum = 0.999

@@ -10,13 +10,15 @@ COMMAND:
       --config.loss.positives=any
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from sdjax import config_lib
 
 
 def get_config(profile: str = ""):
-    config = config_lib.load_config_file("default")
+    config = config_lib.load_config_file(Path(__file__).with_name("default.py"))
     config.dataset.name = "voc2007"
     config.dataset.image_size = 224
     config.model.encoder = ml_collections.ConfigDict(

@@ -7,13 +7,15 @@ COMMAND:
   python -m sdjax.main --config configs/yeast.py:tiny --workdir /tmp/yeast_tiny
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from sdjax import config_lib
 
 
 def get_config(profile: str = ""):
-    config = config_lib.load_config_file("default")
+    config = config_lib.load_config_file(Path(__file__).with_name("default.py"))
     config.dataset.name = "yeast"
     config.model.encoder = ml_collections.ConfigDict(
         {"name": "mlp", "in_features": 103, "hidden_sizes": (256, 256), "dropout_rate": 0.0}

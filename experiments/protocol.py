@@ -404,7 +404,7 @@ def append_to_ledger(results_dir: Path, record: dict) -> None:
         "scored_by": record["scored_by"],
         "validation_mAP": record["validation_mAP"],
         "hardware": record["hardware"],
-        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     with open(results_dir / "ledger.jsonl", "a") as ledger:

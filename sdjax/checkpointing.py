@@ -8,9 +8,11 @@ curve without rewriting any file, and `python -m sdjax.evaluate` needs nothing b
 from __future__ import annotations
 
 import fcntl
+import logging as pylogging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,19 +27,70 @@ CHECKPOINTS = "checkpoints"
 UNREADABLE = "unreadable_checkpoints"  # where a checkpoint that fails to restore is moved
 
 
-class WorkdirInUse(RuntimeError):
+class WorkdirUnusable(RuntimeError):
+    """The workdir cannot hold this run: another process holds it, or it is not writable."""
+
+
+class WorkdirInUse(WorkdirUnusable):
     """Another process holds this workdir."""
 
 
-class WorkdirLock:
-    """An exclusive lock per process index on `workdir`, released when the process ends."""
+class NoCheckpoint(FileNotFoundError):
+    """The workdir does not exist, or holds no checkpoint that restores."""
 
-    def __init__(self, workdir: Path):
+
+def quiet_orbax_logs() -> None:
+    """Drops orbax's INFO chatter (one line per save and restore step) from absl's log output,
+    so that progress lines and one-line errors stay readable; orbax's warnings stay."""
+    logging.get_absl_handler().addFilter(_QuietOrbax())
+
+
+class _QuietOrbax(pylogging.Filter):
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
+def make_workdir(workdir: Path) -> bool:
+    """Creates `workdir` (and its parents) if needed; whether it was created.
+
+    Raises:
+      WorkdirUnusable: it cannot be created.
+    """
+    if workdir.is_dir():
+        return False
+    try:
+        workdir.mkdir(parents=True)
+    except OSError as error:
+        raise _unwritable(workdir, error) from None
+    return True
+
+
+def _unwritable(workdir: Path, error: OSError) -> WorkdirUnusable:
+    return WorkdirUnusable(
+        f"workdir {workdir} is not writable ({type(error).__name__}: {error.strerror}); pass "
+        "another --workdir."
+    )
+
+
+class WorkdirLock:
+    """An exclusive lock per process index on `workdir`, released when the process ends.
+
+    A run that fails before it wrote anything else (missing data, or a batch larger than a
+    dataset whose size is known only once loaded) removes the lock file it made, and the
+    workdir if it made that too (`created`): it leaves the workdir as it found it.
+    """
+
+    def __init__(self, workdir: Path, *, created: bool = False):
         self.path = workdir / f".lock.process{jax.process_index()}"
+        self._created = created
+        self._existed = self.path.exists()
         self._file = None
 
     def __enter__(self):
-        self._file = self.path.open("a+")
+        try:
+            self._file = self.path.open("a+")
+        except OSError as error:
+            raise _unwritable(self.path.parent, error) from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -53,9 +106,15 @@ class WorkdirLock:
         self._file.flush()
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, exc_type, exc_value, traceback):
         fcntl.flock(self._file, fcntl.LOCK_UN)
         self._file.close()
+        if exc_value is not None and not self._existed:
+            workdir = self.path.parent
+            if {p.name for p in workdir.iterdir()} == {self.path.name}:  # nothing else written
+                self.path.unlink()
+                if self._created:
+                    workdir.rmdir()
 
 
 def manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -90,7 +149,7 @@ def is_finite(tree) -> bool:
 
 def restore_latest(
     workdir: Path, config: ml_collections.ConfigDict, state
-) -> tuple[ocp.CheckpointManager, int, object, list]:
+) -> tuple[ocp.CheckpointManager, int, dict, list]:
     """The newest checkpoint that restores, with its step, state and history.
 
     A checkpoint that fails to restore (truncated, emptied, partly deleted) is logged, moved to
@@ -104,34 +163,42 @@ def restore_latest(
       config_lib.ConfigError: the stored config differs in fields that change results.
     """
     checkpoints = manager(workdir, config)
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    unreadable = []
+    step, restored, unreadable = _newest_that_restores(
+        checkpoints,
+        ocp.args.Composite(
+            state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
+            config=ocp.args.JsonRestore(),
+            history=ocp.args.JsonRestore(),
+        ),
+    )
+    if restored is None:
+        _set_aside(workdir, unreadable)
+        return manager(workdir, config) if unreadable else checkpoints, 0, state, []
+    _check_same_run(restored["config"], config, workdir, step)
+    _set_aside(workdir, unreadable)
+    logging.info("Resumed from the checkpoint at step %d.", step)
+    return manager(workdir, config), step, restored["state"], list(restored["history"])
+
+
+def _newest_that_restores(
+    checkpoints: ocp.CheckpointManager, args: ocp.args.Composite
+) -> tuple[int, dict | None, list[int]]:
+    """(step, restored items, the newer steps that failed), newest first; (0, None, failed) when
+    none restores. Each failure is logged as a warning."""
+    unreadable: list[int] = []
     for step in sorted(checkpoints.all_steps(), reverse=True):
         try:
-            restored = checkpoints.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target),
-                    config=ocp.args.JsonRestore(),
-                    history=ocp.args.JsonRestore(),
-                ),
-            )
+            return step, checkpoints.restore(step, args=args), unreadable
         except Exception as error:  # orbax raises many kinds for damaged files
             logging.warning(
                 "Checkpoint %d in %s does not restore (%s: %s); trying an older one.",
                 step,
-                workdir / CHECKPOINTS,
+                checkpoints.directory,
                 type(error).__name__,
                 str(error).splitlines()[0][:200] if str(error) else "",
             )
             unreadable.append(step)
-            continue
-        _check_same_run(restored["config"], config, workdir, step)
-        _set_aside(workdir, unreadable)
-        logging.info("Resumed from the checkpoint at step %d.", step)
-        return manager(workdir, config), step, restored["state"], list(restored["history"])
-    _set_aside(workdir, unreadable)
-    return manager(workdir, config) if unreadable else checkpoints, 0, state, []
+    return 0, None, unreadable
 
 
 def _check_same_run(stored: dict, config: ml_collections.ConfigDict, workdir: Path, step: int):
@@ -161,34 +228,65 @@ def _set_aside(workdir: Path, steps: list[int]) -> None:
     multihost_utils.sync_global_devices("sdjax: unreadable checkpoints set aside")
 
 
+def _read_only_manager(workdir: Path) -> ocp.CheckpointManager:
+    """A manager that neither creates, saves nor deletes anything in `workdir`/checkpoints."""
+    directory = (Path(workdir) / CHECKPOINTS).absolute()
+    if not directory.is_dir():
+        what = "does not exist" if not Path(workdir).exists() else f"has no {CHECKPOINTS}/"
+        raise NoCheckpoint(f"workdir {workdir} {what}.")
+    return ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False, save_interval_steps=0, max_to_keep=None
+        ),
+    )
+
+
+def restore_newest(workdir: Path, state: Any) -> tuple[int, Any]:
+    """(step, the `state` item) of the newest checkpoint of `workdir` that restores, shaped and
+    sharded like `state`; older ones are tried past damaged ones, and nothing is written.
+
+    Raises:
+      NoCheckpoint: none restores.
+    """
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    with _read_only_manager(workdir) as checkpoints:
+        step, restored, _ = _newest_that_restores(
+            checkpoints, ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+    if restored is None:
+        raise NoCheckpoint(f"workdir {workdir}: no checkpoint restores.")
+    return step, restored["state"]
+
+
 def restore_state(workdir: Path, step: int, state):
     """The `state` item of checkpoint `step`, shaped and sharded like `state`."""
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    with ocp.CheckpointManager((Path(workdir) / CHECKPOINTS).absolute()) as checkpoints:
+    with _read_only_manager(workdir) as checkpoints:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
         return checkpoints.restore(step, args=args)["state"]
 
 
 def stored_config(workdir: Path) -> tuple[ml_collections.ConfigDict, int]:
-    """The config of the newest checkpoint in `workdir`, as a locked ConfigDict, and its step."""
-    directory = (Path(workdir) / CHECKPOINTS).absolute()
-    with ocp.CheckpointManager(directory) as checkpoints:
-        for step in sorted(checkpoints.all_steps(), reverse=True):
-            try:
-                flat = checkpoints.restore(
-                    step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-                )["config"]
-            except Exception as error:
-                logging.warning("Checkpoint %d's config does not restore: %s", step, error)
-                continue
-            nested = {}
-            for name, value in flat.items():
-                *parents, leaf = name.split(".")
-                node = nested
-                for parent in parents:
-                    node = node.setdefault(parent, {})
-                node[leaf] = tuple(value) if isinstance(value, list) else value
-            config = ml_collections.ConfigDict(nested)
-            config.lock()
-            return config, step
-    raise FileNotFoundError(f"`workdir`: no restorable checkpoint in {directory}.")
+    """The config of the newest checkpoint in `workdir` whose config restores, as a locked
+    ConfigDict, and its step. Nothing is written.
+
+    Raises:
+      NoCheckpoint: `workdir` does not exist or holds no checkpoint whose config restores.
+    """
+    with _read_only_manager(workdir) as checkpoints:
+        step, restored, _ = _newest_that_restores(
+            checkpoints, ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
+    if restored is None:
+        raise NoCheckpoint(f"workdir {workdir}: no checkpoint restores.")
+    nested: dict[str, Any] = {}
+    for name, value in restored["config"].items():
+        *parents, leaf = name.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = tuple(value) if isinstance(value, list) else value
+    config = ml_collections.ConfigDict(nested)
+    config.lock()
+    return config, step

@@ -1,8 +1,11 @@
 """Config files, profiles, overrides and the checks every config passes before anything runs.
 
-A config file is `configs/NAME.py` with `get_config(profile="")`; `configs/NAME.py:PROFILE` on
-the command line (or `load_config_file("NAME", "PROFILE")`) picks a profile, one of the
-`PROFILES` that every config file accepts through `apply_profile`.
+A config file is a Python file with `get_config(profile="")`; `configs/NAME.py:PROFILE` on
+the command line (or `load_config_file("configs/NAME.py", "PROFILE")`) picks a profile, one of the
+`PROFILES` that every config file accepts through `apply_profile`. A config file that builds on
+another loads it by a path relative to its own file,
+`load_config_file(Path(__file__).with_name("default.py"))`, so that it works from any directory
+and from an installed wheel, which has no `configs/` of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+# Where a bare NAME is looked up: the `configs/` folder of a clone (an installed wheel has none).
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # "": the file's own settings; "tiny": the whole pipeline in seconds (tests, smoke checks);
@@ -42,10 +46,23 @@ class ConfigError(ValueError):
     """A config that cannot run; the message is one line that names the field."""
 
 
-def load_config_file(path: str | Path, profile: str = "") -> ml_collections.ConfigDict:
-    """`get_config(profile)` of `configs/NAME.py` (a name) or of a file path.
+def one_line(error: Exception) -> str:
+    """The message of `error` on one line, as the commands print failures (some messages list
+    files to download one per line)."""
+    return " ".join(str(error).split())
 
-    `path` may carry the profile itself, as on the command line: "configs/yeast.py:tiny".
+
+def load_config_file(path: str | Path, profile: str = "") -> ml_collections.ConfigDict:
+    """`get_config(profile)` of a config file.
+
+    Args:
+      path: a config file's path ("configs/yeast.py"), or a bare name ("yeast") for
+        `configs/yeast.py` of the clone this package runs from. It may carry the profile, as on
+        the command line: "configs/yeast.py:tiny".
+      profile: one of `PROFILES`; "" = the one `path` carries, if any.
+
+    Returns:
+      The file's `get_config(profile)`.
     """
     path = str(path)
     if ":" in path and not profile:
@@ -56,6 +73,7 @@ def load_config_file(path: str | Path, profile: str = "") -> ml_collections.Conf
     if not file.exists():
         raise FileNotFoundError(f"`path`: got {str(file)!r}, no such config file.")
     spec = importlib.util.spec_from_file_location(file.stem, file)
+    assert spec is not None and spec.loader is not None  # a .py file that exists has both
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(profile)
@@ -132,7 +150,8 @@ def override(config: ml_collections.ConfigDict, **dotted: Any) -> ml_collections
 
 
 def _check_field_exists(config: ml_collections.ConfigDict, dotted: str) -> None:
-    node, walked = config, []
+    node: Any = config
+    walked: list[str] = []
     for key in dotted.split("."):
         if not isinstance(node, ml_collections.ConfigDict) or key not in node:
             siblings = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
@@ -279,6 +298,33 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
     limit = config.dataset.train_examples
     if limit and config.batch_size > limit:
         _fail("batch_size", config.batch_size, f"<= dataset.train_examples = {limit}")
+    size = input_pipeline.DATASETS[config.dataset.name].train_size
+    if size is not None and config.batch_size > size:  # else check_data_fits, once loaded
+        _fail(
+            "batch_size",
+            config.batch_size,
+            f"<= the {size} training examples of {config.dataset.name}",
+        )
+    _check_model(config)
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+    """Builds the model abstractly (shapes only, nothing allocated): the encoders' own checks
+    of their fields run now, before any data loads, rather than once the model is built."""
+    from flax import nnx
+
+    from sdjax import objectives
+
+    encoder = config.model.encoder
+    for field, value in encoder.items():  # the encoders convert sizes with int()
+        if isinstance(value, tuple) and not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in value
+        ):
+            _fail(f"model.encoder.{field}", value, "a tuple of ints")
+    try:
+        nnx.eval_shape(lambda: objectives.create_model(config, num_classes=2))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from None
 
 
 def _check_moco(config: ml_collections.ConfigDict) -> None:
@@ -303,7 +349,11 @@ def check_data_fits(config: ml_collections.ConfigDict, train: dict) -> None:
     """Raises ConfigError when the batch or the encoder's input fields disagree with the data."""
     inputs, num_examples = train["inputs"], len(train["labels"])
     if config.batch_size > num_examples:
-        _fail("batch_size", config.batch_size, f"<= the {num_examples} training examples")
+        _fail(
+            "batch_size",
+            config.batch_size,
+            f"<= the {num_examples} training examples of {config.dataset.name}",
+        )
     encoder = config.model.encoder
     expected = {
         "resnet": ("in_channels", inputs.shape[-1]),

@@ -2,6 +2,14 @@
 
 COMMAND:
   python -m sdjax.evaluate --workdir workdirs/default   # the newest checkpoint, its own config
+  python -m sdjax.evaluate --workdir workdirs/default --output_dir /tmp/evaluation
+
+Evaluating never changes the run it evaluates: nothing is written into the workdir, which may
+be read-only. The results are printed as one JSON line; `--output_dir` (outside the workdir)
+also gets results.json, the TensorBoard scalars and, if the config asks, test_outputs.npz. The
+newest checkpoint that restores is evaluated: a damaged newer one is skipped, as the trainer
+skips it, and left where it is. A failure is one line on stderr, with exit status 2 (no such
+workdir, no checkpoint that restores, an --output_dir inside the workdir, missing data).
 """
 
 from __future__ import annotations
@@ -10,21 +18,28 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from flax import nnx
 
-from sdjax import checkpointing, evaluation, input_pipeline, metric_writers, objectives
+from sdjax import checkpointing, config_lib, evaluation, input_pipeline, metric_writers, objectives
 from sdjax.evaluators import HeldoutLoss, LinearProbe, joint_classifier_scores, save_test_outputs
 from sdjax.sharding import data_parallel_mesh, replicate
 
 
 def evaluate(
-    config: ml_collections.ConfigDict, model, data: dict[str, dict], mesh, workdir: Path, writer
-) -> dict:
-    """Held-out stage-1 loss (initial and final), linear probes and, if asked, test outputs.
+    config: ml_collections.ConfigDict,
+    model: nnx.Module,
+    data: dict[str, dict[str, Any]],
+    mesh: jax.sharding.Mesh,
+    output_dir: Path | None,
+    writer: metric_writers.MetricWriter,
+) -> dict[str, Any]:
+    """Held-out stage-1 loss (initial and final), linear probes and, if asked, test outputs
+    (into `output_dir`; None writes none).
 
     Args:
       data: {"train": arrays, and the scored splits "validation" and/or "test"}, as
@@ -42,12 +57,14 @@ def evaluate(
     """
     start = time.time()
     train = data["train"]
-    scored = {split: data[split] for split in ("validation", "test") if split in data}
+    scored: dict[str, dict[str, Any]] = {
+        split: data[split] for split in ("validation", "test") if split in data
+    }
     initial_model = objectives.create_model(config, train["labels"].shape[1])
     nnx.update(initial_model, replicate(nnx.state(initial_model), mesh))
     heldout_split = next(iter(scored))
     heldout = HeldoutLoss(config, mesh, scored[heldout_split])
-    results = {
+    results: dict[str, Any] = {
         "heldout_stage1_loss": {"initial": heldout(initial_model), "final": heldout(model)},
         "heldout_split": heldout_split,
     }
@@ -77,16 +94,22 @@ def evaluate(
             if (
                 split == "test"
                 and config.linear_eval.save_test_outputs
+                and output_dir is not None
                 and jax.process_index() == 0
             ):
                 save_test_outputs(
-                    workdir / "test_outputs.npz", outcome, train, data["test"], classifier_scores
+                    Path(output_dir) / "test_outputs.npz",
+                    outcome,
+                    train,
+                    data["test"],
+                    classifier_scores,
                 )
     results["stage2_seconds"] = time.time() - start
     return results
 
 
 def write_results(workdir: Path, results: dict) -> None:
+    """Writes `results` to `workdir/results.json`."""
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
@@ -115,42 +138,78 @@ def plot_training_curve(config: ml_collections.ConfigDict, curve: list[dict], pa
     plt.close(fig)
 
 
-def evaluate_workdir(workdir: str | Path) -> dict:
-    """Restores the newest checkpoint of `workdir` with its stored config and evaluates it.
+class WouldChangeTheRun(ValueError):
+    """An output directory inside the workdir that is evaluated."""
 
-    Writes results.json (with `evaluated_step`) and the TensorBoard scalars into `workdir`.
+
+def evaluate_workdir(workdir: str | Path, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Restores the newest checkpoint of `workdir` that restores, with its stored config, and
+    evaluates it. Nothing is written into `workdir`.
+
+    Args:
+      workdir: a training workdir.
+      output_dir: where results.json (with `evaluated_step`), the TensorBoard scalars and any
+        test outputs go, created if needed; None writes nothing.
+
+    Raises:
+      checkpointing.NoCheckpoint: `workdir` does not exist or no checkpoint restores.
+      WouldChangeTheRun: `output_dir` is `workdir` or lies inside it.
+      input_pipeline.DataUnavailable: the dataset's source files are missing.
     """
     workdir = Path(workdir)
-    config, step = checkpointing.stored_config(workdir)
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        if output_dir.resolve().is_relative_to(workdir.resolve()):
+            raise WouldChangeTheRun(
+                f"--output_dir {output_dir} lies inside the workdir {workdir}; evaluating never "
+                "writes into the run it evaluates: pass a directory outside it."
+            )
+    config, _ = checkpointing.stored_config(workdir)
     mesh = data_parallel_mesh()
     data = input_pipeline.load_splits(config.dataset, input_pipeline.run_splits(config))
     train_state = objectives.create_train_state(config, data["train"]["labels"].shape[1], mesh)
-    state = objectives.checkpoint_state(*train_state)
-    objectives.restore_train_state(checkpointing.restore_state(workdir, step, state), *train_state)
+    step, state = checkpointing.restore_newest(workdir, objectives.checkpoint_state(*train_state))
+    objectives.restore_train_state(state, *train_state)
     model = train_state[0]
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
+    is_chief = jax.process_index() == 0
+    if output_dir is not None and is_chief:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    writer = metric_writers.create_default_writer(output_dir, just_logging=not is_chief)
     results = {"evaluated_step": step, "config": config.to_dict()}
-    results |= evaluate(config, model, data, mesh, workdir, writer)
+    results |= evaluate(config, model, data, mesh, output_dir, writer)
     writer.close()
-    if jax.process_index() == 0:
-        write_results(workdir, results)
+    if output_dir is not None and is_chief:
+        write_results(output_dir, results)
     return results
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
+    """`python -m sdjax.evaluate --workdir DIR`: `evaluate_workdir(DIR)`, results on stdout.
+
+    Returns:
+      The exit status: 0, or 2 when DIR has no checkpoint to evaluate.
+    """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    checkpointing.quiet_orbax_logs()
     try:
-        results = evaluate_workdir(flags.FLAGS.workdir)
-    except (FileNotFoundError, input_pipeline.MissingExtra) as error:
-        print(error, file=sys.stderr)
+        results = evaluate_workdir(flags.FLAGS.workdir, flags.FLAGS.output_dir)
+    except (
+        checkpointing.NoCheckpoint,
+        WouldChangeTheRun,
+        input_pipeline.DataUnavailable,
+        input_pipeline.MissingExtra,
+    ) as error:
+        print(f"Cannot evaluate: {config_lib.one_line(error)}", file=sys.stderr)
         return 2
     logging.info("Evaluated checkpoint %d.", results["evaluated_step"])
-    shown = ("linear_eval", "random_init", "classifier", "validation")
-    print(json.dumps({k: results[k] for k in shown if k in results}))
+    print(json.dumps({k: v for k, v in results.items() if k != "config"}))
     return 0
 
 
 if __name__ == "__main__":  # flags here: the trainer imports this module and has its own
     flags.DEFINE_string("workdir", None, "A training workdir with checkpoints.", required=True)
+    flags.DEFINE_string(
+        "output_dir", None, "Where to write results.json and TensorBoard scalars (not the workdir)."
+    )
     app.run(main)

@@ -105,7 +105,7 @@ def bootstrap_group_metrics(
       {group: {"macro_f1": [point, r_1, ..., r_R], "mAP": [point, r_1, ...]}}; a group's mAP
       averages the labels that have a positive in that sample.
     """
-    results = {g: {"macro_f1": [], "mAP": []} for g in groups}
+    results: dict[str, dict[str, list[float]]] = {g: {"macro_f1": [], "mAP": []} for g in groups}
     num_examples = len(labels)
     samples = [np.arange(num_examples)] + [
         np.random.default_rng((seed, r)).integers(0, num_examples, num_examples)

@@ -80,7 +80,7 @@ def chunked_value_and_grad(
             f"inputs, {inputs.shape[0]} (inputs of shape {inputs.shape})."
         )
     num_chunks = inputs.shape[0] // chunk_size
-    graphdef, params, rng_keys, rest = nnx.split(model, nnx.Param, nnx.RngKey, ...)
+    graphdef, params, rng_keys, rest = nnx.split(model, nnx.Param, nnx.RngKey, ...)  # type: ignore[misc]
 
     def apply(params, chunk_index, chunk):
         keys = jax.tree.map(lambda key: jax.random.fold_in(key, chunk_index), rng_keys)

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -54,6 +56,10 @@ class Dataset:
       validation_positions: `() -> int array`, the sorted positions in "train" of the
         validation examples, for builders whose validation is a subset of "train".
       A `loader` serves every split itself.
+      train_size: the examples of the "train" split, known without loading it, so that a batch
+        larger than the dataset is refused before any data loads; None when only the data
+        knows (debtags: the machine's apt lists decide). With `dataset.validation` training
+        gets fewer, which is checked once they are loaded.
     """
 
     modality: Modality
@@ -62,6 +68,11 @@ class Dataset:
     streamed: bool = False
     validation_builder: str = ""
     validation_positions: Callable[[], np.ndarray] | None = None
+    train_size: int | None = None
+
+
+class DataUnavailable(FileNotFoundError):
+    """A dataset's source files are missing; the message says what to get and where."""
 
 
 SPLITS = ("train", "test", "validation", "train_without_validation")
@@ -165,28 +176,49 @@ def _yeast_validation_positions() -> np.ndarray:
     return yeast.validation_positions()
 
 
+# The train sizes: the builders' own (tests check them), VOC 2007's train+validation and COCO
+# 2017's train images as tfds builds them.
 DATASETS = {
     "mnist_mosaic": Dataset(
-        IMAGE, "mnist_mosaic/default", validation_builder="mnist_mosaic/with_validation"
+        IMAGE,
+        "mnist_mosaic/default",
+        validation_builder="mnist_mosaic/with_validation",
+        train_size=10_000,
     ),
     "mnist_mosaic_tiny": Dataset(
-        IMAGE, "mnist_mosaic/tiny", validation_builder="mnist_mosaic/tiny_with_validation"
+        IMAGE,
+        "mnist_mosaic/tiny",
+        validation_builder="mnist_mosaic/tiny_with_validation",
+        train_size=256,
     ),
     "fashion_mosaic": Dataset(
-        IMAGE, "fashion_mosaic/default", validation_builder="fashion_mosaic/with_validation"
+        IMAGE,
+        "fashion_mosaic/default",
+        validation_builder="fashion_mosaic/with_validation",
+        train_size=10_000,
     ),
     "fashion_mosaic_tiny": Dataset(
-        IMAGE, "fashion_mosaic/tiny", validation_builder="fashion_mosaic/tiny_with_validation"
+        IMAGE,
+        "fashion_mosaic/tiny",
+        validation_builder="fashion_mosaic/tiny_with_validation",
+        train_size=256,
     ),
-    "yeast": Dataset(TABULAR, "yeast", validation_positions=_yeast_validation_positions),
+    "yeast": Dataset(
+        TABULAR, "yeast", validation_positions=_yeast_validation_positions, train_size=1_500
+    ),
     "debtags": Dataset(TEXT, loader=_load_debtags),
-    "voc2007": Dataset(IMAGE, loader=_tfds_multilabel_loader("voc2007"), streamed=True),
-    "coco2017": Dataset(IMAGE, loader=_tfds_multilabel_loader("coco2017"), streamed=True),
+    "voc2007": Dataset(
+        IMAGE, loader=_tfds_multilabel_loader("voc2007"), streamed=True, train_size=5_011
+    ),
+    "coco2017": Dataset(
+        IMAGE, loader=_tfds_multilabel_loader("coco2017"), streamed=True, train_size=118_287
+    ),
 }
 OPTIONS = ("vocab_size", "max_length", "case_fold", "image_size")  # per-modality loading options
 
 
 def default_data_dir() -> str:
+    """Where datasets are built and read: $TFDS_DATA_DIR, or ~/.cache/sdjax/tensorflow_datasets."""
     return os.environ.get("TFDS_DATA_DIR") or str(
         Path.home() / ".cache" / "sdjax" / "tensorflow_datasets"
     )
@@ -250,6 +282,7 @@ class StreamedInputs:
 
     @property
     def ndim(self) -> int:
+        """The number of axes, as numpy's `ndim`."""
         return len(self.shape)
 
     def __getitem__(self, key) -> np.ndarray:
@@ -295,22 +328,29 @@ def load_split(
     elif carved and dataset.validation_builder:
         stored = "validation" if split == "validation" else "train"
         arrays = _stack(tfds_source(dataset.validation_builder, stored, data_dir, source_dir))
-    elif carved:
+    elif carved and dataset.validation_positions is not None:
         arrays = _stack(tfds_source(dataset.builder, "train", data_dir, source_dir))
         held = np.zeros(len(arrays["labels"]), bool)
         held[dataset.validation_positions()] = True
         arrays = {key: value[held == (split == "validation")] for key, value in arrays.items()}
+    elif carved:
+        raise ValueError(f"`split`: got {split!r}, but dataset {name!r} has no validation split.")
     else:
         arrays = _stack(tfds_source(dataset.builder, split, data_dir, source_dir))
     arrays["labels"] = arrays["labels"].astype(np.float32)
     return arrays
 
 
-def load_splits(dataset_config, roles: dict[str, str]) -> dict[str, dict]:
+def load_splits(
+    dataset_config: ml_collections.ConfigDict, roles: dict[str, str]
+) -> dict[str, dict[str, Any]]:
     """{role: split arrays} for `config.dataset`, e.g. roles = `run_splits(config)`.
 
     The "train" role is cut to `train_examples` and every other role to `test_examples` when
     that is > 0: the first ones in the fixed order, the same subset on every run.
+
+    Raises:
+      DataUnavailable: the dataset's source files are missing (the message says which, where).
     """
     fields = dataset_config.to_dict()
     limits = {"train": fields.pop("train_examples", 0)}
@@ -319,7 +359,10 @@ def load_splits(dataset_config, roles: dict[str, str]) -> dict[str, dict]:
     name = fields.pop("name")
     loaded = {}
     for role, split in roles.items():
-        arrays = load_split(name, split, **fields)
+        try:
+            arrays = load_split(name, split, **fields)
+        except FileNotFoundError as error:  # the loaders' "get these files, put them there"
+            raise DataUnavailable(str(error)) from error
         limit = limits.get(role, heldout_limit)
         if limit:
             arrays = {key: _first(value, limit, key) for key, value in arrays.items()}
@@ -328,7 +371,9 @@ def load_splits(dataset_config, roles: dict[str, str]) -> dict[str, dict]:
     return loaded
 
 
-def load_train_and_test(dataset_config) -> tuple[dict, dict]:
+def load_train_and_test(
+    dataset_config: ml_collections.ConfigDict,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """ "train" and "test" for `config.dataset`, cut as `load_splits` cuts them."""
     loaded = load_splits(dataset_config, {"train": "train", "test": "test"})
     return loaded["train"], loaded["test"]
@@ -425,7 +470,8 @@ class HostBatches:
         batch_indices(len(self._labels), step=0, **self._indices)  # checks the arguments
         self._prefetch = prefetch
         self._steps = grain.MapDataset.range(0, 2**62).map(self._read)
-        self._iterator, self._next_step = None, None
+        self._iterator: Iterator[dict[str, np.ndarray]] | None = None
+        self._next_step: int | None = None
 
     def _read(self, step: int) -> dict[str, np.ndarray]:
         indices = batch_indices(len(self._labels), step=step, **self._indices)
@@ -438,7 +484,7 @@ class HostBatches:
         """{"inputs": this host's encoder inputs, "labels": their multi-hot labels} of `step`."""
         if not self._prefetch:
             return self._steps[step]
-        if step != self._next_step:  # a fresh start, or a jump: read ahead from `step`
+        if self._iterator is None or step != self._next_step:  # a start, or a jump: read ahead
             read_options = grain.ReadOptions(
                 num_threads=self._prefetch, prefetch_buffer_size=self._prefetch
             )
@@ -447,12 +493,12 @@ class HostBatches:
         return next(self._iterator)
 
 
-def modality_of(config) -> Modality:
+def modality_of(config: ml_collections.ConfigDict) -> Modality:
     """The modality of `config.dataset.name`: its model-input and view functions."""
     return DATASETS[config.dataset.name].modality
 
 
-def training_batches(config, train: dict) -> HostBatches:
+def training_batches(config: ml_collections.ConfigDict, train: dict[str, Any]) -> HostBatches:
     """The `HostBatches` of stage 1 for `config`, on this process; streamed data reads ahead."""
     dataset = DATASETS[config.dataset.name]
     return HostBatches(

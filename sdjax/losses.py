@@ -143,9 +143,23 @@ def _dtype_error(name: str, got: Any, expected: str) -> TypeError:
     return TypeError(f"`{name}`: got {got}, expected {expected}.")
 
 
-def _as_array_like(x: Any) -> Any:
+_ARGUMENTS = ("features", "labels", "sample_mask", "label_weights")
+_CONTRAST_ARGUMENTS = (
+    "contrast_features",
+    "contrast_labels",
+    "contrast_mask",
+    "contrast_sample_ids",
+)
+
+
+def _as_array_like(x: Any, name: str) -> Any:
     """Python (nested) lists and tuples become numpy arrays; arrays and tracers pass through."""
-    return np.asarray(x) if isinstance(x, (list, tuple)) else x
+    if not isinstance(x, (list, tuple)):
+        return x
+    try:
+        return np.asarray(x)
+    except ValueError:  # numpy's message says neither which argument nor where
+        raise _shape_error(name, "a ragged nested list", "rows of equal length") from None
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -158,14 +172,12 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def _check_temperature(temperature: Any) -> None:
-    """A real number or a 0-d float array > 0; traced values are checked for type only."""
+    """A real number or a 0-d float array > 0; traced values are checked for type only (their
+    value is `validate_inputs`'s to check, eagerly)."""
     if isinstance(temperature, (jax.Array, np.ndarray, np.generic)) and not isinstance(
         temperature, np.bool_
     ):
-        real = jnp.issubdtype(temperature.dtype, jnp.floating) or jnp.issubdtype(
-            temperature.dtype, jnp.integer
-        )
-        if np.ndim(temperature) != 0 or not real:
+        if np.ndim(temperature) != 0 or not jnp.issubdtype(temperature.dtype, jnp.floating):
             raise _dtype_error(
                 "temperature",
                 f"an array of shape {np.shape(temperature)} and dtype {temperature.dtype}",
@@ -290,13 +302,15 @@ def validate_inputs(
     contrast_labels=None,
     contrast_mask=None,
     contrast_sample_ids=None,
+    temperature=None,
 ) -> None:
     """Checks the values that `jit` cannot check. Call it eagerly, outside `jit`.
 
     The losses check shapes and dtypes while tracing; this checks values: multi-hot labels in
     {0, 1}, class ids >= -1, finite features and label weights > 0, and the same for the keys,
-    whose `contrast_sample_ids` must lie in [-1, N). (Masks must be bool: the losses reject
-    other dtypes, so 0/1 needs no value check.)
+    whose `contrast_sample_ids` must lie in [-1, N); and a temperature (the value a traced one
+    will have: a schedule's or a learned one's) finite and > 0. (Masks must be bool: the losses
+    reject other dtypes, so 0/1 needs no value check.)
 
     Args:
       features: [N, D] or [N, V, D] floats.
@@ -305,16 +319,21 @@ def validate_inputs(
       label_weights: optional [C] positive floats.
       contrast_features, contrast_labels, contrast_mask, contrast_sample_ids: the optional keys
         of the query/key form (see `multilabel_supcon_loss`), for one device's whole batch.
+      temperature: optional, a number or a 0-d float array: the value the loss will get.
 
     Raises:
       ValueError: naming the argument and the first offending entry.
       TypeError: for a wrong dtype kind, as the losses do.
     """
+    if temperature is not None:
+        _check_temperature(jax.device_get(temperature))  # a concrete value: its value is checked
     features, labels, sample_mask, label_weights = map(
-        _as_array_like, (features, labels, sample_mask, label_weights)
+        _as_array_like, (features, labels, sample_mask, label_weights), _ARGUMENTS
     )
     contrast_features, contrast_labels, contrast_mask, contrast_sample_ids = map(
-        _as_array_like, (contrast_features, contrast_labels, contrast_mask, contrast_sample_ids)
+        _as_array_like,
+        (contrast_features, contrast_labels, contrast_mask, contrast_sample_ids),
+        _CONTRAST_ARGUMENTS,
     )
     num_samples, _, feature_dim = _check_arrays(features, labels, sample_mask, label_weights)
     _check_contrast(
@@ -330,13 +349,22 @@ def validate_inputs(
             label_weights,
         )
     if contrast_sample_ids is not None:
-        ids = np.asarray(contrast_sample_ids)
-        bad = np.argwhere((ids < -1) | (ids >= num_samples))
-        if bad.size:
-            raise ValueError(
-                f"`contrast_sample_ids`: got {ids[bad[0][0]]} at index {bad[0][0]}, expected "
-                f"the index of an anchor sample in [0, {num_samples}), or -1 for none."
-            )
+        _check_ids(
+            "contrast_sample_ids",
+            contrast_sample_ids,
+            num_samples,
+            f"the index of an anchor sample in [0, {num_samples}), or -1 for none",
+        )
+
+
+def _check_ids(name: str, ids: Any, limit: int, expected: str) -> None:
+    """Raises ValueError naming the first of the concrete `ids` outside [-1, limit)."""
+    ids = np.asarray(ids)
+    bad = np.argwhere((ids < -1) | (ids >= limit))
+    if bad.size:
+        index = tuple(bad[0].tolist())
+        where = index if ids.ndim > 1 else index[0]
+        raise ValueError(f"`{name}`: got {ids[index]} at index {where}, expected {expected}.")
 
 
 def _check_values(features_name, labels_name, features, labels, label_weights) -> None:
@@ -833,10 +861,12 @@ def _prepare(
     """Checks the inputs and builds the kernel's operands: sample-major anchor views
     (view m = n * V + v), the local keys (or None), the temperature and the static options."""
     features, labels, sample_mask, label_weights = map(
-        _as_array_like, (features, labels, sample_mask, label_weights)
+        _as_array_like, (features, labels, sample_mask, label_weights), _ARGUMENTS
     )
     contrast_features, contrast_labels, contrast_mask, contrast_sample_ids = map(
-        _as_array_like, (contrast_features, contrast_labels, contrast_mask, contrast_sample_ids)
+        _as_array_like,
+        (contrast_features, contrast_labels, contrast_mask, contrast_sample_ids),
+        _CONTRAST_ARGUMENTS,
     )
     _check_options(positives, temperature, jaccard_threshold)
     num_samples, num_views, feature_dim = _check_arrays(
@@ -956,7 +986,8 @@ def multilabel_supcon_loss(
         Arrays or (nested) Python lists.
       positives: one of `POSITIVES`.
       temperature: a number > 0, or a 0-d float JAX array (it may be traced: a schedule, or a
-        learned temperature, which gets its gradient dL/dtau).
+        learned temperature, which gets its gradient dL/dtau). A traced value must be finite
+        and > 0, which `jit` cannot check: `validate_inputs(..., temperature=tau)` does.
       sample_mask: [N] bool; False marks padding, which is neither anchor nor candidate.
       label_weights: [C] positive floats: |S| = sum of the weights of S's labels. Used by "sd",
         its ablations, "sd_swapped" and "jaccard"; the other choices use no cardinalities.
@@ -995,7 +1026,7 @@ def multilabel_supcon_loss(
         length, or an `axis_name` that is not a mapped axis here. Value checks that `jit`
         cannot do are in `validate_inputs`.
       TypeError: for a wrong dtype kind (integer features, float class ids, a non-bool mask,
-        non-float label weights, a bool or string temperature), as optax does.
+        non-float label weights, a bool, string or integer-array temperature), as optax does.
 
     References:
       Huang, Long, Luo, "Similarity-Dissimilarity Loss for Multi-label Supervised Contrastive
@@ -1204,7 +1235,9 @@ def pair_weights(
       [0.0, 0.25]
     """
     num_views = _check_int("num_views", num_views, 1)
-    labels, contrast_labels = map(_as_array_like, (labels, contrast_labels))
+    labels, contrast_labels = map(
+        _as_array_like, (labels, contrast_labels), ("labels", "contrast_labels")
+    )
     dummy_features = jnp.zeros((np.shape(labels)[0], num_views, 1), jnp.float32)
     dummy_keys = None
     if contrast_labels is not None:
@@ -1272,11 +1305,14 @@ def labels_from_indices(label_indices: jax.Array, num_classes: int) -> jax.Array
     """Multi-hot labels from padded label-index lists.
 
     Args:
-      label_indices: [N, L] integer class indices, padded with -1.
-      num_classes: C.
+      label_indices: [N, L] integer class ids in [0, C), padded with -1.
+      num_classes: C, an int (numpy ints included).
 
     Returns:
-      [N, C] float32 multi-hot; repeated indices count once.
+      [N, C] float32 multi-hot; repeated indices count once. An id outside [-1, C) is never
+      dropped: it raises ValueError when the ids are known (outside `jit`), and under `jit`,
+      where they are not, its sample's row is NaN, which `validate_inputs` reports and which
+      makes the loss NaN.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -1284,16 +1320,25 @@ def labels_from_indices(label_indices: jax.Array, num_classes: int) -> jax.Array
       >>> labels_from_indices(jnp.array([[0, 2], [1, -1]]), 3).tolist()
       [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
     """
+    label_indices = _as_array_like(label_indices, "label_indices")
     if np.ndim(label_indices) != 2:
         raise _shape_error("label_indices", f"shape {np.shape(label_indices)}", "[N, L]")
     if not jnp.issubdtype(jnp.result_type(label_indices), jnp.integer):
-        raise _shape_error(
-            "label_indices", f"dtype {jnp.result_type(label_indices)}", "integer indices"
+        raise _dtype_error(
+            "label_indices", f"dtype {jnp.result_type(label_indices)}", "integer class ids"
         )
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"`num_classes`: got {num_classes!r}, expected an int >= 1.")
+    num_classes = _check_int("num_classes", num_classes, 1)
+    if not isinstance(label_indices, jax.core.Tracer):
+        _check_ids(
+            "label_indices",
+            label_indices,
+            num_classes,
+            f"class ids in [0, {num_classes}), or -1 for padding",
+        )
+    label_indices = jnp.asarray(label_indices)
+    out_of_range = (label_indices < -1) | (label_indices >= num_classes)
     one_hot = jax.nn.one_hot(label_indices, num_classes, dtype=jnp.float32)  # -1 -> all zeros
-    return jnp.max(one_hot, axis=1)
+    return jnp.where(out_of_range.any(axis=1, keepdims=True), jnp.nan, jnp.max(one_hot, axis=1))
 
 
 def make_sharded_loss(

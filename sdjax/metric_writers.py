@@ -107,10 +107,11 @@ class MultiWriter(MetricWriter):
             writer.close()
 
 
-def create_default_writer(logdir: str | Path, *, just_logging: bool = False) -> MultiWriter:
-    """The log, plus TensorBoard event files in `logdir` unless `just_logging` (non-chief hosts)."""
-    writers = [LoggingWriter()]
-    if not just_logging:
+def create_default_writer(logdir: str | Path | None, *, just_logging: bool = False) -> MultiWriter:
+    """The log, plus TensorBoard event files in `logdir` unless it is None or `just_logging`
+    (non-chief hosts)."""
+    writers: list[MetricWriter] = [LoggingWriter()]
+    if logdir is not None and not just_logging:
         writers.append(TensorBoardWriter(logdir))
     return MultiWriter(writers)
 
@@ -123,7 +124,8 @@ class ReportProgress:
         self._num_train_steps = num_train_steps
         self._writer = writer
         self._every_secs = every_secs
-        self._last_time, self._last_step = None, None
+        self._last_time: float | None = None  # None until the first step
+        self._last_step = 0
 
     def __call__(self, step: int) -> None:
         now = time.monotonic()

@@ -64,6 +64,13 @@ def settings(config: ml_collections.ConfigDict) -> dict:
             f"config.multihost.process_id: got {index}, expected 0..{count - 1} "
             f"(num_processes = {count})."
         )
+    address = resolved["coordinator_address"]
+    host, _, port = (address or "").rpartition(":")
+    if address is not None and not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(
+            f"config.multihost.coordinator_address: got {address!r}, expected host:port "
+            "(process 0's host and a free port, e.g. 10.0.0.1:1234)."
+        )
     return resolved
 
 
@@ -94,10 +101,37 @@ def initialize(config: ml_collections.ConfigDict) -> None:
             os._exit(3)
 
     threading.Thread(target=give_up, daemon=True).start()
-    jax.distributed.initialize(
-        coordinator_address=resolved["coordinator_address"],
-        num_processes=resolved["num_processes"],
-        process_id=resolved["process_id"],
-        initialization_timeout=timeout,
+    try:
+        jax.distributed.initialize(
+            coordinator_address=resolved["coordinator_address"],
+            num_processes=resolved["num_processes"],
+            process_id=resolved["process_id"],
+            initialization_timeout=timeout,
+        )
+    except ValueError:  # jax found no cluster to fill in what is unset; it names no field
+        unset = [name for name in _UNSET if name in _CLUSTER_FILLS and resolved[name] is None]
+        if not unset:
+            raise
+        raise ConfigError(_no_cluster_message(config, unset[0])) from None
+    finally:
+        joined.set()
+
+
+_CLUSTER_FILLS = ("coordinator_address", "num_processes", "process_id")
+
+
+def _no_cluster_message(config: ml_collections.ConfigDict, field: str) -> str:
+    where = (
+        "on plain hosts set multihost.coordinator_address (host:port), num_processes and "
+        "process_id, as config fields or $SDJAX_* variables"
     )
-    joined.set()
+    if config.multihost.enabled and field == "coordinator_address":
+        return (
+            "config.multihost.enabled: got True, but no cluster (Cloud TPU, SLURM, ...) was "
+            f"detected to say where the processes meet; {where}."
+        )
+    got = repr(config.multihost[field])
+    return (
+        f"config.multihost.{field}: got {got} and no cluster was detected to provide it; "
+        f"expected it set: {where}."
+    )

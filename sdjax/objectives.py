@@ -42,7 +42,9 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
     if config.method != "joint":
         return model
     classifier = models.LinearClassifier(
-        model.encoder.features_dim, num_classes, rngs=nnx.Rngs(config.seed + 2)
+        model.encoder.features_dim,  # type: ignore[attr-defined]  # every encoder has it
+        num_classes,
+        rngs=nnx.Rngs(config.seed + 2),
     )  # seed + 1 is the linear probe's
     return JointModel(model.encoder, model.head, classifier)
 

@@ -17,6 +17,7 @@ model state (with MoCo's momentum encoder and queue) is checkpointed, so a run r
 checkpoint ends with the same metrics as an uninterrupted one.
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -25,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import flax
 import jax
@@ -54,15 +56,20 @@ class NonFiniteLoss(FloatingPointError):
     """The training loss or state became non-finite; nothing non-finite was checkpointed."""
 
 
+class CheckpointWriteFailed(RuntimeError):
+    """A checkpoint could not be written (its directory removed, a full disk, ...)."""
+
+
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
     """What the training loop logs: the interval mean of the loss, and the learning rate."""
 
-    loss: metrics.Average.from_output("loss")
-    learning_rate: metrics.LastValue.from_output("learning_rate")
+    # clu's idiom: the field's type is the metric class (a call that mypy cannot read as a type).
+    loss: metrics.Average.from_output("loss")  # type: ignore[valid-type]
+    learning_rate: metrics.LastValue.from_output("learning_rate")  # type: ignore[valid-type]
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh) -> Callable:
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Callable:
     """`step(model, optimizer, inputs, labels, step) -> TrainMetrics` on a sharded global batch.
 
     With `framework = "moco"` the step also takes the `MomentumEncoder` (last) and updates it in
@@ -128,7 +135,9 @@ class _Sigterm:
             os._exit(0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> dict[str, Any]:
     """Runs (or resumes) stage 1 in `workdir`, then the evaluators; returns the results dict.
 
     SIGTERM during set-up stops at once; during stage 1 it saves a checkpoint and raises
@@ -136,22 +145,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     preemption sync point); during evaluation, which takes seconds, the run finishes first.
 
     Raises:
-      config_lib.ConfigError: a bad config, or a workdir that holds another config's run.
-      checkpointing.WorkdirInUse: another process is running in `workdir`.
+      config_lib.ConfigError: a bad config, or a workdir that holds another config's run. One
+        found only once the data loaded leaves the workdir as it was.
+      checkpointing.WorkdirUnusable: another process is running in `workdir`
+        (`WorkdirInUse`), or it cannot be written.
+      input_pipeline.DataUnavailable: the dataset's source files are missing.
       NonFiniteLoss: the loss or the state became non-finite (last good checkpoint kept).
+      CheckpointWriteFailed: a checkpoint could not be written.
       Preempted: when SIGTERM arrived.
     """
     config_lib.check_config(
         config, num_devices=jax.device_count(), num_processes=jax.process_count()
     )
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    created = checkpointing.make_workdir(workdir)
     sigterm = _Sigterm()
     previous_handler = None
     if jax.process_count() == 1:  # several processes: jax's preemption notifier has SIGTERM
         previous_handler = signal.signal(signal.SIGTERM, sigterm)
     try:
-        with checkpointing.WorkdirLock(workdir):
+        with checkpointing.WorkdirLock(workdir, created=created):
             return _train_and_evaluate(config, workdir, sigterm)
     finally:
         if previous_handler is not None:
@@ -255,17 +268,37 @@ def _train_stage1(config, mesh, train, train_state, checkpoints, writer, curve, 
                 _stop_unless_finite(loss, "training loss", done, checkpoints)
             if not checkpointing.is_finite(state):
                 _stop_unless_finite(float("nan"), "model or optimiser state", done, checkpoints)
-            checkpoints.save(
-                done, args=checkpointing.save_args(state, config, curve), force=last or preempted
-            )
+            with _writing_checkpoints(checkpoints, done):
+                checkpoints.save(
+                    done,
+                    args=checkpointing.save_args(state, config, curve),
+                    force=last or preempted,
+                )
             writer.flush()  # the event files hold what the checkpoint holds
         if preempted:
-            checkpoints.wait_until_finished()
+            with _writing_checkpoints(checkpoints, done):
+                checkpoints.wait_until_finished()
             raise Preempted(
                 f"SIGTERM: saved the checkpoint at step {done} in {checkpoints.directory}; "
                 "rerun the same command to resume."
             )
-    checkpoints.wait_until_finished()
+    with _writing_checkpoints(checkpoints, config.num_train_steps):
+        checkpoints.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _writing_checkpoints(checkpoints, step: int):
+    """Turns orbax's failure to write (saves are asynchronous: an earlier save's may surface
+    here) into one `CheckpointWriteFailed` line."""
+    try:
+        yield
+    except Exception as error:  # orbax raises many kinds: ValueError, OSError, ...
+        first_line = str(error).splitlines()[0][:300] if str(error) else ""
+        raise CheckpointWriteFailed(
+            f"writing checkpoints into {checkpoints.directory} failed by step {step} "
+            f"({type(error).__name__}: {first_line}); was the directory removed, or the disk "
+            "full? Rerun the same command to resume from the newest checkpoint that restores."
+        ) from error
 
 
 def _stop_unless_finite(value: float, what: str, step: int, checkpoints) -> None:
@@ -276,5 +309,7 @@ def _stop_unless_finite(value: float, what: str, step: int, checkpoints) -> None
     raise NonFiniteLoss(
         f"the {what} became non-finite ({value}) by step {step}; the last checkpoint, "
         f"{'step ' + str(latest) if latest else 'none'}, holds finite state. Lower "
-        "optimizer.learning_rate or raise optimizer.warmup_steps, then rerun."
+        "optimizer.learning_rate or raise optimizer.warmup_steps, and start again in a new "
+        f"--workdir (this one, {checkpoints.directory.parent}, keeps the failed run's config "
+        "and refuses a changed one)."
     )

@@ -1,9 +1,11 @@
 """One test per fault of issue 13: each asserts what a user gets, not the absence of a crash."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -92,12 +94,81 @@ def test_a_damaged_latest_checkpoint_is_skipped(data_dir, finished_run, tmp_path
     assert (workdir / checkpointing.UNREADABLE / "24").exists()  # kept for inspection
 
 
+def tree_state(root: Path) -> dict:
+    """Every path under `root` with its size and modification time: what a change would touch."""
+    return {
+        str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def run_evaluate(*arguments) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sdjax.evaluate", *arguments],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_evaluate_falls_back_past_a_damaged_checkpoint_and_never_changes_the_run(
+    finished_run, tmp_path
+):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run[0], workdir)
+    truncate_files(workdir / "checkpoints" / "24" / "state")
+    before, results = tree_state(workdir), (workdir / "results.json").read_bytes()
+    for path in [workdir, *workdir.rglob("*")]:  # read-only (root may still write: the tree
+        path.chmod(path.stat().st_mode & ~0o222)  # comparison below holds for every user)
+    try:  # no --output_dir: the results go to stdout only (test_train's test writes them)
+        done = run_evaluate(f"--workdir={workdir}")
+    finally:
+        for path in [workdir, *workdir.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert tree_state(workdir) == before
+    assert (workdir / "results.json").read_bytes() == results
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert printed["evaluated_step"] == 16
+    assert set(printed["linear_eval"]) == set(finished_run[1]["linear_eval"])
+    assert "Checkpoint 24" in done.stderr and "does not restore" in done.stderr
+    assert "Traceback" not in done.stderr
+    # orbax's INFO chatter is filtered as the trainer filters it: no line from an orbax file.
+    orbax_files = {path.name for path in Path(ocp.__file__).parent.rglob("*.py")}
+    chatter = [
+        line
+        for line in done.stderr.splitlines()
+        if line.startswith("I") and any(f" {name}:" in line for name in orbax_files)
+    ]
+    assert not chatter, chatter[:3]
+
+
+def test_evaluate_on_a_missing_workdir_is_one_line_and_creates_nothing(tmp_path):
+    workdir = tmp_path / "nonexistent" / "run"
+    done = run_evaluate(f"--workdir={workdir}")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Cannot evaluate: workdir {workdir} does not exist."
+    )
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "nonexistent").exists()
+    done = run_evaluate(f"--workdir={tmp_path}", f"--output_dir={tmp_path / 'inside'}")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("Cannot evaluate: --output_dir")
+
+
 def test_non_finite_training_stops_and_never_checkpoints_non_finite_state(data_dir, tmp_path):
     # A finite learning rate so large that the parameters overflow within a few steps.
     config = tiny_config(data_dir, **{"optimizer.learning_rate": 1e38, "log_every_steps": 24})
     with pytest.raises(train.NonFiniteLoss, match="became non-finite") as error:
         train.train_and_evaluate(config, tmp_path)
+    # The advice must be one that works: this workdir refuses a changed learning rate (it holds
+    # the failed run's checkpoints), so the message sends the rerun to a new workdir.
     assert "optimizer.learning_rate" in str(error.value)
+    assert f"start again in a new --workdir (this one, {tmp_path}, keeps" in str(error.value)
+    with pytest.raises(config_lib.ConfigError, match="holds a run with another config"):
+        train.train_and_evaluate(tiny_config(data_dir, **{"log_every_steps": 24}), tmp_path)
     with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
         for step in manager.all_steps():
             state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
@@ -125,13 +196,101 @@ def test_every_numeric_and_named_field_is_checked_before_data_loads(overrides, m
         config_lib.check_config(config, num_devices=8, num_processes=1)
 
 
-def test_a_batch_larger_than_the_dataset_is_a_config_error(data_dir, tmp_path):
-    config = tiny_config(data_dir, batch_size=512)  # the tiny mosaics have 256 examples
+def test_a_batch_larger_than_the_dataset_is_refused_before_data_loads():
+    config = tiny_config("/nonexistent/not/read", batch_size=512)  # tiny mosaics: 256 examples
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"config.batch_size: got 512, expected <= the 256 training examples",
+    ):
+        config_lib.check_config(config, num_devices=8, num_processes=1)
+
+
+def test_the_declared_dataset_sizes_are_the_builders(data_dir):
+    from sdjax.datasets import mosaic, yeast
+
+    declared = {name: dataset.train_size for name, dataset in input_pipeline.DATASETS.items()}
+    # MNIST's and Fashion's; with a validation split (from other sources) training keeps them all.
+    for builder_config in mosaic.MosaicBuilder.BUILDER_CONFIGS:
+        variant = builder_config.name.removesuffix("with_validation").strip("_") or "default"
+        suffix = "" if variant == "default" else f"_{variant}"
+        for prefix in ("mnist_mosaic", "fashion_mosaic"):
+            assert declared[prefix + suffix] == builder_config.num_train
+    assert declared["yeast"] == yeast.NUM_TRAIN
+    assert declared["debtags"] is None  # the machine's apt lists decide
+    train_split, _ = input_pipeline.load_train_and_test(tiny_config(data_dir).dataset)
+    assert len(train_split["labels"]) == declared["mnist_mosaic_tiny"]
+
+
+def test_a_batch_larger_than_data_of_unknown_size_leaves_no_half_made_workdir(
+    data_dir, tmp_path, monkeypatch
+):
+    # A dataset whose size is known only once loaded (debtags's, from the machine's apt lists).
+    unknown = dataclasses.replace(input_pipeline.DATASETS["mnist_mosaic_tiny"], train_size=None)
+    monkeypatch.setitem(input_pipeline.DATASETS, "mnist_mosaic_tiny", unknown)
+    workdir = tmp_path / "run"
     with pytest.raises(
         config_lib.ConfigError, match=r"config.batch_size: got 512, expected <= the 256"
     ):
-        train.train_and_evaluate(config, tmp_path)
-    assert not (tmp_path / "checkpoints").exists()
+        train.train_and_evaluate(tiny_config(data_dir, batch_size=512), workdir)
+    assert not workdir.exists()
+    workdir.mkdir()  # a workdir that was there stays, and as it was: empty
+    with pytest.raises(config_lib.ConfigError):
+        train.train_and_evaluate(tiny_config(data_dir, batch_size=512), workdir)
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"model.encoder.width": 0}, "config.model.encoder.width/in_channels/stem_stride: got 0/"),
+        ({"model.encoder.stage_sizes": (0,)}, "config.model.encoder.stage_sizes: got (0,)"),
+        ({"model.encoder.stage_sizes": ()}, "config.model.encoder.stage_sizes: got ()"),
+        ({"model.encoder.stage_sizes": ("abc",)}, "config.model.encoder.stage_sizes: got ('abc',)"),
+    ],
+)  # fmt: skip
+def test_model_fields_are_checked_with_the_config(overrides, message):
+    config = tiny_config("/nonexistent/not/read", **overrides)
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        config_lib.check_config(config, num_devices=8, num_processes=1)
+
+
+# jax.distributed must start before the XLA backend, which this process has: a fresh one runs
+# `sdjax.main.run` (the command after its flag parsing) on each config.
+MULTIHOST_CASES = """
+import sys
+sys.path.insert(0, "tests")
+from tiny_run import tiny_config
+from sdjax import main
+for fields in (
+    {"multihost.num_processes": 2, "multihost.process_id": 0},
+    {"multihost.enabled": True},
+    {"multihost.coordinator_address": "localhost", "multihost.num_processes": 2},
+):
+    print("STATUS", main.run(tiny_config("/nonexistent/not/read", **fields), sys.argv[1]))
+"""
+
+
+def test_multihost_fields_that_cannot_work_are_one_bad_config_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", MULTIHOST_CASES, str(tmp_path / "run")],
+        cwd=REPO,
+        env={k: v for k, v in clean_environment().items() if not k.startswith("SDJAX_")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.stdout.split() == ["STATUS", "2"] * 3, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("Bad config: ")]
+    assert [line.split(";")[0] for line in lines] == [
+        "Bad config: config.multihost.coordinator_address: got '' and no cluster was detected "
+        "to provide it",
+        "Bad config: config.multihost.enabled: got True, but no cluster (Cloud TPU, SLURM, ...) "
+        "was detected to say where the processes meet",
+        "Bad config: config.multihost.coordinator_address: got 'localhost', expected host:port "
+        "(process 0's host and a free port, e.g. 10.0.0.1:1234).",
+    ]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_misspelt_field_is_one_line_with_a_suggestion(data_dir, tmp_path):
@@ -143,11 +302,102 @@ def test_a_misspelt_field_is_one_line_with_a_suggestion(data_dir, tmp_path):
     assert "Traceback" not in output
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.py")), ids=lambda p: p.stem)
-def test_every_config_file_accepts_tiny(path):
-    config = config_lib.load_config_file(f"{path}:tiny")
-    assert config.num_train_steps == 24 and config.batch_size == 64
-    config_lib.check_config(config, num_devices=8, num_processes=1)
+def test_a_field_or_config_file_that_does_not_exist_is_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    missing_file = subprocess.run(
+        [sys.executable, "-m", "sdjax.main", "--config", "configs/nope.py", f"--workdir={workdir}"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    outputs = {
+        "Bad config: --config.nosuchfield: no such field.": run_main(
+            workdir, "/nonexistent/not/read", "--config.nosuchfield=1"
+        ),
+        "Bad config: --config: got 'configs/nope.py', no such config file.": (
+            missing_file.returncode,
+            missing_file.stdout,
+        ),
+    }
+    for message, (code, output) in outputs.items():
+        assert code == 2, output[-2000:]
+        assert output.strip().splitlines()[-1] == message, output[-2000:]
+        assert "Traceback" not in output
+    assert not workdir.exists()
+
+
+def run_in_process(config, workdir, capsys) -> tuple[int, list[str]]:
+    """`sdjax.main.run` (the command after its flags): (exit status, the lines it printed)."""
+    from sdjax import main
+
+    status = main.run(config, str(workdir))
+    captured = capsys.readouterr()
+    return status, (captured.out + captured.err).strip().splitlines()
+
+
+def test_an_unwritable_workdir_is_one_line_before_data_loads(tmp_path, capsys):
+    # Under /sys, which refuses new entries to every user, root included (chmod would not).
+    workdir = Path("/sys") / f"sdjax_test_{os.getpid()}"
+    status, lines = run_in_process(tiny_config("/nonexistent/not/read"), workdir, capsys)
+    assert status == 2
+    assert lines == [
+        f"Cannot run: workdir {workdir} is not writable (PermissionError: "
+        f"{os.strerror(1 if os.geteuid() == 0 else 13)}); pass another --workdir."
+    ]
+
+
+def test_missing_fashion_mnist_sources_are_one_line(tmp_path, capsys, monkeypatch):
+    from sdjax.datasets import fashion_mosaic
+
+    monkeypatch.setattr(fashion_mosaic, "DEBIAN_DIR", str(tmp_path / "no_debian_package"))
+    config = config_lib.load_config_file("fashion_mosaic", "tiny")
+    config.dataset.data_dir = str(tmp_path / "tfds")
+    status, lines = run_in_process(config, tmp_path / "run", capsys)
+    assert status == 2  # the last line (tfds prints its progress before it fails)
+    assert lines[-1].startswith("Cannot run: Fashion-MNIST source files not found"), lines[-3:]
+    assert "apt-get install dataset-fashion-mnist" in lines[-1]
+    assert not (tmp_path / "run").exists()  # left as it was
+
+
+def test_checkpoints_removed_mid_run_end_in_one_line_with_status_1(
+    data_dir, tmp_path, capsys, monkeypatch
+):
+    workdir = tmp_path / "run"
+    original = input_pipeline.training_batches
+
+    def batches_that_remove_the_checkpoints(config, split):
+        batches = original(config, split)
+        read = batches.host_batch
+
+        def host_batch(step):
+            if step == 10:  # after checkpoint 8 (maybe still being written): gone, and a
+                (workdir / "checkpoints").rename(workdir / "moved_away")  # file in its place
+                (workdir / "checkpoints").write_text("not a directory")
+            return read(step)
+
+        batches.host_batch = host_batch
+        return batches
+
+    monkeypatch.setattr(input_pipeline, "training_batches", batches_that_remove_the_checkpoints)
+    status, lines = run_in_process(tiny_config(data_dir), workdir, capsys)
+    assert status == 1
+    message = [line for line in lines if line.startswith("Training failed")]
+    assert message == [lines[-1]], lines[-5:]
+    assert message[0].startswith(
+        f"Training failed: writing checkpoints into {workdir / 'checkpoints'} failed by step 16 ("
+    )
+
+
+def test_the_summary_prints_counts_as_ints_and_a_logdir_a_shell_can_take(tmp_path):
+    from sdjax import main
+
+    workdir = str(tmp_path / "a run")
+    text = main.summary({"linear_eval": {"mAP": 0.5, "num_scored_classes": 10.0}}, workdir)
+    assert "linear_eval: mAP=0.5000, num_scored_classes=10\n" in text + "\n"
+    command = re.search(r"\(tensorboard --logdir (.*)\)", text).group(1)
+    assert shlex.split(command) == [workdir]
 
 
 def test_multihost_settings_come_from_config_fields_or_the_environment(monkeypatch):
@@ -381,6 +631,19 @@ def test_tfds_dataset_without_network_fails_at_once_saying_what_to_download_wher
         assert str(manual_dir) in message and "config.dataset.data_dir" in message
         for filename in filenames:
             assert (urls[filename] in message) == (filename not in already_there), filename
+
+
+@pytest.mark.parametrize("name", sorted(TFDS_SOURCES))
+def test_missing_voc_or_coco_sources_are_one_line(name, tmp_path, capsys, offline):
+    config = config_lib.load_config_file(name, "tiny")
+    config.dataset.data_dir = str(tmp_path / "tfds")
+    with deadline(60):
+        status, lines = run_in_process(config, tmp_path / "run", capsys)
+    assert status == 2
+    assert len(lines) == 1 and lines[0].startswith(f"Cannot run: {name}: tfds "), lines
+    assert str(tmp_path / "tfds" / "downloads" / "manual") in lines[0]
+    for filename in TFDS_SOURCES[name][1]:
+        assert filename in lines[0]
 
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -634,3 +897,96 @@ def test_float64_inputs_compute_in_float64_under_x64(positives):
         for low in (jnp.bfloat16, jnp.float16, jnp.float32):  # float32 stays the floor
             assert losses.multilabel_supcon_loss(features.astype(low), labels).dtype == jnp.float32
     assert float(want) > 0
+
+
+# Issue 28: ids, temperatures and lists that used to pass silently or without the argument's name
+
+
+@pytest.mark.parametrize("bad_id", [7, 4, -2])
+def test_labels_from_indices_refuses_an_out_of_range_id_it_can_see(bad_id):
+    with pytest.raises(
+        ValueError, match=rf"`label_indices`: got {bad_id} at index \(0, 1\), expected class ids"
+    ):
+        losses.labels_from_indices(np.array([[0, bad_id, -1]]), 4)
+
+
+def test_labels_from_indices_under_jit_turns_an_out_of_range_row_into_nan_not_a_dropped_id():
+    indices = jnp.array([[0, 7, -1], [2, -1, -1], [1, -2, 3]])
+    got = np.asarray(jax.jit(losses.labels_from_indices, static_argnums=1)(indices, 4))
+    assert np.isnan(got[0]).all() and np.isnan(got[2]).all()
+    np.testing.assert_array_equal(got[1], [0, 0, 1, 0])
+    # validate_inputs, the eager value check, names the row the jitted conversion poisoned.
+    with pytest.raises(ValueError, match=re.escape("`labels`: got nan at index (0, 0)")):
+        losses.validate_inputs(np.ones((3, 2), np.float32), got)
+
+
+def test_labels_from_indices_takes_numpy_ints_and_refuses_float_ids_with_a_type_error():
+    indices = np.array([[0, 2], [1, -1]])
+    np.testing.assert_array_equal(
+        losses.labels_from_indices(indices, np.int64(3)), [[1, 0, 1], [0, 1, 0]]
+    )
+    with pytest.raises(TypeError, match=r"`label_indices`: got dtype float32, expected integer"):
+        losses.labels_from_indices(indices.astype(np.float32), 3)
+    with pytest.raises(TypeError, match=r"`num_classes`: got float 3.0, expected an int >= 1"):
+        losses.labels_from_indices(indices, 3.0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_validate_inputs_checks_the_value_a_traced_temperature_will_have(temperature):
+    features, labels = loss_case(8)
+    tau = jnp.float32(temperature)
+    with pytest.raises(ValueError, match=r"`temperature`: got .*, expected a finite number > 0"):
+        losses.validate_inputs(features, labels, temperature=tau)
+    losses.validate_inputs(features, labels, temperature=jnp.float32(0.1))
+
+
+def test_a_0d_int_temperature_array_is_a_type_error():
+    features, labels = loss_case(9)
+    with pytest.raises(
+        TypeError, match=r"`temperature`: got an array of shape \(\) and dtype int32"
+    ):
+        losses.multilabel_supcon_loss(features, labels, temperature=np.array(1, np.int32))
+    with pytest.raises(
+        TypeError, match=r"`temperature`: got an array of shape \(\) and dtype int32"
+    ):
+        losses.validate_inputs(features, labels, temperature=jnp.array(1, jnp.int32))
+
+
+@pytest.mark.parametrize("argument", ["features", "labels"])
+def test_a_ragged_nested_list_is_an_error_naming_the_argument(argument):
+    features, labels = loss_case(10, num_views=1)
+    arguments = {"features": features[:, 0].tolist(), "labels": labels.tolist()}
+    arguments[argument][1] = arguments[argument][1][:-1]  # one row shorter than the others
+    for check in (losses.multilabel_supcon_loss, losses.validate_inputs):
+        with pytest.raises(ValueError, match=rf"`{argument}`: got a ragged nested list"):
+            check(**arguments)
+
+
+def test_the_spec_says_what_the_code_does_about_temperature_errors_and_norms():
+    spec = (REPO / "docs" / "SPEC.md").read_text()
+    inputs = spec[spec.index("- **`temperature`.**") :]
+    temperature = inputs[: inputs.index("\n- **", 1)]
+    assert "traced" in temperature and "validate_inputs" in temperature, temperature
+    assert "static" not in temperature, temperature
+    errors = inputs[inputs.index("- **Trace-time errors.**") : inputs.index("- **Value checks.**")]
+    assert "`TypeError`" in errors and "dtype kinds" in errors.split("`TypeError`")[1], errors
+    # The huge-norm test above goes to 1e38, as the README says; the spec must not say less.
+    assert "feature norms from 0 to 10³⁸" in spec and "10⁴" not in spec
+
+
+def test_the_readme_exit_status_table_matches_the_commands():
+    """The statuses are tested where they arise (Bad config, Cannot run, Training failed, the
+    missing peer); this ties the README's table and main.py's docstring to the code that prints
+    each line and returns its status."""
+    from sdjax import main
+
+    rows = dict(re.findall(r"^ *\| (\d) \| .* \| (.*) \|$", (REPO / "README.md").read_text(), re.M))
+    docstring = {int(n) for n in re.findall(r"^  (\d)  ", main.__doc__, re.M)}
+    assert {int(status) for status in rows} == docstring == {0, 1, 2, 3}
+    source = Path(main.__file__).read_text()
+    for status, prefix in [("2", "Bad config"), ("2", "Cannot run"), ("1", "Training failed")]:
+        assert f"`{prefix}: ...`" in rows[status]
+        assert re.search(rf'print\(f"{prefix}: .*\n +return {status}\n', source), prefix
+    assert "`Multi-host start failed: ...`" in rows["3"]
+    multihost_source = Path(multihost.__file__).read_text()
+    assert re.search(r'f"Multi-host start failed: [^)]*\)\n\s+os\._exit\(3\)', multihost_source)

@@ -218,7 +218,13 @@ def test_evaluation_runs_from_a_checkpoint_alone(tiny_results, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(workdir / "checkpoints", copy / "checkpoints")  # nothing else travels
     process = subprocess.run(
-        [sys.executable, "-m", "sdjax.evaluate", f"--workdir={copy}"],
+        [
+            sys.executable,
+            "-m",
+            "sdjax.evaluate",
+            f"--workdir={copy}",
+            f"--output_dir={tmp_path / 'evaluation'}",
+        ],
         cwd=REPO,
         env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
         capture_output=True,
@@ -226,8 +232,9 @@ def test_evaluation_runs_from_a_checkpoint_alone(tiny_results, tmp_path):
         timeout=300,
     )
     assert process.returncode == 0, process.stderr[-3000:]
-    evaluated = json.loads((copy / "results.json").read_text())
+    evaluated = json.loads((tmp_path / "evaluation" / "results.json").read_text())
     assert evaluated["evaluated_step"] == 24
+    assert json.loads(process.stdout.splitlines()[-1])["linear_eval"] == evaluated["linear_eval"]
     # The same 8 devices as the fixture: the same programs, the same numbers.
     assert evaluated["heldout_stage1_loss"] == trained["heldout_stage1_loss"]
     assert evaluated["linear_eval"] == trained["linear_eval"]

@@ -4,7 +4,6 @@ evaluates and writes TensorBoard logs with TensorFlow absent (tests/without_tens
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -75,9 +74,10 @@ def test_tiny_run_prepares_trains_and_evaluates_without_tensorflow(tmp_path):
     assert hparams["loss.positives"].string_value == "sd"
     assert hparams["batch_size"].number_value == trained["config"]["batch_size"]
 
-    evaluated = tmp_path / "evaluated"
-    shutil.copytree(workdir, evaluated)  # evaluated in a copy: the trained run stays as it was
-    code, err = run_without_tensorflow("sdjax.evaluate", f"--workdir={evaluated}")
+    evaluated = tmp_path / "evaluated"  # evaluating writes nothing into the run's workdir
+    code, err = run_without_tensorflow(
+        "sdjax.evaluate", f"--workdir={workdir}", f"--output_dir={evaluated}"
+    )
     assert code == 0, err[-3000:]
     reevaluated = json.loads((evaluated / "results.json").read_text())
     assert reevaluated["evaluated_step"] == 24

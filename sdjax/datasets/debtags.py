@@ -36,7 +36,9 @@ import lzma
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -78,7 +80,7 @@ MISSING_LISTS = (
 
 def read_list_file(path: Path) -> str:
     """An apt list file, compressed or not, as text."""
-    openers = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+    openers: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
     if path.suffix in openers:
         with openers[path.suffix](path, "rt", encoding="utf-8") as f:
             return f.read()

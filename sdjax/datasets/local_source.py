@@ -9,7 +9,7 @@ import tempfile
 import tensorflow_datasets as tfds
 
 
-class LocalSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class LocalSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]
     """A builder that reads files already on this machine, never the network.
 
     `tfds.builder(name, source_dir=DIR)` points it at DIR; "" means the builder's default

@@ -86,7 +86,7 @@ class MosaicConfig(tfds.core.BuilderConfig):
         self.num_validation = num_validation  # > 0: a validation split from its own sources
 
 
-class MosaicBuilder(LocalSourceBuilder, skip_registration=True):
+class MosaicBuilder(LocalSourceBuilder, skip_registration=True):  # type: ignore[call-arg]
     """Shared tfds plumbing; subclasses set the constants and implement `make_split`."""
 
     NUM_CLASSES: int

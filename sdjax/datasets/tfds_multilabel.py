@@ -96,7 +96,7 @@ SPLITS = ("train", "test", "validation", "train_without_validation")
 
 
 def _is_positive_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and bool(x >= 1)
 
 
 def _multi_hot(labels: tf.Tensor, num_classes: int) -> tf.Tensor:

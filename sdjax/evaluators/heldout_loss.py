@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -21,7 +24,9 @@ class HeldoutLoss:
     devices, so the loss is the one training minimises.
     """
 
-    def __init__(self, config, mesh, examples: dict):
+    def __init__(
+        self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, examples: dict[str, Any]
+    ):
         modality = input_pipeline.modality_of(config)
         size = min(
             config.batch_size, len(examples["labels"]) // jax.device_count() * jax.device_count()
@@ -32,5 +37,5 @@ class HeldoutLoss:
         )
         self._loss = nnx.jit(objectives.make_stage1_loss(config, mesh))
 
-    def __call__(self, model) -> float:
+    def __call__(self, model: nnx.Module) -> float:
         return float(self._loss(models.evaluation_view(model), *self._batch, HELDOUT_STEP))

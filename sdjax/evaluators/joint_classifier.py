@@ -14,10 +14,13 @@ def _scores(classifier, features):
     return jax.nn.sigmoid(classifier(features))
 
 
-def joint_classifier_scores(model, features: np.ndarray, mesh) -> np.ndarray:
+def joint_classifier_scores(
+    model: nnx.Module, features: np.ndarray, mesh: jax.sharding.Mesh
+) -> np.ndarray:
     """Sigmoid scores [N, C] of `model.classifier` on the encoder's features [N, F] of a split.
 
     The features are `LinearProbe`'s, gathered on every host, so the classifier sees exactly the
     features the linear probe is fitted on, unstandardised, as in training.
     """
-    return np.asarray(_scores(model.classifier, replicate(features, mesh)))
+    classifier = model.classifier  # type: ignore[attr-defined]  # an objectives.JointModel
+    return np.asarray(_scores(classifier, replicate(features, mesh)))

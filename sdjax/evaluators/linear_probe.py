@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -16,6 +18,8 @@ from sdjax.sharding import shard_global_batch
 
 
 class ProbeResult(NamedTuple):
+    """What `LinearProbe` returns for one scored split: its metrics, scores and features."""
+
     metrics: dict  # sdjax.evaluation.multilabel_metrics of the scored split's scores
     scores: np.ndarray  # float32 [N, C], sigmoid outputs
     features: np.ndarray  # float32 [N, F], the frozen encoder's
@@ -45,12 +49,12 @@ class LinearProbe:
     probe on the gathered features.
     """
 
-    def __init__(self, config, mesh):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         self._config = config
         self._mesh = mesh
         self._modality = input_pipeline.modality_of(config)
 
-    def features(self, model, inputs: np.ndarray) -> np.ndarray:
+    def features(self, model: nnx.Module, inputs: np.ndarray) -> np.ndarray:
         """Frozen encoder features of every example, on every host (numpy in, numpy out)."""
         batch_size = self._config.eval_batch_size
         features = []
@@ -63,7 +67,9 @@ class LinearProbe:
             features.append(gathered[: batch_size - pad])
         return np.concatenate(features)
 
-    def __call__(self, model, train: dict, scored: dict[str, dict]) -> dict[str, ProbeResult]:
+    def __call__(
+        self, model: nnx.Module, train: dict[str, Any], scored: dict[str, dict[str, Any]]
+    ) -> dict[str, ProbeResult]:
         train_features = self.features(model, train["inputs"])
         classify = self.fit(train_features, train["labels"])
         results = {}
@@ -74,7 +80,9 @@ class LinearProbe:
             results[split] = ProbeResult(metrics, scores, features)
         return results
 
-    def fit(self, train_features, train_labels):
+    def fit(
+        self, train_features: np.ndarray, train_labels: np.ndarray
+    ) -> Callable[[np.ndarray], np.ndarray]:
         """Fits the classifier on training features; returns `features [N, F] -> scores [N, C]`."""
         config, settings = self._config, self._config.linear_eval
         mean, std = train_features.mean(axis=0), train_features.std(axis=0) + 1e-6

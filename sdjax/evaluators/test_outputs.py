@@ -29,5 +29,5 @@ def save_test_outputs(
         scores=probe.scores.astype(np.float32),
         labels=test["labels"].astype(np.uint8),
         train_label_counts=train["labels"].sum(axis=0),
-        **{key: value.astype(np.float32) for key, value in extra.items()},
+        **{key: value.astype(np.float32) for key, value in extra.items()},  # type: ignore[arg-type]
     )

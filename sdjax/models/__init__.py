@@ -57,6 +57,7 @@ def create_model(config, num_classes: int, seed: int) -> ContrastiveModel:
     rngs = nnx.Rngs(seed)
     dtype = compute_dtype(config.get("compute_dtype", "float32"))
     encoder = create_encoder(config.model.encoder, rngs=rngs, dtype=dtype)
+    head: nnx.Module
     if config.method == "bce":
         head = LinearClassifier(encoder.features_dim, num_classes, rngs=rngs, dtype=dtype)
     else:

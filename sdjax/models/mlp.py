@@ -31,7 +31,8 @@ class MLPEncoder(nnx.Module):
             raise ValueError(
                 f"config.model.encoder.dropout_rate: got {dropout_rate}, expected [0, 1)."
             )
-        layers, size = [], in_features
+        layers: list[nnx.Module] = []
+        size = in_features
         for hidden in hidden_sizes:
             layers.append(nnx.Linear(size, hidden, dtype=dtype, rngs=rngs))
             layers.append(nnx.LayerNorm(hidden, dtype=dtype, rngs=rngs))

@@ -87,7 +87,10 @@ class BottleneckBlock(nnx.Module):
         return nnx.relu(y + residual)
 
 
-BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
+BLOCKS: dict[str, type[BasicBlock | BottleneckBlock]] = {
+    "basic": BasicBlock,
+    "bottleneck": BottleneckBlock,
+}
 
 
 class ResNetEncoder(nnx.Module):
