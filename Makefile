@@ -4,6 +4,11 @@ PYTHON ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The PyTorch benchmark peer (torch==2.13.0, the local CPU wheel) exists for Python 3.11 only:
+# the bench scripts run their PyTorch workers in this venv (experiments/bench_loss.py).
+TORCH_PYTHON ?= $(shell for p in python3.11 $(HOME)/.pyenv/versions/3.11*/bin/python3.11; do "$$p" -c '' 2>/dev/null && { command -v "$$p"; break; }; done)
+TORCH_VENV := .venv-torch
+TORCH_STAMP := $(TORCH_VENV)/.installed
 WORKDIR ?= workdirs/default
 
 .PHONY: test lint format docs demo bench clean
@@ -37,10 +42,15 @@ docs: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m sdjax.main --config configs/default.py --workdir $(WORKDIR)
 
-bench: $(STAMP)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+$(TORCH_STAMP):
+	@test -n "$(TORCH_PYTHON)" || { echo "Python 3.11 not found: make TORCH_PYTHON=/path/to/python3.11" >&2; exit 2; }
+	rm -rf $(TORCH_VENV) && $(TORCH_PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 numpy==2.4.6 absl-py==2.5.1
+	touch $(TORCH_STAMP)
+
+bench: $(STAMP) $(TORCH_STAMP)
 	$(PY) -m experiments.bench_loss
-	$(PY) -m experiments.bench_train
+	$(PY) -m experiments.bench_train --chunk_size=16 --chunk_counts=2,4,8,16,32,64 --rounds=2 --steps=5
 
 clean:
-	rm -rf $(VENV) workdirs docs/_build
+	rm -rf $(VENV) $(TORCH_VENV) workdirs docs/_build

@@ -5,8 +5,12 @@ process's peak RSS on the CPU, the framework allocator's peak on the GPU. Inputs
 the device before the timed calls, and outputs stay there. Writes
 `experiments/results/bench_loss.md` and `bench_loss.png` (`bench_loss_gpu.*` with `--gpu`).
 
+PyTorch runs in its own interpreter (`--torch_python`): the pinned torch wheel exists for
+Python 3.11 only, sdjax needs 3.12. `make bench` makes `.venv-torch` (Python 3.11 with torch,
+numpy and absl-py, all a PyTorch worker imports), which is the default when it exists.
+
 COMMAND (from the repository root):
-  make bench                         # installs torch==2.13.0 into .venv, then runs this
+  make bench                         # makes .venv-torch (torch==2.13.0), then runs this
   .venv/bin/python -m experiments.bench_loss [--sizes=1024,4096] [--impls=sdjax,torch_eager]
   python -m experiments.bench_loss --gpu   # both frameworks on the GPU, float32 matmuls
   python -m experiments.bench_loss --gpu --precision=bfloat16   # or =default (TF32 matmuls)
@@ -39,6 +43,7 @@ TEMPERATURE = 0.07
 IMPLS = ("sdjax", "torch_eager", "torch_compile")
 REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "experiments" / "results"
+TORCH_VENV_PYTHON = REPOSITORY / ".venv-torch" / "bin" / "python"
 CPU_SIZES = (1024, 4096, 16384, 65536)
 GPU_SIZES = (1024, 4096, 16384, 32768, 65536, 262144)
 PRECISIONS = {  # --precision: what both frameworks compute in
@@ -64,7 +69,14 @@ flags.DEFINE_string("out_dir", str(RESULTS), "Where the table, JSON and figure g
 flags.DEFINE_string("device_label", "", "The machine's name in the table; '': the CPU's or GPU's.")
 flags.DEFINE_bool("quick", False, "Sizes 1024 and 4096 only.")
 flags.DEFINE_integer("matmul_size", 0, "Side of the matmul-rate check; 0: 4096, with --gpu 16384.")
+flags.DEFINE_string(
+    "torch_python",
+    "",
+    "The interpreter of the PyTorch workers; '': .venv-torch/bin/python (made by `make bench`) "
+    "if it exists, else this one.",
+)
 flags.DEFINE_list("worker", [], "Internal: IMPL,N,REPEATS, one configuration in this process.")
+flags.DEFINE_bool("agreement_worker", False, "Internal: PyTorch's loss and gradient, as JSON.")
 
 
 def make_inputs(num_views: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -172,12 +184,21 @@ def make_impl(name: str, labels: np.ndarray, gpu: bool, block_size: int | None, 
     return torch_value_and_grad(labels, name == "torch_compile", gpu, precision)
 
 
-def torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def interpreter(impl: str) -> str:
+    """The Python that runs `impl`'s worker: PyTorch's from `--torch_python`, sdjax's this one."""
+    if not impl.startswith("torch"):
+        return sys.executable
+    if FLAGS.torch_python:
+        return FLAGS.torch_python
+    return str(TORCH_VENV_PYTHON) if TORCH_VENV_PYTHON.exists() else sys.executable
+
+
+def torch_version() -> str | None:
+    """torch's version and its Python's, e.g. "2.13.0+cpu (Python 3.11)", in the PyTorch
+    workers' interpreter; None when it has no torch."""
+    probe = "import sys, torch; print(f'{torch.__version__} (Python {sys.version.split()[0]})')"
+    done = subprocess.run([interpreter("torch"), "-c", probe], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,18 +250,40 @@ def worker(
     }
 
 
-def check_agreement(gpu: bool, num_views: int = 256) -> float:
+AGREEMENT_VIEWS = 256
+
+
+def torch_agreement_result(gpu: bool) -> dict:
+    """PyTorch's eager loss and gradient on the agreement check's inputs (in its worker)."""
+    features, labels = make_inputs(AGREEMENT_VIEWS, seed=1)
+    to_device, run = torch_value_and_grad(labels, compiled=False, gpu=gpu)
+    loss, grad = run(to_device(features))
+    return {"loss": float(loss), "grad": grad.cpu().numpy().tolist()}
+
+
+def worker_json(command: list[str], gpu: bool, timeout: float | None = None) -> dict:
+    """A worker process's last line of output, as JSON (an error with its stderr's tail)."""
+    done = subprocess.run(
+        command + (["--gpu"] if gpu else []),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPOSITORY,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()[-300:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def check_agreement(gpu: bool) -> float:
     """sdjax and the PyTorch reference agree in value and gradient before anything is timed."""
-    features, labels = make_inputs(num_views, seed=1)
-    results = []
-    for to_device, run in (
-        sdjax_value_and_grad(labels, gpu),
-        torch_value_and_grad(labels, compiled=False, gpu=gpu),
-    ):
-        loss, grad = run(to_device(features))
-        results.append((float(loss), np.asarray(grad.cpu() if hasattr(grad, "cpu") else grad)))
-    (loss, grad), (torch_loss, torch_grad) = results
-    np.testing.assert_allclose(loss, torch_loss, rtol=1e-4)
+    features, labels = make_inputs(AGREEMENT_VIEWS, seed=1)
+    to_device, run = sdjax_value_and_grad(labels, gpu)
+    loss, grad = run(to_device(features))
+    command = [interpreter("torch"), "-m", "experiments.bench_loss", "--agreement_worker"]
+    torch_result = worker_json(command, gpu)
+    torch_loss, torch_grad = torch_result["loss"], np.asarray(torch_result["grad"])
+    np.testing.assert_allclose(float(loss), torch_loss, rtol=1e-4)
     np.testing.assert_allclose(grad, torch_grad, rtol=1e-3, atol=1e-6)
     return loss
 
@@ -273,7 +316,7 @@ def estimated_dense_gb(num_views: int) -> float:
 
 def run_config(impl, num_views, repeats, timeout, gpu, block_size, precision) -> dict:
     command = [
-        sys.executable,
+        interpreter(impl),
         "-m",
         "experiments.bench_loss",
         f"--worker={impl},{num_views},{repeats}",
@@ -387,6 +430,9 @@ def plot(results, path, title, memory_name):
 
 def main(argv):
     del argv
+    if FLAGS.agreement_worker:
+        print(json.dumps(torch_agreement_result(FLAGS.gpu)))
+        return
     if FLAGS.worker:
         impl, n, repeats = FLAGS.worker
         block_size = FLAGS.block_size or None
@@ -406,7 +452,8 @@ def main(argv):
     unknown = set(impls) - set(IMPLS)
     if unknown:
         raise app.UsageError(f"--impls: got {sorted(unknown)}, expected names from {IMPLS}")
-    has_torch = torch_available()
+    torch_version_name = torch_version()
+    has_torch = torch_version_name is not None
     if has_torch:
         loss = check_agreement(FLAGS.gpu)
         print(f"agreement check: sdjax and PyTorch give {loss:.6f}", flush=True)
@@ -414,14 +461,13 @@ def main(argv):
     gflops = matmul_gflops(FLAGS.gpu, matmul_size)
     import jax
 
-    torch_version = __import__("torch").__version__ if has_torch else "not installed"
     if FLAGS.gpu:
         gpu_name = jax.devices()[0].device_kind
         device = FLAGS.device_label or f"{gpu_name} (GPU)"
         memory_name = "peak GPU memory"
         memory_note = "peak GPU memory: the framework allocator's peak in the process"
         memory_limit = FLAGS.memory_limit_gb or (
-            __import__("torch").cuda.get_device_properties(0).total_memory / 1e9
+            jax.devices()[0].memory_stats()["bytes_limit"] / 1e9
         )
         slow_calls = ""  # every call is fast enough to repeat
     else:
@@ -434,7 +480,8 @@ def main(argv):
     header = [
         f"# S-D loss fwd+bwd: sdjax vs dense PyTorch ({device})",
         "",
-        f"- date: {datetime.date.today()}, jax {jax.__version__}, torch {torch_version}",
+        f"- date: {datetime.date.today()}, jax {jax.__version__}, "
+        f"torch {torch_version_name or 'not installed'}",
         f"- matmul rate (jax, float32 {matmul_size}x{matmul_size}): {gflops:.1f} GFLOP/s",
         f"- D={FEATURE_DIM}, C={NUM_CLASSES}, label density {LABEL_DENSITY}, one view per "
         f"sample, τ={TEMPERATURE}; sdjax block_size {FLAGS.block_size or 'automatic'}; "

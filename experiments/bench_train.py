@@ -10,11 +10,15 @@ both compute in bfloat16 (sdjax's `compute_dtype`, PyTorch's autocast) with floa
 parameters. The views are fixed random images: this times the model, not the augmentations.
 
 Every (implementation, network, batch) runs in a fresh child process, so its peak memory is
-its own (peak RSS on the CPU, the allocator's peak on a GPU). Writes
+its own (peak RSS on the CPU, the allocator's peak on a GPU); PyTorch's in its own interpreter
+(`--torch_python`, as in bench_loss: `.venv-torch` when it exists). With `--rounds`, the whole
+sequence of configurations runs again, so the implementations alternate in one sitting.
+`--chunk_counts` adds XLA's buffer sizes of the gradient-cached step for each number of chunks
+(compiled, not run): the memory that gradient caching must keep bounded. Writes
 `experiments/results/bench_train.{json,md,png}` (`bench_train_gpu.*` with `--gpu`).
 
 COMMAND (from the repository root):
-  make bench                                   # installs torch==2.13.0, runs both benchmarks
+  make bench                                   # makes .venv-torch, runs both benchmarks
   .venv/bin/python -m experiments.bench_train  # CPU: ResNet-18/50, 64 px, batch 32
   python -m experiments.bench_train --gpu      # GPU: 224 px, batch 256, MFU, largest batches
 """
@@ -22,6 +26,7 @@ COMMAND (from the repository root):
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import subprocess
@@ -37,10 +42,12 @@ if __package__ in (None, ""):  # run as a script: import from the repo root
 
 from experiments.bench_loss import (
     cpu_model,
+    interpreter,
     peak_gpu_mb,
     peak_rss_mb,
-    torch_available,
     torch_sd_loss,
+    torch_version,
+    worker_json,
 )
 
 ARCHS = {  # name: (stage sizes, block)
@@ -57,15 +64,27 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "experiments" / "results"
 
 FLAGS = flags.FLAGS
-# bench_loss (imported above) defines --gpu, --impls (the same three names), --timeout and
-# --out_dir, which mean the same here.
+# bench_loss (imported above) defines --gpu, --impls (the same three names), --timeout,
+# --torch_python and --out_dir, which mean the same here.
 flags.DEFINE_list("archs", list(ARCHS), f"Networks, from {sorted(ARCHS)}.")
 flags.DEFINE_integer("image_size", 0, "Pixels per side; 0: 64, with --gpu 224.")
 flags.DEFINE_integer("batch_size", 0, "Examples per step (x2 views); 0: 32, with --gpu 256.")
 flags.DEFINE_integer("steps", 0, "Timed steps after 2 warm-up steps; 0: 3, with --gpu 20.")
 flags.DEFINE_integer("chunk_size", 0, "sdjax gradient caching: inputs per chunk; 0: off.")
+flags.DEFINE_integer("rounds", 1, "Times the sequence of configurations runs (alternating).")
+flags.DEFINE_list(
+    "chunk_counts", [], "Numbers of chunks whose gradient-cached step's XLA buffers to report."
+)
+flags.DEFINE_string(
+    "chunk_memory_from",
+    "",
+    "A bench_train JSON whose chunk-count memory rows to reuse (compiled sizes do not depend on "
+    "the machine's load) instead of compiling them again with --chunk_counts.",
+)
+flags.DEFINE_string("note", "", "A line for the header, e.g. what else ran on the machine.")
 flags.DEFINE_bool("max_batch", None, "Search the largest batch that fits; default: with --gpu.")
 flags.DEFINE_list("train_worker", [], "Internal: IMPL,ARCH,BATCH,CHUNK, one configuration.")
+flags.DEFINE_list("memory_worker", [], "Internal: ARCH,BATCH,CHUNK, XLA's buffer sizes.")
 
 
 def make_batch(batch_size: int, image_size: int, seed: int = 0):
@@ -81,8 +100,8 @@ def make_batch(batch_size: int, image_size: int, seed: int = 0):
 # --------------------------------------------------------------------------------------------
 
 
-def sdjax_step(arch: str, batch_size: int, image_size: int, chunk_size: int, gpu: bool):
-    """`(run, flops_per_step)`: `run()` takes one training step and waits for it."""
+def sdjax_train_step(arch: str, batch_size: int, image_size: int, chunk_size: int, gpu: bool):
+    """`(train_step, args)`: the jitted step and its arguments (model, optimizer, views, labels)."""
     import jax
     import ml_collections
     import optax
@@ -137,15 +156,26 @@ def sdjax_step(arch: str, batch_size: int, image_size: int, chunk_size: int, gpu
         optimizer.update(model, grads)
         return loss
 
-    cost = train_step.lower(model, optimizer, views, labels).compile().cost_analysis()
+    return train_step, (model, optimizer, views, labels)
+
+
+def sdjax_step(arch: str, batch_size: int, image_size: int, chunk_size: int, gpu: bool):
+    """`(run, flops_per_step, xla_temp_mb)`: `run()` takes one training step and waits for it;
+    `xla_temp_mb` is XLA's buffer for the step's intermediates (activations and the like)."""
+    import jax
+
+    train_step, args = sdjax_train_step(arch, batch_size, image_size, chunk_size, gpu)
+    compiled = train_step.lower(*args).compile()
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     # XLA counts a loop's body once, not per iteration: no FLOP count for the chunked step.
     flops = float(cost.get("flops", 0.0)) if cost and not chunk_size else 0.0
+    temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
 
     def run():
-        return float(jax.block_until_ready(train_step(model, optimizer, views, labels)))
+        return float(jax.block_until_ready(train_step(*args)))
 
-    return run, flops
+    return run, flops, temp_mb
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,9 +297,10 @@ def torch_step(arch: str, batch_size: int, image_size: int, compiled: bool, gpu:
 def worker(impl, arch, batch_size, chunk_size, image_size, steps, gpu) -> dict:
     start = time.perf_counter()
     if impl == "sdjax":
-        run, flops = sdjax_step(arch, batch_size, image_size, chunk_size, gpu)
+        run, flops, temp_mb = sdjax_step(arch, batch_size, image_size, chunk_size, gpu)
     else:
         run, flops = torch_step(arch, batch_size, image_size, impl == "torch_compile", gpu)
+        temp_mb = None
     first_loss = run()  # compiles (sdjax: compiled above, for the FLOP count)
     first_call = time.perf_counter() - start
     run()
@@ -291,12 +322,34 @@ def worker(impl, arch, batch_size, chunk_size, image_size, steps, gpu) -> dict:
         "first_call_s": first_call,
         "losses": [first_loss, last_loss],
         "xla_flops_per_step": flops,
+        "xla_temp_mb": temp_mb,
         "peak_memory_mb": peak_gpu_mb(impl) if gpu else peak_rss_mb(),
     }
 
 
-def run_config(impl, arch, batch_size, chunk_size, image_size, steps, gpu, timeout) -> dict:
+def memory_worker(arch, batch_size, chunk_size, image_size, gpu) -> dict:
+    """XLA's buffer sizes for sdjax's step, compiled and not run."""
+    train_step, args = sdjax_train_step(arch, batch_size, image_size, chunk_size, gpu)
+    memory = train_step.lower(*args).compile().memory_analysis()
+    inputs = batch_size * NUM_VIEWS
+    return {
+        "arch": arch,
+        "batch_size": batch_size,
+        "chunk_size": chunk_size,
+        "num_chunks": inputs // chunk_size if chunk_size else 1,
+        "xla_temp_mb": memory.temp_size_in_bytes / 2**20,
+        "xla_argument_mb": memory.argument_size_in_bytes / 2**20,
+    }
+
+
+def run_memory_worker(arch, batch_size, chunk_size, image_size, gpu, timeout) -> dict:
     command = [sys.executable, "-m", "experiments.bench_train"]
+    command += [f"--memory_worker={arch},{batch_size},{chunk_size}", f"--image_size={image_size}"]
+    return worker_json(command, gpu, timeout)
+
+
+def run_config(impl, arch, batch_size, chunk_size, image_size, steps, gpu, timeout) -> dict:
+    command = [interpreter(impl), "-m", "experiments.bench_train"]
     command += [f"--train_worker={impl},{arch},{batch_size},{chunk_size}"]
     command += [f"--image_size={image_size}", f"--steps={steps}"] + (["--gpu"] if gpu else [])
     row = {"impl": impl, "arch": arch, "batch_size": batch_size, "chunk_size": chunk_size}
@@ -328,30 +381,131 @@ def largest_batch(impl, arch, chunk_size, image_size, start, timeout) -> int:
     return fits
 
 
-def write_outputs(results, max_batches, header, out_dir: Path, stem: str) -> None:
+def merge_rounds(rows: list[dict]) -> dict:
+    """One configuration's rows from several rounds: steps pooled, the worst peak memory."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return rows[0]
+    times = [t for r in ok for t in r["times_s"]]
+    median = float(np.median(times))
+    return ok[0] | {
+        "times_s": times,
+        "median_step_s": median,
+        "round_medians_s": [r["median_step_s"] for r in ok],
+        "samples_per_s": ok[0]["batch_size"] / median,
+        "first_call_s": float(np.mean([r["first_call_s"] for r in ok])),
+        "peak_memory_mb": max(r["peak_memory_mb"] for r in ok),
+    }
+
+
+def ratio_to(results, row, impl, chunk_size=0) -> float | None:
+    """`row`'s step time over `impl`'s (same network), in the same round where both ran."""
+    other = next(
+        (
+            r
+            for r in results
+            if r["status"] == "ok"
+            and r["arch"] == row["arch"]
+            and r["impl"] == impl
+            and r["chunk_size"] == chunk_size
+        ),
+        None,
+    )
+    if row["status"] != "ok" or other is None:
+        return None
+    return row["median_step_s"] / other["median_step_s"]
+
+
+def targets(results, memory_rows) -> list[str]:
+    """The issue's targets, checked on this run."""
+    lines = []
+    for row in results:
+        if row["impl"] != "sdjax" or row["status"] != "ok":
+            continue
+        vs_compile = ratio_to(results, row, "torch_compile")
+        if not row["chunk_size"] and vs_compile is not None:
+            limit = 1.5 if row["arch"] == "resnet18" else 1.0
+            verdict = "PASS" if vs_compile <= limit else "FAIL"
+            lines.append(
+                f"{row['arch']}: sdjax / torch.compile step = {vs_compile:.2f} "
+                f"(<= {limit}): {verdict}"
+            )
+        vs_plain = ratio_to(results, row, "sdjax")
+        if row["chunk_size"] and vs_plain is not None:
+            verdict = "PASS" if vs_plain <= 1.5 else "FAIL"
+            lines.append(
+                f"{row['arch']}: gradient caching (chunk {row['chunk_size']}) / plain step = "
+                f"{vs_plain:.2f} (<= 1.5): {verdict}"
+            )
+    for arch in dict.fromkeys(r["arch"] for r in memory_rows):
+        rows = sorted(
+            (r for r in memory_rows if r["arch"] == arch and r["chunk_size"]),
+            key=lambda r: r["num_chunks"],
+        )
+        temps = [r["xla_temp_mb"] for r in rows]
+        if len(temps) > 1:
+            grows = any(b > a * 1.01 for a, b in itertools.pairwise(temps))
+            lines.append(
+                f"{arch}: XLA temp memory of the cached step for {rows[0]['num_chunks']}.."
+                f"{rows[-1]['num_chunks']} chunks: {temps[0]:.0f}..{temps[-1]:.0f} MB, "
+                f"{'grows' if grows else 'never grows'} with the number of chunks: "
+                f"{'FAIL' if grows else 'PASS'}"
+            )
+    return lines
+
+
+def write_outputs(results, max_batches, memory_rows, header, out_dir: Path, stem: str) -> None:
     lines = [*header, ""]
     lines += [
-        "| network | implementation | samples/s | step (ms) | peak memory (MB) | "
-        "XLA GFLOP/step | achieved TFLOP/s | MFU | first call (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| network | implementation | samples/s | step (ms) | step / torch.compile's | "
+        "peak memory (MB) | XLA temp (MB) | XLA GFLOP/step | achieved TFLOP/s | MFU | "
+        "first call (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r["status"] != "ok":
-            lines.append(f"| {r['arch']} | {r['impl']} | {r['status']} | | | | | | |")
+            lines.append(f"| {r['arch']} | {label(r)} | {r['status']} | | | | | | | | |")
             continue
         flops = r["xla_flops_per_step"]
         tflops = f"{flops / r['median_step_s'] / 1e12:.3f}" if flops else "–"
         gflops = f"{flops / 1e9:.1f}" if flops else "–"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "–"
+        vs_compile = ratio_to(results, r, "torch_compile")
+        temp = f"{r['xla_temp_mb']:.0f}" if r.get("xla_temp_mb") is not None else "–"
         lines.append(
             f"| {r['arch']} | {label(r)} | {r['samples_per_s']:.1f} | "
-            f"{1e3 * r['median_step_s']:.0f} | {r['peak_memory_mb']:.0f} | {gflops} | "
+            f"{1e3 * r['median_step_s']:.0f} | "
+            f"{'–' if vs_compile is None else f'{vs_compile:.2f}'} | "
+            f"{r['peak_memory_mb']:.0f} | {temp} | {gflops} | "
             f"{tflops} | {mfu} | {r['first_call_s']:.1f} |"
         )
+    rounds = [r for r in results if len(r.get("round_medians_s", [])) > 1]
+    if rounds:
+        lines += ["", "Median step (ms) in each round:", ""]
+        lines += [
+            f"- {r['arch']} {label(r)}: "
+            + ", ".join(f"{1e3 * t:.0f}" for t in r["round_medians_s"])
+            for r in rounds
+        ]
+    if memory_rows:
+        lines += [
+            "",
+            "XLA's buffers for sdjax's step by number of chunks (compiled, not run; temp: "
+            "activations and other intermediates; 1 chunk: the plain step):",
+            "",
+            "| network | chunks | inputs per chunk | XLA temp (MB) | arguments (MB) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['arch']} | {r['num_chunks']} | {r['chunk_size'] or r['batch_size'] * 2} | "
+            f"{r['xla_temp_mb']:.0f} | {r['xla_argument_mb']:.0f} |"
+            for r in memory_rows
+        ]
     if max_batches:
         lines += ["", "Largest batch that fits (examples, x2 views; powers of two):", ""]
         lines += ["| network | implementation | largest batch |", "|---|---|---:|"]
         lines += [f"| {arch} | {impl} | {fits} |" for (arch, impl), fits in max_batches.items()]
+    lines += ["", "Targets:", "", *[f"- {t}" for t in targets(results, memory_rows)]]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     (out_dir / f"{stem}.json").write_text(
@@ -359,6 +513,7 @@ def write_outputs(results, max_batches, header, out_dir: Path, stem: str) -> Non
             {
                 "header": header,
                 "results": results,
+                "chunk_memory": memory_rows,
                 "max_batch": [
                     {"arch": a, "impl": i, "batch_size": b} for (a, i), b in max_batches.items()
                 ],
@@ -367,30 +522,39 @@ def write_outputs(results, max_batches, header, out_dir: Path, stem: str) -> Non
         )
         + "\n"
     )
-    plot(results, out_dir / f"{stem}.png", header[0].lstrip("# "))
+    plot(results, memory_rows, out_dir / f"{stem}.png", header[0].lstrip("# "))
 
 
-def plot(results, path: Path, title: str) -> None:
+def plot(results, memory_rows, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in results if r["status"] == "ok"]
-    archs = sorted({r["arch"] for r in ok})
+    archs = list(dict.fromkeys(r["arch"] for r in ok))
     impls = list(dict.fromkeys(label(r) for r in ok))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if memory_rows else 2, figsize=(16 if memory_rows else 11, 4))
     width = 0.8 / max(len(impls), 1)
     for k, impl in enumerate(impls):
-        for ax, key in zip(axes, ("samples_per_s", "peak_memory_mb"), strict=True):
+        for ax, key in zip(axes, ("samples_per_s", "peak_memory_mb"), strict=False):
             values = [
                 next((r[key] for r in ok if r["arch"] == a and label(r) == impl), 0) for a in archs
             ]
             ax.bar(np.arange(len(archs)) + k * width, values, width, label=impl)
-    for ax, name in zip(axes, ("samples / s (higher is better)", "peak memory, MB"), strict=True):
+    for ax, name in zip(axes, ("samples / s (higher is better)", "peak memory, MB"), strict=False):
         ax.set_xticks(np.arange(len(archs)) + width * (len(impls) - 1) / 2, archs)
         ax.set_ylabel(name)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
+    if memory_rows:
+        for arch in dict.fromkeys(r["arch"] for r in memory_rows):
+            rows = [r for r in memory_rows if r["arch"] == arch]
+            axes[2].plot(
+                [r["num_chunks"] for r in rows], [r["xla_temp_mb"] for r in rows], "o-", label=arch
+            )
+        axes[2].set(xscale="log", xlabel="chunks (1: plain step)", ylabel="XLA temp memory, MB")
+        axes[2].set_xticks([1, 2, 4, 8, 16, 32, 64], ["1", "2", "4", "8", "16", "32", "64"])
+        axes[2].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -400,6 +564,11 @@ def label(row) -> str:
     if row["impl"] == "sdjax" and row.get("chunk_size"):
         return f"sdjax (chunk {row['chunk_size']})"
     return row["impl"]
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
 def main(argv):
@@ -412,6 +581,10 @@ def main(argv):
         result = worker(impl, arch, int(batch), int(chunk), image_size, steps, gpu)
         print(json.dumps(result))
         return
+    if FLAGS.memory_worker:
+        arch, batch, chunk = FLAGS.memory_worker
+        print(json.dumps(memory_worker(arch, int(batch), int(chunk), image_size, gpu)))
+        return
     impls = [impl for impl in IMPLS if impl in FLAGS.impls]  # sdjax first
     for name, values, allowed in (("archs", FLAGS.archs, ARCHS), ("impls", FLAGS.impls, IMPLS)):
         if set(values) - set(allowed):
@@ -420,8 +593,9 @@ def main(argv):
     chunk_size = FLAGS.chunk_size
     import jax
 
-    has_torch = torch_available()  # without it, the PyTorch rows say so
-    torch_version = __import__("torch").__version__ if has_torch else "not installed"
+    load_before, started = load_line(), datetime.datetime.now(datetime.UTC)
+    torch_version_name = torch_version()
+    has_torch = torch_version_name is not None  # without it, the PyTorch rows say so
     if gpu:
         device = f"{jax.devices()[0].device_kind} (GPU)"
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
@@ -429,23 +603,37 @@ def main(argv):
     else:
         device, peak = f"{cpu_model()}, {os.cpu_count()} cores (CPU)", None
         memory = "peak RSS: the process's VmHWM"
-    results = []
-    for arch in FLAGS.archs:
-        for impl in impls:
-            chunks = [0, chunk_size] if impl == "sdjax" and chunk_size else [0]
-            for chunk in chunks:
-                if impl != "sdjax" and not has_torch:
-                    row = {"impl": impl, "arch": arch, "batch_size": batch_size, "chunk_size": 0}
-                    row["status"] = "skipped (torch not installed)"
-                else:
-                    row = run_config(
-                        impl, arch, batch_size, chunk, image_size, steps, gpu, FLAGS.timeout
-                    )
-                if row["status"] == "ok" and peak and row["xla_flops_per_step"]:
-                    achieved = row["xla_flops_per_step"] / row["median_step_s"]
-                    row["mfu"] = achieved / (peak * 1e12)
-                print(json.dumps({k: v for k, v in row.items() if k != "times_s"}), flush=True)
-                results.append(row)
+    configs = [
+        (arch, impl, chunk)
+        for arch in FLAGS.archs
+        for impl in impls
+        for chunk in ([0, chunk_size] if impl == "sdjax" and chunk_size else [0])
+    ]
+    by_config = {config: [] for config in configs}
+    for round_index in range(FLAGS.rounds):
+        for arch, impl, chunk in configs:
+            if impl != "sdjax" and not has_torch:
+                row = {"impl": impl, "arch": arch, "batch_size": batch_size, "chunk_size": 0}
+                row["status"] = "skipped (torch not installed)"
+            else:
+                row = run_config(
+                    impl, arch, batch_size, chunk, image_size, steps, gpu, FLAGS.timeout
+                )
+            shown = {k: v for k, v in row.items() if k != "times_s"}
+            print(json.dumps({"round": round_index} | shown), flush=True)
+            by_config[(arch, impl, chunk)].append(row)
+    results = [merge_rounds(rows) for rows in by_config.values()]
+    for row in results:
+        if row["status"] == "ok" and peak and row["xla_flops_per_step"]:
+            row["mfu"] = row["xla_flops_per_step"] / row["median_step_s"] / (peak * 1e12)
+    if FLAGS.chunk_memory_from:
+        memory_rows = json.loads(Path(FLAGS.chunk_memory_from).read_text())["chunk_memory"]
+    else:
+        memory_rows = [
+            run_memory_worker(arch, batch_size, chunk, image_size, gpu, FLAGS.timeout)
+            for arch in FLAGS.archs
+            for chunk in [0] + [batch_size * NUM_VIEWS // int(n) for n in FLAGS.chunk_counts]
+        ]
     max_batches = {}
     if FLAGS.max_batch if FLAGS.max_batch is not None else gpu:
         if not gpu:
@@ -462,14 +650,20 @@ def main(argv):
     header = [
         f"# Stage-1 training step: sdjax vs PyTorch ({device})",
         "",
-        f"- date: {datetime.date.today()}, jax {jax.__version__}, torch {torch_version}",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC, jax {jax.__version__} (Python "
+        f"{sys.version.split()[0]}), torch {torch_version_name or 'not installed'}",
+        f"- load average (1, 5, 15 min, as `uptime` gives it): {load_before} at the start, "
+        f"{load_line()} at the end",
         f"- {image_size}x{image_size}x3 images, batch {batch_size} x {NUM_VIEWS} views, width "
         f"{WIDTH}, patchify stem {STEM_STRIDE}, GroupNorm, projection {PROJECTION_HIDDEN}->"
         f"{PROJECTION_DIM}, S-D loss (τ={TEMPERATURE}), AdamW; {precision}",
-        f"- median of {steps} steps after a compile step and a warm-up step; each configuration "
-        f"in its own process ({memory}); FLOPs from XLA's cost analysis of sdjax's step "
-        "(the PyTorch step does the same work)",
+        f"- median of {steps} steps x {FLAGS.rounds} round(s) after a compile step and a "
+        "warm-up step; the configurations run one after another in each round; each "
+        f"configuration in its own process ({memory}); XLA temp: XLA's buffer for the step's "
+        "intermediates; FLOPs from XLA's cost analysis of sdjax's step (the PyTorch step does "
+        "the same work)",
         f"- command: `{' '.join([python, '-m', 'experiments.bench_train', *sys.argv[1:]])}`",
+        *([f"- {FLAGS.note}"] if FLAGS.note else []),
     ]
     if not gpu:
         header += [
@@ -479,7 +673,7 @@ def main(argv):
             "(written to `bench_train_gpu.md`), and none was available when this was made",
         ]
     stem = "bench_train_gpu" if gpu else "bench_train"
-    write_outputs(results, max_batches, header, Path(FLAGS.out_dir), stem)
+    write_outputs(results, max_batches, memory_rows, header, Path(FLAGS.out_dir), stem)
     print((Path(FLAGS.out_dir) / f"{stem}.md").read_text())
 
 

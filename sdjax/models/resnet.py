@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sdjax.models import conv
+
 
 def _group_norm(channels: int, rngs: nnx.Rngs, dtype) -> nnx.GroupNorm:
     # GroupNorm, not BatchNorm: no batch statistics, so a step is a pure function of the
@@ -22,6 +24,7 @@ def _conv(in_channels: int, out_channels: int, kernel: int, stride: int, rngs, d
         strides=stride,
         use_bias=False,
         dtype=dtype,
+        conv_general_dilated=conv.conv_general_dilated,
         rngs=rngs,
     )
 
@@ -137,6 +140,7 @@ class ResNetEncoder(nnx.Module):
             strides=stem_stride,
             use_bias=False,
             dtype=dtype,
+            conv_general_dilated=conv.conv_general_dilated,
             rngs=rngs,
         )
         self.stem_norm = _group_norm(width, rngs, dtype)
