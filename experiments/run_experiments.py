@@ -61,18 +61,24 @@ from experiments.suite import (
 EXPERIMENTS = Path(__file__).resolve().parent
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("profile", "quick", [*PROFILES, *PROTOCOLS], "Which budget to run.")
-flags.DEFINE_string("results_dir", str(EXPERIMENTS / "results"), "Where result files go.")
-flags.DEFINE_string("workdir", str(EXPERIMENTS / "workdirs"), "Scratch space for checkpoints.")
-flags.DEFINE_string("data_dir", "", "tfds data dir; '' = $TFDS_DATA_DIR or the sdjax cache.")
-flags.DEFINE_bool("dry_run", False, "Only list the planned runs, each as done or to do.")
-flags.DEFINE_list("sections", [], "Run only these sections (default: all).")
-flags.DEFINE_list("datasets", [], "Run only these datasets (default: all).")
-flags.DEFINE_bool(
-    "moco",
-    False,
-    "Protocol profiles: add the MoCo setting, exploratory only (experiments/protocol.py says why).",
-)
+
+
+def define_flags() -> None:
+    """The command line's flags. Defined when run as a script, not on import: the tests import
+    this module beside `sdjax.main`, which defines its own `--workdir`."""
+    flags.DEFINE_enum("profile", "quick", [*PROFILES, *PROTOCOLS], "Which budget to run.")
+    flags.DEFINE_string("results_dir", str(EXPERIMENTS / "results"), "Where result files go.")
+    flags.DEFINE_string("workdir", str(EXPERIMENTS / "workdirs"), "Scratch space for checkpoints.")
+    flags.DEFINE_string("data_dir", "", "tfds data dir; '' = $TFDS_DATA_DIR or the sdjax cache.")
+    flags.DEFINE_bool("dry_run", False, "Only list the planned runs, each as done or to do.")
+    flags.DEFINE_list("sections", [], "Run only these sections (default: all).")
+    flags.DEFINE_list("datasets", [], "Run only these datasets (default: all).")
+    flags.DEFINE_bool(
+        "moco",
+        False,
+        "Protocol profiles: add the MoCo setting, exploratory only "
+        "(experiments/protocol.py says why).",
+    )
 
 
 def run_config(profile: str, run: Run, data_dir: str):
@@ -369,4 +375,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -661,6 +661,7 @@ def execute(profile, run, results_dir, workdir_root, data_dir):
     return {**fake_record(run, 0.5), "wall_seconds": 0.0}
 
 run_experiments.execute = execute
+run_experiments.define_flags()
 app.run(run_experiments.main)
 """
 
