@@ -418,6 +418,39 @@ def test_label_indices_match_the_oracle_and_multi_hot(positives):
     assert want > 0 and np.abs(dense_grad).max() > 1e-3
 
 
+@pytest.mark.parametrize(
+    "positives, width, num_classes, id_dtype",
+    [
+        ("any", 40, 30, np.int32),
+        ("sd", 40, 30, np.int32),
+        ("all", 9, 6, np.int16),
+        ("jaccard", 9, 6, np.int16),
+    ],
+)
+def test_unweighted_index_lists_count_shared_labels_exactly(
+    positives, width, num_classes, id_dtype
+):
+    # Without label weights the shared labels are counted as integer sums of id comparisons,
+    # in passes over the anchor slots (40 slots: 7 passes, the last one padded; 9: one pass).
+    features, labels, mask, _ = random_case(13, num_samples=9, num_classes=num_classes)
+    labels[1] = labels[2]  # identical sets: "all" has a positive across samples
+    kwargs = dict(positives=positives, temperature=0.2, sample_mask=mask, jaccard_threshold=0.2)
+    indices = index_lists(labels, width=width, seed=1)
+    indices = losses.LabelIndices(indices.indices.astype(id_dtype))
+    want = oracle(features, labels, **kwargs)[0]
+    value, grad = jax.value_and_grad(
+        lambda f: losses.multilabel_supcon_loss(f, indices, block_size=4, **kwargs)
+    )(features)
+    dense_value, dense_grad = jax.value_and_grad(
+        lambda f: losses.multilabel_supcon_loss(f, labels, block_size=4, **kwargs)
+    )(features)
+    np.testing.assert_allclose(value, want, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(value, dense_value, rtol=1e-6)
+    np.testing.assert_allclose(grad, dense_grad, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(losses.label_relations(indices), losses.label_relations(labels))
+    assert want > 0 and np.abs(dense_grad).max() > 1e-3
+
+
 def test_label_indices_from_multi_hot_and_relations():
     labels = multi_hot({1, 2}, {1, 2}, {1}, {1, 2, 3}, {2, 4}, {5}, set())
     indices = losses.LabelIndices.from_multi_hot(labels)
