@@ -7,7 +7,10 @@ Two measurements, each configuration in a fresh child process:
    {80, 1000, 8922} (8922: MIMIC-III-Full's ICD codes). "old" is the loss as it was before the
    label arithmetic became per-sample (`git show OLD_REV:sdjax/losses.py`, loaded from a temporary
    file in the child), on multi-hot labels; "new" is this checkout on multi-hot labels and on
-   `LabelIndices`. Peak memory is the child's peak RSS and the compiled program's temporaries.
+   `LabelIndices`. All configurations of one `positives` are compiled in one child and timed
+   alternately, round by round (the order reversed every other round), so that each ratio
+   compares calls made under the same machine load; each call's wall and CPU time are kept.
+   Peak memory is the compiled program's (arguments + temporaries + outputs).
 2. **Global batch over devices.** Per-device memory of the sharded loss (`make_sharded_loss`,
    fwd+bwd, 8 fake CPU devices, `LabelIndices` with 16 labels) for the `all_gather` and `ring`
    exchanges at global batches up to 2^20 samples, from the compiled program's memory analysis
@@ -73,22 +76,16 @@ flags.DEFINE_list(
 flags.DEFINE_list(
     "device_counts", ["2", "4"], "Part 2: other device counts P, at the largest global batch."
 )
-flags.DEFINE_integer("repeats", 3, "Timed calls per configuration, after a compile call.")
-flags.DEFINE_integer("timeout", 900, "Seconds per configuration.")
+flags.DEFINE_integer(
+    "repeats", 5, "Timed rounds (one call per configuration each), after a warm-up."
+)
+flags.DEFINE_integer("timeout", 2400, "Seconds per child process.")
 flags.DEFINE_bool("gpu", False, "Part 1 on the GPU (float32 matmuls at highest precision).")
 flags.DEFINE_string("out_dir", str(RESULTS), "Where the table, JSON and figure go.")
 flags.DEFINE_string(
     "resume_from", "", "A log of an interrupted run (its stdout): configurations there are reused."
 )
 flags.DEFINE_list("worker", [], "Internal: one configuration in this process.")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM starts afresh at exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def make_labels(num_samples: int, num_classes: int, seed: int = 0) -> np.ndarray:
@@ -114,7 +111,19 @@ def load_old_losses(rev: str):
     return module
 
 
-def time_worker(impl: str, label_format: str, positives: str, num_classes: int) -> dict:
+def label_configs(positives: str) -> list[tuple[str, str, int]]:
+    """(impl, label format, C) of one `positives`, in timing order."""
+    configs = []
+    for num_classes in FLAGS.classes:
+        formats = [("new", "multi_hot"), ("new", "indices")]
+        if positives in FLAGS.old_positives:
+            formats.insert(0, ("old", "multi_hot"))
+        configs += [(impl, label_format, int(num_classes)) for impl, label_format in formats]
+    return configs
+
+
+def time_worker(positives: str) -> list[dict]:
+    """Every configuration of `positives`, compiled here and timed alternately."""
     import jax
     import jax.numpy as jnp
 
@@ -122,49 +131,69 @@ def time_worker(impl: str, label_format: str, positives: str, num_classes: int) 
         jax.config.update("jax_default_matmul_precision", "highest")
     from sdjax import losses
 
-    module = load_old_losses(FLAGS.old_rev) if impl == "old" else losses
+    old = None
     num_samples = FLAGS.samples
     rng = np.random.default_rng(1)
     features = jnp.asarray(
         rng.normal(size=(num_samples, NUM_VIEWS, FEATURE_DIM)).astype(np.float32)
     )
-    ids = make_labels(num_samples, num_classes)
-    if label_format == "indices":
-        labels = losses.LabelIndices(jnp.asarray(ids))
-    else:
-        dense = np.zeros((num_samples, num_classes), np.float32)
-        np.put_along_axis(dense, ids, 1.0, axis=1)
-        labels = jnp.asarray(dense)
-    step = jax.jit(
-        jax.value_and_grad(
-            lambda f, y: module.multilabel_supcon_loss(
-                f, y, positives=positives, temperature=TEMPERATURE
+    rows, steps = [], []
+    for impl, label_format, num_classes in label_configs(positives):
+        if impl == "old" and old is None:
+            old = load_old_losses(FLAGS.old_rev)
+        module = old if impl == "old" else losses
+        ids = make_labels(num_samples, num_classes)
+        if label_format == "indices":
+            labels = losses.LabelIndices(jnp.asarray(ids))
+        else:
+            dense = np.zeros((num_samples, num_classes), np.float32)
+            np.put_along_axis(dense, ids, 1.0, axis=1)
+            labels = jnp.asarray(dense)
+        step = jax.jit(
+            jax.value_and_grad(
+                lambda f, y, module=module: module.multilabel_supcon_loss(
+                    f, y, positives=positives, temperature=TEMPERATURE
+                )
             )
         )
-    )
-    compiled = step.lower(features, labels).compile()
-    memory = compiled.memory_analysis()
-    start = time.perf_counter()
-    loss, _ = jax.block_until_ready(step(features, labels))
-    first_call = time.perf_counter() - start
-    times = []
-    for _ in range(FLAGS.repeats):
+        compiled = step.lower(features, labels).compile()
+        memory = compiled.memory_analysis()
         start = time.perf_counter()
-        jax.block_until_ready(step(features, labels))
-        times.append(time.perf_counter() - start)
-    return {
-        "impl": impl,
-        "format": label_format,
-        "positives": positives,
-        "classes": num_classes,
-        "loss": float(loss),
-        "median_s": float(np.median(times)),
-        "min_s": float(np.min(times)),
-        "times_s": times,
-        "first_call_s": first_call,
-        "peak_rss_mb": peak_rss_mb(),
-        "temp_mb": memory.temp_size_in_bytes / 2**20 if memory else None,
-    }
+        loss, _ = jax.block_until_ready(compiled(features, labels))
+        rows.append(
+            {
+                "impl": impl,
+                "format": label_format,
+                "positives": positives,
+                "classes": num_classes,
+                "loss": float(loss),
+                "first_call_s": time.perf_counter() - start,
+                "peak_mb": (
+                    memory.argument_size_in_bytes
+                    + memory.temp_size_in_bytes
+                    + memory.output_size_in_bytes
+                    - memory.alias_size_in_bytes
+                )
+                / 2**20,
+                "temp_mb": memory.temp_size_in_bytes / 2**20,
+                "times_s": [],
+                "cpu_s": [],
+            }
+        )
+        steps.append((compiled, labels))
+    order = list(range(len(steps)))
+    for round_index in range(FLAGS.repeats):
+        for i in order if round_index % 2 == 0 else order[::-1]:
+            compiled, labels = steps[i]
+            start, cpu_start = time.perf_counter(), time.process_time()
+            jax.block_until_ready(compiled(features, labels))
+            rows[i]["times_s"].append(time.perf_counter() - start)
+            rows[i]["cpu_s"].append(time.process_time() - cpu_start)
+    for row in rows:
+        row["median_s"] = float(np.median(row["times_s"]))
+        row["min_s"] = float(np.min(row["times_s"]))
+        row["cpu_median_s"] = float(np.median(row["cpu_s"]))
+    return rows
 
 
 def memory_worker(exchange: str, global_samples: int, num_devices: int) -> dict:
@@ -210,24 +239,24 @@ def memory_worker(exchange: str, global_samples: int, num_devices: int) -> dict:
 def worker_of(result: dict) -> list[str]:
     """The worker arguments that produced a result row."""
     if "classes" in result:
-        keys = ("impl", "format", "positives", "classes")
-        return ["time", *(str(result[k]) for k in keys)]
+        return ["time", result["positives"]]
     devices = str(result.get("devices", NUM_DEVICES))
     return ["devices", result["exchange"], str(result["global_samples"]), devices]
 
 
-def resumed_results() -> dict[tuple[str, ...], dict]:
+def resumed_results() -> dict[tuple[str, ...], list[dict]]:
     if not FLAGS.resume_from:
         return {}
-    rows = {}
+    rows: dict[tuple[str, ...], list[dict]] = {}
     for line in Path(FLAGS.resume_from).read_text().splitlines():
         if line.startswith("{"):
             result = json.loads(line)
-            rows[tuple(worker_of(result))] = result
+            rows.setdefault(tuple(worker_of(result)), []).append(result)
     return rows
 
 
-def run_child(worker: list[str]) -> dict:
+def run_child(worker: list[str]) -> list[dict]:
+    """The result rows of one worker, run in a fresh process (printed as JSON lines)."""
     if tuple(worker) in RESUMED:
         return RESUMED[tuple(worker)]
     command = [
@@ -235,9 +264,12 @@ def run_child(worker: list[str]) -> dict:
         "-m",
         "experiments.bench_loss_scaling",
         f"--worker={','.join(worker)}",
-    ]
-    command += [f"--samples={FLAGS.samples}", f"--repeats={FLAGS.repeats}"]
-    command += [f"--old_rev={FLAGS.old_rev}"] + (["--gpu"] if FLAGS.gpu else [])
+        f"--samples={FLAGS.samples}",
+        f"--repeats={FLAGS.repeats}",
+        f"--old_rev={FLAGS.old_rev}",
+        f"--classes={','.join(FLAGS.classes)}",
+        f"--old_positives={','.join(FLAGS.old_positives)}",
+    ] + (["--gpu"] if FLAGS.gpu else [])
     environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     try:
         done = subprocess.run(
@@ -249,80 +281,103 @@ def run_child(worker: list[str]) -> dict:
             env=environment,
         )
     except subprocess.TimeoutExpired:
-        return {"worker": worker, "status": f"timeout after {FLAGS.timeout} s"}
+        return [{"worker": worker, "status": f"timeout after {FLAGS.timeout} s"}]
     if done.returncode != 0:
-        return {"worker": worker, "status": f"failed: {done.stderr.strip()[-400:]}"}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["status"] = "ok"
-    print(json.dumps(result), flush=True)
-    return result
+        return [{"worker": worker, "status": f"failed: {done.stderr.strip()[-400:]}"}]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = results if isinstance(results, list) else [results]
+    for result in results:
+        result["status"] = "ok"
+        print(json.dumps(result), flush=True)
+    return results
+
+
+def round_ratios(row: dict, reference: dict) -> np.ndarray:
+    """Per-round wall-time ratios of two configurations timed alternately in one child."""
+    return np.array(row["times_s"]) / np.array(reference["times_s"])
 
 
 def label_rows(results: list[dict]) -> list[str]:
     ok = [r for r in results if r.get("status") == "ok" and "classes" in r]
     lines = [
-        "| positives | C | impl | labels | median fwd+bwd (s) | fastest (s) | fastest × its C=80 "
-        "| peak RSS (MB) | XLA temporaries (MB) |",
+        "| positives | C | impl | labels | median wall (s) | median CPU (s) "
+        "| × its C=80 (median of rounds) | compiled peak (MB) | XLA temporaries (MB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     base = {(r["impl"], r["format"], r["positives"]): r for r in ok if r["classes"] == 80}
     for r in sorted(ok, key=lambda r: (r["positives"], r["impl"], r["format"], r["classes"])):
         reference = base.get((r["impl"], r["format"], r["positives"]))
-        ratio = f"{r['min_s'] / reference['min_s']:.2f}" if reference else ""
+        ratio = f"{np.median(round_ratios(r, reference)):.2f}" if reference else ""
         lines.append(
             f"| {r['positives']} | {r['classes']} | {r['impl']} | {r['format']} | "
-            f"{r['median_s']:.3f} | {r['min_s']:.3f} | {ratio} | {r['peak_rss_mb']:.0f} | "
+            f"{r['median_s']:.3f} | {r['cpu_median_s']:.3f} | {ratio} | {r['peak_mb']:.0f} | "
             f"{r['temp_mb']:.0f} |"
         )
     for r in results:
         if r.get("status") != "ok" and r["worker"][0] == "time":
-            lines.append(f"| {' | '.join(r['worker'][1:])} | {r['status']} | | | | |")
+            lines.append(f"| {r['worker'][1]} | | | | {r['status']} | | | | |")
     return lines
 
 
 def label_targets(results: list[dict]) -> list[str]:
-    """C = 8922 with index lists against the faster new format at C = 80, per positives, from
-    each configuration's fastest call (the least disturbed on a shared machine)."""
+    """C = 8922 with index lists against the faster new format at C = 80 (by median wall time),
+    per positives: the median of the per-round wall-time ratios, and the ratio of median CPU
+    times (less sensitive to other jobs on a shared machine)."""
     ok = [r for r in results if r.get("status") == "ok" and "classes" in r]
     targets = []
     for positives in POSITIVES:
         new = [r for r in ok if r["impl"] == "new" and r["positives"] == positives]
-        small = [r["min_s"] for r in new if r["classes"] == 80]
+        small = [r for r in new if r["classes"] == 80]
         large = [r for r in new if r["classes"] == 8922 and r["format"] == "indices"]
         if small and large:
-            ratio = large[0]["min_s"] / min(small)
+            reference = min(small, key=lambda r: r["median_s"])
+            ratio = float(np.median(round_ratios(large[0], reference)))
+            cpu_ratio = large[0]["cpu_median_s"] / reference["cpu_median_s"]
             verdict = "PASS" if ratio <= 1.5 else "FAIL"
             targets.append(
-                f"{positives}: C=8922 (index lists) / C=80 (fastest format) = {ratio:.2f} "
-                f"(<= 1.5): {verdict}"
+                f"{positives}: C=8922 (index lists) / C=80 ({reference['format']}) = {ratio:.2f} "
+                f"wall, {cpu_ratio:.2f} CPU (<= 1.5): {verdict}"
             )
     return targets
 
 
-def device_fit(results: list[dict]) -> dict[str, tuple[float, float]]:
-    """Least-squares per-device MB = a + b * (global samples / 2^20), per exchange."""
-    fits = {}
+def local_samples(row: dict) -> float:
+    """N / P: the global batch's samples per device."""
+    return row["global_samples"] / row.get("devices", NUM_DEVICES)
+
+
+def device_fits(results: list[dict]) -> list[str]:
+    """Least-squares lines of the per-device MB, per exchange: against N / P over every row
+    (every N and P), and against N at P = 8. The line in N / P fits the ring's rows and not
+    all_gather's, whose per-device memory hardly falls with P."""
+    lines = []
     for exchange in ("all_gather", "ring"):
-        rows = [
-            r
-            for r in results
-            if r.get("exchange") == exchange
-            and r.get("status") == "ok"
-            and r.get("devices", NUM_DEVICES) == NUM_DEVICES
-        ]
-        if len(rows) >= 2:
-            x = np.array([r["global_samples"] for r in rows]) / 2**20
-            y = np.array([r["per_device_mb"] for r in rows])
-            slope, intercept = np.polyfit(x, y, 1)
-            fits[exchange] = (float(intercept), float(slope))
-    return fits
+        rows = [r for r in results if r.get("exchange") == exchange and r.get("status") == "ok"]
+        if len(rows) < 2:
+            continue
+        y = np.array([r["per_device_mb"] for r in rows])
+        x = np.array([local_samples(r) for r in rows]) / 2**20
+        slope, intercept = np.polyfit(x, y, 1)
+        worst = np.max(np.abs(intercept + slope * x - y) / y)
+        lines.append(
+            f"- {exchange}: MB = {intercept:.1f} + {slope:.1f} · (N/P) / 2^20 over every row, "
+            f"largest deviation {100 * worst:.0f}% of the measured value"
+        )
+        at_p = [r for r in rows if r.get("devices", NUM_DEVICES) == NUM_DEVICES]
+        if len(at_p) >= 2:
+            x = np.array([r["global_samples"] for r in at_p]) / 2**20
+            slope, intercept = np.polyfit(x, [r["per_device_mb"] for r in at_p], 1)
+            lines.append(
+                f"- {exchange}: MB = {intercept:.1f} + {slope:.1f} · N / 2^20 at P = {NUM_DEVICES}"
+            )
+    return lines
 
 
 def device_rows(results: list[dict]) -> list[str]:
     lines = [
-        "| global samples | devices P | exchange | per-device MB (args + temps + outputs) | "
-        "temporaries MB |",
-        "|---|---|---|---|---|",
+        "| global samples N | devices P | exchange | per-device MB (args + temps + outputs) | "
+        "temporaries MB | KB per local sample (MB / (N/P)) |",
+        "|---|---|---|---|---|---|",
     ]
     ok = (r for r in results if "exchange" in r and r.get("status") == "ok")
     for r in sorted(
@@ -330,7 +385,8 @@ def device_rows(results: list[dict]) -> list[str]:
     ):
         lines.append(
             f"| {r['global_samples']} | {r.get('devices', NUM_DEVICES)} | {r['exchange']} | "
-            f"{r['per_device_mb']:.1f} | {r['temp_mb']:.1f} |"
+            f"{r['per_device_mb']:.1f} | {r['temp_mb']:.1f} | "
+            f"{1024 * r['per_device_mb'] / local_samples(r):.1f} |"
         )
     return lines
 
@@ -409,8 +465,7 @@ def main(argv):
     if FLAGS.worker:
         kind, *args = FLAGS.worker
         if kind == "time":
-            impl, label_format, positives, num_classes = args
-            print(json.dumps(time_worker(impl, label_format, positives, int(num_classes))))
+            print(json.dumps(time_worker(*args)))
         else:
             exchange, global_samples, num_devices = args
             print(json.dumps(memory_worker(exchange, int(global_samples), int(num_devices))))
@@ -423,23 +478,15 @@ def main(argv):
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     if FLAGS.part in ("both", "labels"):
-        # The configurations of one `positives` run back to back, so that their ratios see the
-        # same machine load.
         for positives in FLAGS.positives:
-            for num_classes in FLAGS.classes:
-                configs = [("new", "multi_hot"), ("new", "indices")]
-                if positives in FLAGS.old_positives:
-                    configs.insert(0, ("old", "multi_hot"))
-                for impl, label_format in configs:
-                    results.append(run_child(["time", impl, label_format, positives, num_classes]))
+            results += run_child(["time", positives])
     if FLAGS.part in ("both", "devices"):
         sizes = [(n, str(NUM_DEVICES)) for n in FLAGS.global_samples]
         sizes += [(FLAGS.global_samples[-1], p) for p in FLAGS.device_counts]
         for global_samples, num_devices in sizes:
             for exchange in ("all_gather", "ring"):
-                results.append(run_child(["devices", exchange, global_samples, num_devices]))
+                results += run_child(["devices", exchange, global_samples, num_devices])
 
-    fits = device_fit(results)
     device = "GPU" if FLAGS.gpu else f"{cpu_model()}, {os.cpu_count()} cores"
     lines = [
         "# The loss at the paper's scale",
@@ -452,8 +499,9 @@ def main(argv):
         f"## Label-space size: N = {FLAGS.samples} samples x {NUM_VIEWS} views, D = "
         f"{FEATURE_DIM}, {LABELS_PER_SAMPLE} labels per sample, τ = {TEMPERATURE}",
         "",
-        f"{FLAGS.repeats} calls after a compile call, each configuration in its own process; "
-        "ratios use each configuration's fastest call.",
+        f"One child process per `positives`: its configurations compiled, called once, then "
+        f"timed alternately in {FLAGS.repeats} rounds (one call each per round). A ratio is the "
+        "median over rounds of the two configurations' wall-time ratio in that round.",
         "",
         *label_rows(results),
         "",
@@ -467,8 +515,8 @@ def main(argv):
         "",
         *device_rows(results),
         "",
-        "Linear fits, per-device MB = a + b · (global samples / 2^20):",
-        *[f"- {name}: a = {a:.1f}, b = {b:.1f}" for name, (a, b) in fits.items()],
+        "Least-squares lines (N global samples, P devices):",
+        *device_fits(results),
         "",
     ]
     (out_dir / "bench_loss_scaling.md").write_text("\n".join(lines))
