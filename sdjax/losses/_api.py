@@ -2,41 +2,55 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from sdjax.losses._checks import _as_array_like, _check_int, _num_rows
+from sdjax.losses._checks import (
+    _as_array_like,
+    _check_int,
+    _check_keys,
+    _keys_as_array_like,
+    _num_rows,
+    _takes_keys,
+)
 from sdjax.losses._kernel import _fused_loss, _local_contrast, _mean_over_anchors, _scan_blocks
 from sdjax.losses._labels import _block_weights, _candidate_counts, _with_label_scale
 from sdjax.losses._operands import _prepare
 from sdjax.losses._ring import _ring_loss
-from sdjax.losses._types import LabelIndices, PerAnchorLosses
+from sdjax.losses._types import (
+    DEFAULT_EXCHANGE,
+    DEFAULT_JACCARD_THRESHOLD,
+    DEFAULT_POSITIVES,
+    DEFAULT_TEMPERATURE,
+    Keys,
+    LabelIndices,
+    PerAnchorLosses,
+)
 
 
+@_takes_keys
 def multilabel_supcon_loss(
     features: ArrayLike,
     labels: ArrayLike | LabelIndices,
     *,
-    positives: str = "sd",
-    temperature: ArrayLike = 0.07,
+    positives: str = DEFAULT_POSITIVES,
+    temperature: ArrayLike = DEFAULT_TEMPERATURE,
     sample_mask: ArrayLike | None = None,
     label_weights: ArrayLike | None = None,
-    jaccard_threshold: float = 0.5,
+    jaccard_threshold: float = DEFAULT_JACCARD_THRESHOLD,
     axis_name: Hashable | None = None,
     block_size: int | None = None,
-    exchange: str = "all_gather",
-    contrast_features: ArrayLike | None = None,
-    contrast_labels: ArrayLike | LabelIndices | None = None,
-    contrast_mask: ArrayLike | None = None,
-    contrast_sample_ids: ArrayLike | None = None,
+    exchange: str = DEFAULT_EXCHANGE,
+    keys: Keys | None = None,
 ) -> jax.Array:
     """Multi-label supervised contrastive loss with a choice of positives and pair weights.
 
     Every view is an anchor; its contrast set is every other valid view in the (global) batch,
-    or, in the query/key form, the valid keys `contrast_features`. The loss is the mean over
+    or, in the query/key form, the valid `keys`. The loss is the mean over
     anchors that have a positive of
     `-(1/|P(a)|) sum_{b in P(a)} w_ab log softmax_{c in A(a)}(s_ac)[b]`, with `s = z_a . z_b / tau`
     on L2-normalised features. `positives` chooses P(a) and w (docs/SPEC.md):
@@ -60,14 +74,15 @@ def multilabel_supcon_loss(
         single-label, and "sd", "all" and "any" then equal SupCon. Multi-hot labels cost O(C)
         per pair of samples, index lists O(K^2) whatever C: prefer them for thousands of
         classes. Arrays or (nested) Python lists.
-      positives: one of `POSITIVES`.
-      temperature: a number > 0, or a 0-d float JAX array (it may be traced: a schedule, or a
-        learned temperature, which gets its gradient dL/dtau). A traced value must be finite
-        and > 0, which `jit` cannot check: `validate_inputs(..., temperature=tau)` does.
+      positives: one of `POSITIVES` ("sd" by default).
+      temperature: a number > 0 (0.07 by default), or a 0-d float JAX array (it may be traced:
+        a schedule, or a learned temperature, which gets its gradient dL/dtau). A traced value
+        must be finite and > 0, which `jit` cannot check: `validate_inputs(...,
+        temperature=tau)` does.
       sample_mask: [N] bool; False marks padding, which is neither anchor nor candidate.
       label_weights: [C] positive floats: |S| = sum of the weights of S's labels. Used by "sd",
         its ablations, "sd_swapped" and "jaccard"; the other choices use no cardinalities.
-      jaccard_threshold: in (0, 1]; used by "jaccard".
+      jaccard_threshold: in (0, 1] (0.5 by default); used by "jaccard".
       axis_name: inside `jax.shard_map` or `jax.pmap`, the axis over which the batch is split.
         The local samples are the anchors, the contrast set is the global batch (or all keys),
         and the result is the global loss on every device. Its gradient w.r.t. the local
@@ -87,18 +102,13 @@ def multilabel_supcon_loss(
         gradient of each shard travels home the same way: no device holds more than two
         shards, so per-device memory is O(N / P) on P devices). Same result. Ignored without
         `axis_name`.
-      contrast_features: optional [M, D] keys (the query/key form, as in MoCo and MulSupCon's
-        trainer). When given, the anchors are the views of `features` and the contrast set is
-        these M keys only: the anchors themselves are not candidates. Normalised here, and
-        differentiable (apply `jax.lax.stop_gradient` yourself for momentum-encoder keys).
-      contrast_labels: [M, C] multi-hot (or [M] class ids, or `LabelIndices`, in the form of
-        `labels`): the keys' labels. Required with `contrast_features`.
-      contrast_mask: optional [M] bool; False marks padding keys, which are never candidates.
-      contrast_sample_ids: optional [M] integer: the index of the anchor sample each key is a
-        view of, -1 for none (queue entries, the default for every key). A key of the anchor's
-        own sample is a positive of weight 1 (mulsupcon: through its labels, as in-batch). With
-        `axis_name` the keys are sharded like the batch and exchanged, and the ids count samples
-        in the global batch (device d's local sample n is d * N_local + n).
+      keys: optional `Keys`, the contrast set of the query/key form (as in MoCo and MulSupCon's
+        trainer): the anchors are the views of `features` and the contrast set is these M keys
+        only, so the anchors themselves are not candidates. Their features are normalised here
+        and differentiable (apply `jax.lax.stop_gradient` yourself to momentum-encoder keys).
+        With `axis_name` the keys are sharded like the batch and exchanged, and their
+        `sample_ids` count samples in the global batch.
+
     Returns:
       A scalar in the compute dtype: float32, or float64 for float64 inputs under
       `jax_enable_x64`. 0 (with zero gradient) when no anchor has a positive.
@@ -119,53 +129,48 @@ def multilabel_supcon_loss(
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> from sdjax.losses import multilabel_supcon_loss
+      >>> from sdjax.losses import Keys, multilabel_supcon_loss
       >>> features = jnp.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
       >>> labels = jnp.array([[1, 1, 0], [1, 0, 0], [0, 0, 1]])
       >>> round(float(multilabel_supcon_loss(features, labels, positives="any")), 4)
       0.0279
-      >>> keys = jnp.array([[0.9, 0.1], [0.0, 1.0]])  # e.g. a momentum encoder's, or a queue
-      >>> key_labels = jnp.array([[1, 0, 0], [0, 0, 1]])
-      >>> loss = multilabel_supcon_loss(
-      ...     features, labels, contrast_features=keys, contrast_labels=key_labels,
-      ...     contrast_sample_ids=jnp.array([1, -1]))  # key 0 is a view of sample 1
+      >>> keys = Keys(  # e.g. a momentum encoder's, or a queue
+      ...     features=jnp.array([[0.9, 0.1], [0.0, 1.0]]),
+      ...     labels=jnp.array([[1, 0, 0], [0, 0, 1]]),
+      ...     sample_ids=jnp.array([1, -1]))  # key 0 is a view of sample 1
+      >>> loss = multilabel_supcon_loss(features, labels, keys=keys)
       >>> round(float(loss), 4)
       0.0079
     """
-    anchors, keys, label_weights, temperature, options, _ = _prepare(
+    anchors, key_set, label_weights, temperature, options, _ = _prepare(
         features,
         labels,
         sample_mask,
         label_weights,
+        keys,
         positives=positives,
         temperature=temperature,
         jaccard_threshold=jaccard_threshold,
         axis_name=axis_name,
         block_size=block_size,
         exchange=exchange,
-        contrast_features=contrast_features,
-        contrast_labels=contrast_labels,
-        contrast_mask=contrast_mask,
-        contrast_sample_ids=contrast_sample_ids,
     )
     loss = _ring_loss if options.exchange == "ring" else _fused_loss
-    return loss(anchors, keys, label_weights, temperature, options)
+    return loss(anchors, key_set, label_weights, temperature, options)
 
 
+@_takes_keys
 def similarity_dissimilarity_loss(
     features: ArrayLike,
     labels: ArrayLike | LabelIndices,
     *,
-    temperature: ArrayLike = 0.07,
+    temperature: ArrayLike = DEFAULT_TEMPERATURE,
     sample_mask: ArrayLike | None = None,
     label_weights: ArrayLike | None = None,
     axis_name: Hashable | None = None,
     block_size: int | None = None,
-    exchange: str = "all_gather",
-    contrast_features: ArrayLike | None = None,
-    contrast_labels: ArrayLike | LabelIndices | None = None,
-    contrast_mask: ArrayLike | None = None,
-    contrast_sample_ids: ArrayLike | None = None,
+    exchange: str = DEFAULT_EXCHANGE,
+    keys: Keys | None = None,
 ) -> jax.Array:
     """The Similarity-Dissimilarity (S-D) loss: `multilabel_supcon_loss(positives="sd")`.
 
@@ -181,8 +186,8 @@ def similarity_dissimilarity_loss(
       axis_name: the mapped axis to gather the contrast set over (see `multilabel_supcon_loss`).
       block_size: anchor views per row block; None picks one.
       exchange: "all_gather" or "ring" across devices (see `multilabel_supcon_loss`).
-      contrast_features, contrast_labels, contrast_mask, contrast_sample_ids: the optional keys
-        of the query/key form (see `multilabel_supcon_loss`).
+      keys: optional `Keys`, the contrast set of the query/key form (see
+        `multilabel_supcon_loss`).
 
     Returns:
       A scalar (float32, or float64 for float64 inputs under x64).
@@ -208,27 +213,22 @@ def similarity_dissimilarity_loss(
         axis_name=axis_name,
         block_size=block_size,
         exchange=exchange,
-        contrast_features=contrast_features,
-        contrast_labels=contrast_labels,
-        contrast_mask=contrast_mask,
-        contrast_sample_ids=contrast_sample_ids,
+        keys=keys,
     )
 
 
+@_takes_keys
 def per_anchor_losses(
     features: ArrayLike,
     labels: ArrayLike | LabelIndices,
     *,
-    positives: str = "sd",
-    temperature: ArrayLike = 0.07,
+    positives: str = DEFAULT_POSITIVES,
+    temperature: ArrayLike = DEFAULT_TEMPERATURE,
     sample_mask: ArrayLike | None = None,
     label_weights: ArrayLike | None = None,
-    jaccard_threshold: float = 0.5,
+    jaccard_threshold: float = DEFAULT_JACCARD_THRESHOLD,
     axis_name: Hashable | None = None,
-    contrast_features: ArrayLike | None = None,
-    contrast_labels: ArrayLike | LabelIndices | None = None,
-    contrast_mask: ArrayLike | None = None,
-    contrast_sample_ids: ArrayLike | None = None,
+    keys: Keys | None = None,
 ) -> PerAnchorLosses:
     """Per-anchor losses and has-positive masks, for users who reduce the loss themselves.
 
@@ -250,23 +250,22 @@ def per_anchor_losses(
       >>> round(float(reduce_per_anchor(result)), 4)
       0.014
     """
-    anchors, keys, label_weights, temperature, options, shape = _prepare(
+    anchors, key_set, label_weights, temperature, options, shape = _prepare(
         features,
         labels,
         sample_mask,
         label_weights,
+        keys,
         positives=positives,
         temperature=temperature,
         jaccard_threshold=jaccard_threshold,
         axis_name=axis_name,
         block_size=None,
-        contrast_features=contrast_features,
-        contrast_labels=contrast_labels,
-        contrast_mask=contrast_mask,
-        contrast_sample_ids=contrast_sample_ids,
     )
     options = options._replace(block_size=anchors.z.shape[0])
-    losses, anchor_weights = _scan_blocks(anchors, keys, label_weights, temperature, options, False)
+    losses, anchor_weights = _scan_blocks(
+        anchors, key_set, label_weights, temperature, options, False
+    )
     return PerAnchorLosses(
         losses=losses.reshape(shape),
         has_positive=(anchor_weights > 0).reshape(shape),
@@ -279,24 +278,23 @@ def reduce_per_anchor(per_anchor: PerAnchorLosses, axis_name: Hashable | None = 
     return _mean_over_anchors(per_anchor.losses, per_anchor.anchor_weights, axis_name)[0]
 
 
+@_takes_keys
 def pair_weights(
     labels: ArrayLike | LabelIndices,
     *,
-    positives: str = "sd",
+    positives: str = DEFAULT_POSITIVES,
     num_views: int = 1,
     sample_mask: ArrayLike | None = None,
     label_weights: ArrayLike | None = None,
-    jaccard_threshold: float = 0.5,
-    contrast_labels: ArrayLike | LabelIndices | None = None,
-    contrast_mask: ArrayLike | None = None,
-    contrast_sample_ids: ArrayLike | None = None,
+    jaccard_threshold: float = DEFAULT_JACCARD_THRESHOLD,
+    keys: Keys | None = None,
 ) -> jax.Array:
     """The weight w_ab each candidate b gets in anchor view a's positive sum.
 
     Views are sample-major (view m = n * V + v). Non-positives, the diagonal and padding get 0;
     other views of the anchor's sample get 1. For "mulsupcon" it is the effective weight
     `sum_k [k in y_a, k in y_b] / |P_k(a)|`, which already includes the per-row normalisation.
-    With `contrast_labels`, the candidates are the M keys of the query/key form.
+    With `keys`, the candidates are the M keys of the query/key form.
 
     Args:
       labels: [N, C] multi-hot, [N] class ids or `LabelIndices`.
@@ -305,10 +303,8 @@ def pair_weights(
       sample_mask: [N] bool.
       label_weights: [C] positive floats.
       jaccard_threshold: in (0, 1].
-      contrast_labels: optional [M, C] (or [M]) labels of the keys.
-      contrast_mask: optional [M] bool, False for padding keys.
-      contrast_sample_ids: optional [M] integer, the anchor sample each key is a view of (-1:
-        none).
+      keys: optional `Keys` of the query/key form; only their labels, mask and sample ids are
+        used, so their features may be None.
 
     Returns:
       [N * V, N * V] float32, or [N * V, M] with keys.
@@ -323,29 +319,27 @@ def pair_weights(
       [0.0, 0.25]
     """
     num_views = _check_int("num_views", num_views, 1)
-    labels, contrast_labels = map(
-        _as_array_like, (labels, contrast_labels), ("labels", "contrast_labels")
-    )
+    labels = _as_array_like(labels, "labels")
+    keys = _keys_as_array_like(keys)
+    _check_keys(keys, labels, None)
     dummy_features = jnp.zeros((_num_rows(labels), num_views, 1), jnp.float32)
-    dummy_keys = None
-    if contrast_labels is not None:
-        dummy_keys = jnp.zeros((_num_rows(contrast_labels), 1), jnp.float32)
-    anchors, keys, label_weights, _, options, _ = _prepare(
+    if keys is not None:  # the labels alone decide the weights
+        keys = dataclasses.replace(
+            keys, features=jnp.zeros((_num_rows(keys.labels), 1), jnp.float32)
+        )
+    anchors, key_set, label_weights, _, options, _ = _prepare(
         dummy_features,
         labels,
         sample_mask,
         label_weights,
+        keys,
         positives=positives,
         temperature=1.0,
         jaccard_threshold=jaccard_threshold,
         axis_name=None,
         block_size=None,
-        contrast_features=dummy_keys,
-        contrast_labels=contrast_labels,
-        contrast_mask=contrast_mask,
-        contrast_sample_ids=contrast_sample_ids,
     )
-    contrast = _local_contrast(anchors, keys, options)
+    contrast = _local_contrast(anchors, key_set, options)
     counts = None
     if options.positives == "mulsupcon":
         counts = _candidate_counts(anchors, contrast, options)

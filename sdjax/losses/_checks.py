@@ -2,24 +2,52 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from collections.abc import Hashable
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, ParamSpec, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from sdjax.losses._types import POSITIVES, LabelIndices, _dtype_error, _shape_error
+from sdjax.losses._types import POSITIVES, Keys, LabelIndices, _dtype_error, _shape_error
 
 _ARGUMENTS = ("features", "labels", "sample_mask", "label_weights")
-_CONTRAST_ARGUMENTS = (
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# The keyword arguments that the keys replaced (sdjax 0.x before `Keys`).
+_REMOVED_KEY_ARGUMENTS = (
     "contrast_features",
     "contrast_labels",
     "contrast_mask",
     "contrast_sample_ids",
 )
+
+
+def _reject_removed_arguments(names: Iterable[str]) -> None:
+    for name in names:
+        if name in _REMOVED_KEY_ARGUMENTS:
+            raise TypeError(
+                f"`{name}`: removed, the keys are one argument: "
+                "keys=Keys(features, labels, mask=None, sample_ids=None)."
+            )
+
+
+def _takes_keys(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn`, with a one-line TypeError for the removed `contrast_*` keyword arguments (rather
+    than Python's, which does not say what replaced them)."""
+
+    @functools.wraps(fn)
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        _reject_removed_arguments(kwargs)
+        return fn(*args, **kwargs)
+
+    return checked
 
 
 def _as_array_like(x: Any, name: str) -> Any:
@@ -184,23 +212,21 @@ def _check_arrays(
     return num_samples, num_views, feature_dim
 
 
+@_takes_keys
 def validate_inputs(
     features: ArrayLike,
     labels: ArrayLike | LabelIndices,
     *,
     sample_mask: ArrayLike | None = None,
     label_weights: ArrayLike | None = None,
-    contrast_features: ArrayLike | None = None,
-    contrast_labels: ArrayLike | LabelIndices | None = None,
-    contrast_mask: ArrayLike | None = None,
-    contrast_sample_ids: ArrayLike | None = None,
+    keys: Keys | None = None,
     temperature: ArrayLike | None = None,
 ) -> None:
     """Checks the values that `jit` cannot check. Call it eagerly, outside `jit`.
 
     The losses check shapes and dtypes while tracing; this checks values: multi-hot labels in
     {0, 1}, class ids >= -1, finite features and label weights > 0, and the same for the keys,
-    whose `contrast_sample_ids` must lie in [-1, N); and a temperature (the value a traced one
+    whose `sample_ids` must lie in [-1, N); and a temperature (the value a traced one
     will have: a schedule's or a learned one's) finite and > 0. (Masks must be bool: the losses
     reject other dtypes, so 0/1 needs no value check.)
 
@@ -209,8 +235,8 @@ def validate_inputs(
       labels: [N, C] multi-hot or [N] integer class ids (-1 = no label).
       sample_mask: optional [N] bool.
       label_weights: optional [C] positive floats.
-      contrast_features, contrast_labels, contrast_mask, contrast_sample_ids: the optional keys
-        of the query/key form (see `multilabel_supcon_loss`), for one device's whole batch.
+      keys: optional `Keys`, the contrast set of the query/key form, for one device's whole
+        batch.
       temperature: optional, a number or a 0-d float array: the value the loss will get.
 
     Raises:
@@ -222,28 +248,17 @@ def validate_inputs(
     features, labels, sample_mask, label_weights = map(
         _as_array_like, (features, labels, sample_mask, label_weights), _ARGUMENTS
     )
-    contrast_features, contrast_labels, contrast_mask, contrast_sample_ids = map(
-        _as_array_like,
-        (contrast_features, contrast_labels, contrast_mask, contrast_sample_ids),
-        _CONTRAST_ARGUMENTS,
-    )
+    keys = _keys_as_array_like(keys)
     num_samples, _, feature_dim = _check_arrays(features, labels, sample_mask, label_weights)
-    _check_contrast(
-        contrast_features, contrast_labels, contrast_mask, contrast_sample_ids, labels, feature_dim
-    )
+    _check_keys(keys, labels, feature_dim)
     _check_values("features", "labels", features, labels, label_weights)
-    if contrast_features is not None:
-        _check_values(
-            "contrast_features",
-            "contrast_labels",
-            contrast_features,
-            contrast_labels,
-            label_weights,
-        )
-    if contrast_sample_ids is not None:
+    if keys is None:
+        return
+    _check_values("keys.features", "keys.labels", keys.features, keys.labels, label_weights)
+    if keys.sample_ids is not None:
         _check_ids(
-            "contrast_sample_ids",
-            contrast_sample_ids,
+            "keys.sample_ids",
+            keys.sample_ids,
             num_samples,
             f"the index of an anchor sample in [0, {num_samples}), or -1 for none",
         )
@@ -301,67 +316,69 @@ def _check_values(
             )
 
 
-# --------------------------------------------------------------------------------------------
-# Pair weights: the only thing that differs between the members of the family
-# --------------------------------------------------------------------------------------------
-
-
-def _check_contrast(
-    contrast_features: Any,
-    contrast_labels: Any,
-    contrast_mask: Any,
-    contrast_sample_ids: Any,
-    labels: Any,
-    feature_dim: int,
-) -> None:
-    """Checks the keys of the query/key form against the anchors' labels and feature size."""
-    if contrast_features is None:
-        for name, value in (
-            ("contrast_labels", contrast_labels),
-            ("contrast_mask", contrast_mask),
-            ("contrast_sample_ids", contrast_sample_ids),
-        ):
-            if value is not None:
-                raise ValueError(f"`{name}`: given without `contrast_features`.")
+def _check_keys(keys: Any, labels: Any, feature_dim: int | None) -> None:
+    """Checks the keys of the query/key form against the anchors' labels and feature size
+    (None: `pair_weights`, whose keys need no features)."""
+    if keys is None:
         return
-    if contrast_labels is None:
-        raise ValueError(
-            "`contrast_labels`: None, expected the keys' labels with `contrast_features`."
-        )
-    shape = _check_features("contrast_features", contrast_features, (2,), "[M, D]")
-    num_keys = shape[0]
-    if shape[1] != feature_dim:
-        raise _shape_error(
-            "contrast_features",
-            f"shape {shape}",
-            f"[M, D] with D = {feature_dim} (from `features`)",
-        )
-    key_labels_shape = _check_labels(
-        "contrast_labels", contrast_labels, num_keys, ("M", "contrast_features")
-    )
-    if isinstance(labels, LabelIndices) != isinstance(contrast_labels, LabelIndices):
+    _check_keys_type(keys)
+    if keys.labels is None:
+        raise ValueError("`keys.labels`: got None, expected the keys' labels.")
+    if feature_dim is None:
+        num_keys = _num_rows(keys.labels)
+    else:
+        if keys.features is None:
+            raise ValueError("`keys.features`: got None, expected [M, D] floats.")
+        shape = _check_features("keys.features", keys.features, (2,), "[M, D]")
+        num_keys = shape[0]
+        if shape[1] != feature_dim:
+            raise _shape_error(
+                "keys.features",
+                f"shape {shape}",
+                f"[M, D] with D = {feature_dim} (from `features`)",
+            )
+    key_labels_shape = _check_labels("keys.labels", keys.labels, num_keys, ("M", "keys.features"))
+    if isinstance(labels, LabelIndices) != isinstance(keys.labels, LabelIndices):
         raise _dtype_error(
-            "contrast_labels",
-            type(contrast_labels).__name__,
+            "keys.labels",
+            type(keys.labels).__name__,
             f"the form of `labels` ({type(labels).__name__}): both LabelIndices or neither",
         )
     labels_shape = key_labels_shape if isinstance(labels, LabelIndices) else np.shape(labels)
     if len(key_labels_shape) != len(labels_shape) or key_labels_shape[1:] != labels_shape[1:]:
         expected = "[M] class ids" if len(labels_shape) == 1 else f"[M, {labels_shape[1]}]"
         raise _shape_error(
-            "contrast_labels", f"shape {key_labels_shape}", f"{expected}, the form of `labels`"
+            "keys.labels", f"shape {key_labels_shape}", f"{expected}, the form of `labels`"
         )
-    _check_mask("contrast_mask", contrast_mask, num_keys, "contrast_features")
-    if contrast_sample_ids is not None:
-        if np.shape(contrast_sample_ids) != (num_keys,):
+    _check_mask("keys.mask", keys.mask, num_keys, "keys.features")
+    if keys.sample_ids is not None:
+        if np.shape(keys.sample_ids) != (num_keys,):
             raise _shape_error(
-                "contrast_sample_ids",
-                f"shape {np.shape(contrast_sample_ids)}",
-                f"[{num_keys}] (from `contrast_features`)",
+                "keys.sample_ids",
+                f"shape {np.shape(keys.sample_ids)}",
+                f"[{num_keys}] (from `keys.features`)",
             )
-        if not jnp.issubdtype(jnp.result_type(contrast_sample_ids), jnp.integer):
+        if not jnp.issubdtype(jnp.result_type(keys.sample_ids), jnp.integer):
             raise _dtype_error(
-                "contrast_sample_ids",
-                f"dtype {jnp.result_type(contrast_sample_ids)}",
+                "keys.sample_ids",
+                f"dtype {jnp.result_type(keys.sample_ids)}",
                 "integer sample indices (-1 = a view of no anchor sample)",
             )
+
+
+def _check_keys_type(keys: Any) -> None:
+    if not isinstance(keys, Keys):
+        raise _dtype_error(
+            "keys", type(keys).__name__, "Keys(features, labels, mask=None, sample_ids=None)"
+        )
+
+
+def _keys_as_array_like(keys: Any) -> Any:
+    """`Keys` whose (nested) list fields are numpy arrays; anything else as it is."""
+    if not isinstance(keys, Keys):
+        return keys
+    fields = {
+        field.name: _as_array_like(getattr(keys, field.name), f"keys.{field.name}")
+        for field in dataclasses.fields(keys)
+    }
+    return Keys(**fields)

@@ -288,9 +288,6 @@ def _candidate_counts(anchors: _Anchors, contrast: _ContrastSet, options: _Optio
     return jnp.dot(group_weights, contrast.labels.values, precision=_EXACT)
 
 
-# --------------------------------------------------------------------------------------------
-
-
 def label_relations(
     labels_a: ArrayLike | LabelIndices, labels_b: ArrayLike | LabelIndices | None = None
 ) -> jax.Array:

@@ -11,17 +11,17 @@ import numpy as np
 
 from sdjax.losses._checks import (
     _ARGUMENTS,
-    _CONTRAST_ARGUMENTS,
     _as_array_like,
     _check_arrays,
     _check_axis_name,
-    _check_contrast,
     _check_int,
+    _check_keys,
     _check_options,
+    _keys_as_array_like,
 )
 from sdjax.losses._kernel import _varying
 from sdjax.losses._labels import _Anchors, _as_labels, _ContrastSet
-from sdjax.losses._types import EXCHANGES, _Options
+from sdjax.losses._types import DEFAULT_EXCHANGE, EXCHANGES, Keys, _Options
 
 # Feature norms are clamped below by this, as torch.nn.functional.normalize does.
 _NORM_EPS = 1e-12
@@ -58,17 +58,14 @@ def _prepare(
     labels: Any,
     sample_mask: Any,
     label_weights: Any,
+    keys: Keys | None,
     *,
     positives: str,
     temperature: Any,
     jaccard_threshold: Any,
     axis_name: Hashable | None,
     block_size: Any,
-    exchange: str = "all_gather",
-    contrast_features: Any = None,
-    contrast_labels: Any = None,
-    contrast_mask: Any = None,
-    contrast_sample_ids: Any = None,
+    exchange: str = DEFAULT_EXCHANGE,
 ) -> tuple[_Anchors, _ContrastSet | None, jax.Array | None, jax.Array, _Options, tuple[int, int]]:
     """Checks the inputs and builds the kernel's operands: sample-major anchor views
     (view m = n * V + v) with their samples' labels, the local keys (or None), the label
@@ -76,30 +73,24 @@ def _prepare(
     features, labels, sample_mask, label_weights = map(
         _as_array_like, (features, labels, sample_mask, label_weights), _ARGUMENTS
     )
-    contrast_features, contrast_labels, contrast_mask, contrast_sample_ids = map(
-        _as_array_like,
-        (contrast_features, contrast_labels, contrast_mask, contrast_sample_ids),
-        _CONTRAST_ARGUMENTS,
-    )
+    keys = _keys_as_array_like(keys)
     _check_options(positives, temperature, jaccard_threshold)
     if exchange not in EXCHANGES:
         raise ValueError(f"`exchange`: got {exchange!r}, expected one of {EXCHANGES}.")
     num_samples, num_views, feature_dim = _check_arrays(
         features, labels, sample_mask, label_weights
     )
-    _check_contrast(
-        contrast_features, contrast_labels, contrast_mask, contrast_sample_ids, labels, feature_dim
-    )
+    _check_keys(keys, labels, feature_dim)
     if block_size is not None:
         block_size = _check_int("block_size", block_size, 1)
     num_shards = _check_axis_name(axis_name)
-    has_keys = contrast_features is not None
+    has_keys = keys is not None
     ring = axis_name is not None and exchange == "ring"
 
     # float32 is the floor (bf16/f16 compute in float32); float64 stays float64 under x64.
     dtypes = [jnp.result_type(features)]
-    if has_keys:
-        dtypes.append(jnp.result_type(contrast_features))
+    if keys is not None:
+        dtypes.append(jnp.result_type(keys.features))
     dtype = jnp.result_type(jnp.float32, *dtypes)
     if label_weights is not None:
         label_weights = jnp.asarray(label_weights, dtype)
@@ -117,22 +108,21 @@ def _prepare(
         label_scale=None,
         rows=None,
     )
-    keys = None
+    key_set = None
     num_candidates = num_local_views
-    if has_keys:
-        num_candidates = num_keys = np.shape(contrast_features)[0]
-        keys = _ContrastSet(
-            z=_normalize(contrast_features, dtype),
-            valid=(
-                jnp.ones((num_keys,), bool) if contrast_mask is None else jnp.asarray(contrast_mask)
-            ),
+    if keys is not None:
+        key_features: Any = keys.features  # not None: `_check_keys` said so
+        num_candidates = num_keys = np.shape(key_features)[0]
+        key_set = _ContrastSet(
+            z=_normalize(key_features, dtype),
+            valid=jnp.ones((num_keys,), bool) if keys.mask is None else jnp.asarray(keys.mask),
             sample_ids=(
                 jnp.full((num_keys,), -1, jnp.int32)
-                if contrast_sample_ids is None
-                else jnp.asarray(contrast_sample_ids).astype(jnp.int32)
+                if keys.sample_ids is None
+                else jnp.asarray(keys.sample_ids).astype(jnp.int32)
             ),
             view_ids=jnp.full((num_keys,), -1, jnp.int32),
-            labels=_as_labels(contrast_labels, dtype, label_weights),
+            labels=_as_labels(keys.labels, dtype, label_weights),
         )
     if not ring:  # a ring step scores one device's candidates, all_gather everyone's
         num_candidates *= num_shards
@@ -153,4 +143,4 @@ def _prepare(
         # A varying temperature makes each device's dL/dtau its own anchors' share, which the
         # transpose of this cast sums over devices (a replicated parameter's rule).
         temperature = _varying(temperature, axis_name)
-    return anchors, keys, label_weights, temperature, options, (num_samples, num_views)
+    return anchors, key_set, label_weights, temperature, options, (num_samples, num_views)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -11,10 +12,14 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from sdjax.losses._api import multilabel_supcon_loss
-from sdjax.losses._checks import _num_rows
-from sdjax.losses._types import LabelIndices
-
-_KEY_ARGUMENTS = ("contrast_features", "contrast_labels", "contrast_mask", "contrast_sample_ids")
+from sdjax.losses._checks import (
+    _check_keys_type,
+    _keys_as_array_like,
+    _num_rows,
+    _reject_removed_arguments,
+    _takes_keys,
+)
+from sdjax.losses._types import DEFAULT_TEMPERATURE, Keys, LabelIndices
 
 
 def make_sharded_loss(
@@ -35,10 +40,9 @@ def make_sharded_loss(
         per-batch arrays (`sample_mask` and the keys), which are the returned function's.
 
     Returns:
-      `loss(features, labels, sample_mask=None, *, contrast_features=None,
-      contrast_labels=None, contrast_mask=None, contrast_sample_ids=None, temperature=None)
-      -> scalar`, replicated. Keys are sharded along `axis_name` like the batch (their count
-      must divide evenly too) and `contrast_sample_ids` index the global batch. A `temperature`
+      `loss(features, labels, sample_mask=None, *, keys=None, temperature=None) -> scalar`,
+      replicated. `keys` (`Keys`) are sharded along `axis_name` like the batch (their count
+      must divide evenly too) and their `sample_ids` index the global batch. A `temperature`
       given here (a replicated scalar, e.g. a learned one) replaces the one in `loss_kwargs`.
 
     Examples:
@@ -51,8 +55,8 @@ def make_sharded_loss(
       >>> round(float(jax.jit(loss_fn)(features, labels)), 4)
       0.014
     """
-    per_batch = ("axis_name", "sample_mask", *_KEY_ARGUMENTS)
-    for name in per_batch:
+    _reject_removed_arguments(loss_kwargs)
+    for name in ("axis_name", "sample_mask", "keys"):
         if name in loss_kwargs:
             raise ValueError(f"`{name}`: pass it to the returned loss function, not here.")
     if axis_name not in mesh.axis_names:
@@ -60,46 +64,56 @@ def make_sharded_loss(
     batch = jax.sharding.PartitionSpec(axis_name)  # type: ignore[no-untyped-call]
     replicated = jax.sharding.PartitionSpec()  # type: ignore[no-untyped-call]
     num_shards = mesh.shape[axis_name]
+    temperature_default = loss_kwargs.pop("temperature", DEFAULT_TEMPERATURE)
 
+    @_takes_keys
     def loss_fn(
         features: ArrayLike,
         labels: ArrayLike | LabelIndices,
         sample_mask: ArrayLike | None = None,
         *,
-        temperature: float | ArrayLike | None = None,
-        **keys: Any,
+        keys: Keys | None = None,
+        temperature: ArrayLike | None = None,
     ) -> jax.Array:
-        unknown = set(keys) - set(_KEY_ARGUMENTS)
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments {sorted(unknown)}.")
         if sample_mask is None:
             sample_mask = jnp.ones((np.shape(features)[0],), bool)
-        for name, value in (("features", features), *keys.items()):
+        rows = [("features", features, "samples", "`sample_mask`")]
+        if keys is not None:
+            _check_keys_type(keys)
+            keys = _keys_as_array_like(keys)
+            for field in dataclasses.fields(keys):
+                rows.append(
+                    (f"keys.{field.name}", getattr(keys, field.name), "keys", "`keys.mask`")
+                )
+        for name, value, what, mask in rows:
             if value is not None and _num_rows(value) % num_shards:
-                rows, mask = ("samples", "`sample_mask`")
-                if name != "features":
-                    rows, mask = ("keys", "`contrast_mask`")
                 raise ValueError(
-                    f"`{name}`: got {_num_rows(value)} {rows}, expected a multiple of the "
+                    f"`{name}`: got {_num_rows(value)} {what}, expected a multiple of the "
                     f"{num_shards} shards of mesh axis {axis_name!r}; pad the batch and mark the "
                     f"padding False in {mask}."
                 )
         if temperature is None:
-            temperature = loss_kwargs.get("temperature", 0.07)
-        kwargs = {k: v for k, v in loss_kwargs.items() if k != "temperature"}
-        key_names = [k for k in _KEY_ARGUMENTS if keys.get(k) is not None]
+            temperature = temperature_default
         # A traced temperature enters replicated; a Python number stays a compile-time constant.
         traced_temperature = isinstance(temperature, jax.Array)
-        operands = (features, labels, sample_mask, *(keys[k] for k in key_names))
+        operands: tuple[Any, ...] = (features, labels, sample_mask)
+        if keys is not None:  # one pytree: every field sharded like the batch
+            operands = (*operands, keys)
         specs = (batch,) * len(operands)
         if traced_temperature:
             operands, specs = (*operands, temperature), (*specs, replicated)
 
         def body(f: jax.Array, y: Any, m: jax.Array, *rest: Any) -> jax.Array:
             tau = rest[-1] if traced_temperature else temperature
-            key_values = dict(zip(key_names, rest[: len(key_names)], strict=True))
+            local_keys = rest[0] if keys is not None else None
             return multilabel_supcon_loss(
-                f, y, sample_mask=m, temperature=tau, axis_name=axis_name, **key_values, **kwargs
+                f,
+                y,
+                sample_mask=m,
+                temperature=tau,
+                axis_name=axis_name,
+                keys=local_keys,
+                **loss_kwargs,
             )
 
         per_shard = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=replicated)

@@ -26,6 +26,12 @@ POSITIVES = (
 # How the contrast set crosses devices with `axis_name` (docs/SPEC.md, "Cross-device batches").
 EXCHANGES = ("all_gather", "ring")
 
+# The defaults of the keyword arguments that the public functions share: the one place they are.
+DEFAULT_POSITIVES = "sd"
+DEFAULT_TEMPERATURE = 0.07
+DEFAULT_JACCARD_THRESHOLD = 0.5
+DEFAULT_EXCHANGE = "all_gather"
+
 
 class Relation(enum.IntEnum):
     """How a candidate's label set T relates to an anchor's label set S (docs/SPEC.md)."""
@@ -84,6 +90,44 @@ class LabelIndices:
         return cls(jnp.asarray(ids, jnp.int32))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    """The contrast set of the query/key form: M keys, each with its labels.
+
+    With `keys`, the anchors are the views of `features` and the contrast set is these keys
+    only (the anchors themselves are not candidates), as in MoCo and MulSupCon's trainer. A
+    pytree: it passes through `jit`, `shard_map` and `make_sharded_loss` like an array, and
+    `make_sharded_loss` shards every field along the batch axis.
+
+    Attributes:
+      features: [M, D] floats, normalised by the loss and differentiable (apply
+        `jax.lax.stop_gradient` yourself to a momentum encoder's keys or a queue).
+        `pair_weights` uses no features: None there.
+      labels: the keys' labels in the form of the anchors' `labels`: [M, C] multi-hot, [M]
+        class ids or `LabelIndices`.
+      mask: optional [M] bool; False marks padding keys, which are never candidates.
+      sample_ids: optional [M] integer: the index of the anchor sample each key is a view of,
+        -1 for none (queue entries; the default for every key). A key of the anchor's own
+        sample is a positive of weight 1 ("mulsupcon": through its labels, as in-batch). With
+        `axis_name` the ids count samples in the global batch (device d's local sample n is
+        d * N_local + n).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from sdjax.losses import Keys
+      >>> keys = Keys(jnp.array([[0.9, 0.1], [0.0, 1.0]]), jnp.array([[1, 0], [0, 1]]),
+      ...             sample_ids=jnp.array([0, -1]))  # key 0 is a view of sample 0
+      >>> keys.features.shape, keys.mask is None
+      ((2, 2), True)
+    """
+
+    features: ArrayLike | None
+    labels: ArrayLike | LabelIndices
+    mask: ArrayLike | None = None
+    sample_ids: ArrayLike | None = None
+
+
 class _Options(NamedTuple):
     """The static (hashable) settings of one loss call."""
 
@@ -92,8 +136,8 @@ class _Options(NamedTuple):
     num_views: int
     axis_name: Hashable | None
     block_size: int
-    has_keys: bool  # the contrast set is `contrast_features`, not the anchors' views
-    exchange: str = "all_gather"  # "ring" only with an axis_name
+    has_keys: bool  # the contrast set is `Keys`, not the anchors' views
+    exchange: str = DEFAULT_EXCHANGE  # "ring" only with an axis_name
 
 
 def _shape_error(name: str, got: Any, expected: str) -> ValueError:
