@@ -358,10 +358,10 @@ def device_fits(results: list[dict]) -> list[str]:
         y = np.array([r["per_device_mb"] for r in rows])
         x = np.array([local_samples(r) for r in rows]) / 2**20
         slope, intercept = np.polyfit(x, y, 1)
-        worst = np.max(np.abs(intercept + slope * x - y) / y)
+        worst = np.max(np.abs(intercept + slope * x - y))
         lines.append(
             f"- {exchange}: MB = {intercept:.1f} + {slope:.1f} · (N/P) / 2^20 over every row, "
-            f"largest deviation {100 * worst:.0f}% of the measured value"
+            f"largest deviation {worst:.0f} MB ({100 * worst / y.max():.0f}% of the largest row)"
         )
         at_p = [r for r in rows if r.get("devices", NUM_DEVICES) == NUM_DEVICES]
         if len(at_p) >= 2:
