@@ -196,16 +196,17 @@ def _train_and_evaluate(config, workdir: Path, sigterm: _Sigterm) -> dict:
     if start_step == 0:
         writer.write_hparams(config_lib.flat_fields(config))
     stage1_start = time.time()
-    _train_stage1(
-        config,
-        mesh,
-        train,
-        (model, optimizer, momentum_encoder),
-        checkpoints,
-        writer,
-        curve,
-        sigterm,
-    )
+    with checkpointing.background_errors_held(reported_as=CheckpointWriteFailed):
+        _train_stage1(
+            config,
+            mesh,
+            train,
+            (model, optimizer, momentum_encoder),
+            checkpoints,
+            writer,
+            curve,
+            sigterm,
+        )
     stage1_seconds = time.time() - stage1_start
 
     results = {
@@ -291,6 +292,7 @@ def _writing_checkpoints(checkpoints, step: int):
     """Turns orbax's failure to write (saves are asynchronous: an earlier save's may surface
     here) into one `CheckpointWriteFailed` line."""
     try:
+        checkpointing.check_directory(checkpoints)
         yield
     except Exception as error:  # orbax raises many kinds: ValueError, OSError, ...
         first_line = str(error).splitlines()[0][:300] if str(error) else ""

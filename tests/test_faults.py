@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import shlex
@@ -361,33 +362,79 @@ def test_missing_fashion_mnist_sources_are_one_line(tmp_path, capsys, monkeypatc
     assert not (tmp_path / "run").exists()  # left as it was
 
 
+# `python -m sdjax.main` whose training batches remove (move away) or replace checkpoints/ at one
+# step: a
+# step right after a save returned (its files are still being written in orbax's threads), or
+# one when that save may be done.
+REMOVING_MAIN = """
+import sys
+from pathlib import Path
+from sdjax import input_pipeline, main
+step_to_act, action = int(sys.argv.pop(1)), sys.argv.pop(1)
+checkpoints = Path(sys.argv[2].removeprefix("--workdir=")) / "checkpoints"
+original = input_pipeline.training_batches
+
+def training_batches(config, split):
+    batches = original(config, split)
+    read = batches.host_batch
+
+    def host_batch(step):
+        if step == step_to_act:  # moved away at once, while orbax may be writing into it
+            checkpoints.rename(checkpoints.with_name("moved_away"))
+            if action == "replace":
+                checkpoints.write_text("not a directory")
+        return read(step)
+
+    batches.host_batch = host_batch
+    return batches
+
+input_pipeline.training_batches = training_batches
+main.app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+@pytest.mark.parametrize("step, action", [(8, "remove"), (10, "replace")])
 def test_checkpoints_removed_mid_run_end_in_one_line_with_status_1(
-    data_dir, tmp_path, capsys, monkeypatch
+    data_dir, tmp_path, step, action
 ):
     workdir = tmp_path / "run"
-    original = input_pipeline.training_batches
-
-    def batches_that_remove_the_checkpoints(config, split):
-        batches = original(config, split)
-        read = batches.host_batch
-
-        def host_batch(step):
-            if step == 10:  # after checkpoint 8 (maybe still being written): gone, and a
-                (workdir / "checkpoints").rename(workdir / "moved_away")  # file in its place
-                (workdir / "checkpoints").write_text("not a directory")
-            return read(step)
-
-        batches.host_batch = host_batch
-        return batches
-
-    monkeypatch.setattr(input_pipeline, "training_batches", batches_that_remove_the_checkpoints)
-    status, lines = run_in_process(tiny_config(data_dir), workdir, capsys)
-    assert status == 1
-    message = [line for line in lines if line.startswith("Training failed")]
-    assert message == [lines[-1]], lines[-5:]
-    assert message[0].startswith(
-        f"Training failed: writing checkpoints into {workdir / 'checkpoints'} failed by step 16 ("
+    command = [sys.executable, "-c", REMOVING_MAIN, str(step), action]
+    command += [f"--config={REPO / 'configs' / 'default.py'}:tiny", f"--workdir={workdir}"]
+    command += [f"--config.dataset.data_dir={data_dir}"]
+    # (orbax's threads, waiting for directories that were never made, held the exit 5 minutes)
+    ended = subprocess.run(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240
     )
+    output = ended.stdout
+    assert ended.returncode == 1, output[-3000:]
+    lines = output.strip().splitlines()
+    assert lines[-1].startswith(
+        f"Training failed: writing checkpoints into {workdir / 'checkpoints'} failed by step "
+    ), lines[-5:]
+    assert "Traceback" not in output and not re.search(r"^E\d{4} ", output, re.M), output[-3000:]
+    assert [line for line in lines if "Training failed" in line] == [lines[-1]]
+
+
+def test_held_background_errors_are_passed_on_unless_the_failure_is_reported(caplog, monkeypatch):
+    def orbax_error():  # as orbax's threads log a failed write
+        record = {"name": "absl", "levelno": 40, "levelname": "ERROR", "msg": "write failed"}
+        logging.getLogger("absl").handle(
+            logging.makeLogRecord(record | {"pathname": "/site-packages/orbax/checkpoint/x.py"})
+        )
+
+    reported: list = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    with checkpointing.background_errors_held(reported_as=KeyError):
+        orbax_error()
+        sys.unraisablehook("Event loop is closed")  # as tensorstore reports a write in flight
+        assert caplog.messages == [] and reported == []
+    assert caplog.messages == ["write failed"] and reported == ["Event loop is closed"]
+    with pytest.raises(KeyError), checkpointing.background_errors_held(reported_as=KeyError):
+        orbax_error()
+        sys.unraisablehook("Event loop is closed")
+        raise KeyError("the failure, reported in one line")
+    assert caplog.messages == ["write failed"] and reported == ["Event loop is closed"]
+    assert sys.unraisablehook == reported.append
 
 
 def test_the_summary_prints_counts_as_ints_and_a_logdir_a_shell_can_take(tmp_path):
