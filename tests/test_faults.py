@@ -35,13 +35,6 @@ WORKER = REPO / "tests" / "multihost_train_worker.py"
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def finished_run(data_dir, tmp_path_factory):
-    """A completed tiny run: checkpoints 8, 16 and 24, and its results."""
-    workdir = tmp_path_factory.mktemp("finished")
-    return workdir, train.train_and_evaluate(tiny_config(data_dir), workdir)
-
-
 def test_resuming_with_a_result_changing_config_names_the_fields(data_dir, finished_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run[0], workdir)

@@ -26,14 +26,8 @@ from sdjax.sharding import BATCH_AXIS, data_parallel_mesh, replicate
 LARGE_STEP = 1000.0  # SGD rate that makes one step's update large enough to compare
 
 
-@pytest.fixture(scope="module")
-def tiny_results(data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny")
-    return workdir, train.train_and_evaluate(tiny_config(data_dir), workdir)
-
-
-def test_tiny_run_trains_and_writes_its_outputs(tiny_results, data_dir):
-    tmp_path, results = tiny_results
+def test_tiny_run_trains_and_writes_its_outputs(finished_run, data_dir):
+    tmp_path, results = finished_run
 
     config, step = checkpointing.stored_config(tmp_path)
     stored_fields = config_lib.flat_fields(config)
@@ -219,9 +213,9 @@ def test_bfloat16_tiny_run_trains(data_dir, tmp_path):
     assert np.isfinite(results["linear_eval"]["mAP"])
 
 
-def test_evaluation_runs_from_a_checkpoint_alone(tiny_results, tmp_path):
+def test_evaluation_runs_from_a_checkpoint_alone(finished_run, tmp_path):
     """`python -m sdjax.evaluate --workdir DIR`: the stored config and the newest checkpoint."""
-    workdir, trained = tiny_results
+    workdir, trained = finished_run
     copy = tmp_path / "copy"
     shutil.copytree(workdir / "checkpoints", copy / "checkpoints")  # nothing else travels
     process = subprocess.run(
