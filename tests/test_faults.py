@@ -35,6 +35,7 @@ WORKER = REPO / "tests" / "multihost_train_worker.py"
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resuming_with_a_result_changing_config_names_the_fields(data_dir, finished_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run[0], workdir)
@@ -73,6 +74,7 @@ def delete_the_state(step_dir: Path):
     shutil.rmtree(step_dir / "state")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [truncate_files, empty_directory, delete_the_state])
 def test_a_damaged_latest_checkpoint_is_skipped(data_dir, finished_run, tmp_path, damage, caplog):
     workdir = tmp_path / "run"
@@ -106,6 +108,7 @@ def run_evaluate(*arguments) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_evaluate_falls_back_past_a_damaged_checkpoint_and_never_changes_the_run(
     finished_run, tmp_path
 ):
@@ -152,6 +155,7 @@ def test_evaluate_on_a_missing_workdir_is_one_line_and_creates_nothing(tmp_path)
     assert done.stderr.strip().splitlines()[-1].startswith("Cannot evaluate: --output_dir")
 
 
+@pytest.mark.slow
 def test_non_finite_training_stops_and_never_checkpoints_non_finite_state(data_dir, tmp_path):
     # A finite learning rate so large that the parameters overflow within a few steps.
     config = tiny_config(data_dir, **{"optimizer.learning_rate": 1e38, "log_every_steps": 24})
@@ -386,6 +390,7 @@ main.app.run(main.main, flags_parser=main.parse_flags)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step, action", [(8, "remove"), (10, "replace")])
 def test_checkpoints_removed_mid_run_end_in_one_line_with_status_1(
     data_dir, tmp_path, step, action
@@ -464,6 +469,7 @@ def test_multihost_settings_come_from_config_fields_or_the_environment(monkeypat
         multihost.settings(config)
 
 
+@pytest.mark.slow
 def test_a_peer_that_never_starts_is_a_clear_error_within_the_timeout(data_dir, tmp_path):
     address = f"127.0.0.1:{free_port()}"  # process 0 never starts
     env = clean_environment(
@@ -538,6 +544,7 @@ def results_line(output: str) -> dict:
     return json.loads(line.removeprefix("RESULTS "))
 
 
+@pytest.mark.slow
 def test_two_hosts_train_like_one_host_with_as_many_devices(data_dir, two_host_run, tmp_path):
     """2 processes x 2 devices against 1 process x 4 devices: the same shards, the same programs.
 
@@ -578,6 +585,7 @@ def leaves(value) -> list[float]:
     return list(value.values()) if isinstance(value, dict) else [value]
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_host_stops_both_at_the_same_step(data_dir, two_host_run, tmp_path):
     processes = start_two_hosts(WORKER, 2, data_dir, tmp_path, *MULTIHOST_RUN, cwd=REPO)
     deadline = time.time() + 240

@@ -126,6 +126,7 @@ def test_joint_loss_is_bce_plus_weighted_contrastive_loss(data_dir):
     np.testing.assert_allclose(float(got), float(bce + 0.3 * contrastive), rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_joint_run_reports_the_classifier_and_the_linear_probe(data_dir, tmp_path):
     config = tiny_config(data_dir, method="joint", **MOCO)
     results = train.train_and_evaluate(config, tmp_path)
@@ -146,6 +147,7 @@ def test_joint_run_reports_the_classifier_and_the_linear_probe(data_dir, tmp_pat
     assert stored["classifier"] == results["classifier"]
 
 
+@pytest.mark.slow
 def test_moco_run_resumes_identically_after_sigkill(data_dir, tmp_path):
     code, output = run_main(tmp_path / "straight", data_dir, *MOCO_FLAGS)
     assert code == 0, output[-3000:]

@@ -26,6 +26,7 @@ from sdjax.sharding import BATCH_AXIS, data_parallel_mesh, replicate
 LARGE_STEP = 1000.0  # SGD rate that makes one step's update large enough to compare
 
 
+@pytest.mark.slow
 def test_tiny_run_trains_and_writes_its_outputs(finished_run, data_dir):
     tmp_path, results = finished_run
 
@@ -57,6 +58,7 @@ def test_tiny_run_trains_and_writes_its_outputs(finished_run, data_dir):
     )
 
 
+@pytest.mark.slow
 def test_bce_baseline_runs_through_the_same_trainer(data_dir, tmp_path):
     results = train.train_and_evaluate(
         tiny_config(data_dir, method="bce", **{"linear_eval.random_init_baseline": False}),
@@ -123,6 +125,7 @@ def test_bad_config_on_the_command_line_exits_with_a_clear_message(data_dir, tmp
 LONGER = ("--config.num_train_steps=32", "--config.linear_eval.random_init_baseline=False")
 
 
+@pytest.mark.slow
 def test_kill_and_sigterm_then_resume_give_identical_results(data_dir, tmp_path):
     code, output = run_main(tmp_path / "straight", data_dir, *LONGER)
     assert code == 0, output[-3000:]
@@ -204,6 +207,7 @@ def test_gradient_cached_step_matches_the_plain_step(data_dir):
     assert_same_step(one_training_step(data_dir, 8, embedding_chunk_size=16), plain)
 
 
+@pytest.mark.slow
 def test_bfloat16_tiny_run_trains(data_dir, tmp_path):
     config = tiny_config(data_dir, compute_dtype="bfloat16")
     config_lib.override(config, **{"linear_eval.random_init_baseline": False})
@@ -213,6 +217,7 @@ def test_bfloat16_tiny_run_trains(data_dir, tmp_path):
     assert np.isfinite(results["linear_eval"]["mAP"])
 
 
+@pytest.mark.slow
 def test_evaluation_runs_from_a_checkpoint_alone(finished_run, tmp_path):
     """`python -m sdjax.evaluate --workdir DIR`: the stored config and the newest checkpoint."""
     workdir, trained = finished_run
