@@ -166,7 +166,8 @@ def text_reference_results(profile: str, run: ProtocolRun, knobs: dict, data_dir
     """The TF-IDF reference's metrics and float32 scores on the protocol's splits, cut to the
     example limits of the profile's debtags config, as the neural runs' are."""
     from experiments import text_reference
-    from sdjax import config_lib, evaluation, input_pipeline
+    from sdjax import config_lib, evaluation
+    from sdjax.datasets import debtags
 
     dataset = config_lib.load_config_file(
         CONFIG_FILES[run.dataset], PROTOCOLS[profile].config_profile
@@ -174,7 +175,7 @@ def text_reference_results(profile: str, run: ProtocolRun, knobs: dict, data_dir
     roles = {"train": "train_without_validation", "validation": "validation"}
     if run.stage == "confirmation":
         roles["test"] = "test"
-    corpus, _ = input_pipeline.debtags_corpus(data_dir, dataset.source_dir, roles.values())
+    corpus, _ = debtags.corpus(data_dir, dataset.source_dir, roles.values())
     limits = {
         role: dataset.train_examples if role == "train" else dataset.test_examples for role in roles
     }

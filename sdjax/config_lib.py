@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from flax import nnx
+
+from sdjax import datasets, losses, models
 
 # Where a bare NAME is looked up: the `configs/` folder of a clone (an installed wheel has none).
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -253,8 +256,6 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
       config: a full training config.
       num_devices, num_processes: of the run, which the batches are split over.
     """
-    from sdjax import input_pipeline, losses  # the dataset and loss registries
-
     for field in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
         value, low = config[field], 1 if field in _POSITIVE_INTS else 0
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -269,7 +270,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
         **_CHOICES,
         "loss.positives": losses.POSITIVES,
         "loss.exchange": losses.EXCHANGES,
-        "dataset.name": tuple(sorted(input_pipeline.DATASETS)),
+        "dataset.name": tuple(sorted(datasets.DATASETS)),
     }.items():
         if config[field] not in choices:
             _fail(field, config[field], f"one of {choices}")
@@ -299,7 +300,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
     limit = config.dataset.train_examples
     if limit and config.batch_size > limit:
         _fail("batch_size", config.batch_size, f"<= dataset.train_examples = {limit}")
-    size = input_pipeline.DATASETS[config.dataset.name].train_size
+    size = datasets.DATASETS[config.dataset.name].train_size
     if size is not None and config.batch_size > size:  # else check_data_fits, once loaded
         _fail(
             "batch_size",
@@ -312,10 +313,6 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
 def _check_model(config: ml_collections.ConfigDict) -> None:
     """Builds the model abstractly (shapes only, nothing allocated): the encoders' own checks
     of their fields run now, before any data loads, rather than once the model is built."""
-    from flax import nnx
-
-    from sdjax import objectives
-
     encoder = config.model.encoder
     for field, value in encoder.items():  # the encoders convert sizes with int()
         if isinstance(value, tuple) and not all(
@@ -323,7 +320,7 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
         ):
             _fail(f"model.encoder.{field}", value, "a tuple of ints")
     try:
-        nnx.eval_shape(lambda: objectives.create_model(config, num_classes=2))
+        nnx.eval_shape(lambda: models.create_model(config, num_classes=2, seed=config.seed))
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from None
 

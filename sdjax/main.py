@@ -25,7 +25,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdjax import checkpointing, config_lib, input_pipeline, multihost, train
+from sdjax import checkpointing, config_lib, datasets, multihost, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.")
@@ -115,8 +115,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     except (
         config_lib.ConfigError,
         checkpointing.WorkdirUnusable,
-        input_pipeline.DataUnavailable,
-        input_pipeline.MissingExtra,
+        datasets.DataUnavailable,
+        datasets.MissingExtra,
     ) as error:
         print(f"Cannot run: {config_lib.one_line(error)}", file=sys.stderr, flush=True)
         return 2
