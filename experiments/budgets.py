@@ -9,10 +9,6 @@ dotted overrides of a config file's settings; `load_config` applies it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-
 MNIST_MOSAIC_QUICK = {
     "num_train_steps": 60,
     "batch_size": 128,
@@ -81,7 +77,7 @@ def load_config(config_file: str, config_profile: str = ""):
     """The config of `configs/<config_file>.py` on a suite profile's `config_profile`.
 
     Args:
-      config_file: a file name in configs/, without ".py" ("yeast").
+      config_file: a config file's name in configs/, without ".py" ("yeast").
       config_profile: "" or "tiny" (the config file's own profiles), or a key of BUDGETS.
 
     Raises:
@@ -89,9 +85,8 @@ def load_config(config_file: str, config_profile: str = ""):
     """
     from sdjax import config_lib
 
-    path = CONFIGS_DIR / f"{config_file}.py"
     if config_profile not in BUDGETS:
-        return config_lib.load_config_file(path, config_profile)
+        return config_lib.load_config_file(config_file, config_profile)
     overrides = BUDGETS[config_profile].get(config_file)
     if overrides is None:
         raise config_lib.ConfigError(
@@ -100,4 +95,4 @@ def load_config(config_file: str, config_profile: str = ""):
         )
     if config_profile in COMPUTE_DTYPE:
         overrides = {"compute_dtype": COMPUTE_DTYPE[config_profile], **overrides}
-    return config_lib.override(config_lib.load_config_file(path), **overrides)
+    return config_lib.override(config_lib.load_config_file(config_file), **overrides)
