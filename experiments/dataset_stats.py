@@ -7,7 +7,6 @@ COMMAND:
   python -m experiments.dataset_stats
 """
 
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -16,9 +15,6 @@ from absl import app
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-
-if __package__ in (None, ""):  # run as a script: import from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.suite import CONFIG_FILES
 from sdjax import config_lib, datasets

@@ -32,15 +32,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags, logging
-
-if __package__ in (None, ""):  # run as a script: import from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import budgets, experiment_report, protocol, protocol_report
 from experiments.protocol import PROTOCOLS, ProtocolRun

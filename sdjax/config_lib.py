@@ -164,7 +164,7 @@ def override(config: ml_collections.ConfigDict, **dotted: Any) -> ml_collections
     suggestion, as on the command line.
     """
     for key in dotted:
-        _check_field_exists(config, key)
+        check_field(config, key)
     was_locked = config.is_locked
     config.lock()
     try:
@@ -177,7 +177,8 @@ def override(config: ml_collections.ConfigDict, **dotted: Any) -> ml_collections
     return config
 
 
-def _check_field_exists(config: ml_collections.ConfigDict, dotted: str) -> None:
+def check_field(config: ml_collections.ConfigDict, dotted: str) -> None:
+    """Raises ConfigError if `config` has no field `dotted`, with the closest name if any."""
     node: Any = config
     walked: list[str] = []
     for key in dotted.split("."):

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,15 +69,24 @@ def test_plan_skips_nothing_it_needs_and_adds_the_best_baseline_sweep(tmp_path):
         suite.plan("quick", tmp_path, [], ["imagenet"])
 
 
-def test_the_runner_runs_as_a_script_from_another_directory(tmp_path):
-    # `python experiments/run_experiments.py ...`, the form a user may type, not only `-m`.
+def test_the_runner_lists_its_plan_from_the_command_line(tmp_path):
+    # `python -m experiments.run_experiments ...` with the repository on the path, here from
+    # another directory: the config files are found through sdjax, not the working directory.
     finished = suite.Run("yeast", "sd", 0)
     write(tmp_path / "quick", finished, 0.5)
     planned = len(suite.plan("quick", tmp_path / "quick", []))
-    script = Path(suite.__file__).with_name("run_experiments.py")
+    repository = Path(suite.__file__).resolve().parents[1]
     listing = subprocess.run(
-        [sys.executable, str(script), "--profile=quick", "--dry_run", f"--results_dir={tmp_path}"],
+        [
+            sys.executable,
+            "-m",
+            "experiments.run_experiments",
+            "--profile=quick",
+            "--dry_run",
+            f"--results_dir={tmp_path}",
+        ],
         cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(repository)},
         capture_output=True,
         text=True,
         timeout=300,
@@ -309,3 +320,10 @@ def test_a_budget_without_the_config_file_is_one_line():
         budgets.load_config("voc2007", "quick")
     with pytest.raises(config_lib.ConfigError, match=r"^profile: got 'quick', expected one of"):
         config_lib.load_config_file("yeast", "quick")  # budgets are not config-file profiles
+
+
+def test_the_packages_docstring_names_every_experiment_module():
+    package = Path(suite.__file__).parent
+    modules = {path.stem for path in package.glob("*.py")} - {"__init__"}
+    listed = set(re.findall(r"^- `(\w+)`:", (package / "__init__.py").read_text(), re.M))
+    assert listed == modules

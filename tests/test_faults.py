@@ -298,27 +298,41 @@ def test_a_misspelt_field_is_one_line_with_a_suggestion(data_dir, tmp_path):
         tiny_config(data_dir, **{"loss.positvies": "any"})
     code, output = run_main(tmp_path, data_dir, "--config.loss.positvies=any")
     assert code == 2, output[-2000:]
-    assert 'Bad config: --config.loss.positvies: no such field. Did you mean "positives"' in output
+    assert (
+        'Bad config: --config.loss.positvies: no such field; did you mean "loss.positives"?'
+        in output
+    )
     assert "Traceback" not in output
 
 
 def test_a_field_or_config_file_that_does_not_exist_is_one_line(tmp_path):
     workdir = tmp_path / "run"
-    missing_file = subprocess.run(
-        [sys.executable, "-m", "sdjax.main", "--config", "configs/nope.py", f"--workdir={workdir}"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=300,
-    )
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(profile=''):\n    raise RuntimeError('no such setting')\n")
+
+    def main_with(config):
+        done = subprocess.run(
+            [sys.executable, "-m", "sdjax.main", "--config", config, f"--workdir={workdir}"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=300,
+        )
+        return done.returncode, done.stdout
+
     outputs = {
         "Bad config: --config.nosuchfield: no such field.": run_main(
             workdir, "/nonexistent/not/read", "--config.nosuchfield=1"
         ),
-        "Bad config: --config: got 'configs/nope.py', no such config file.": (
-            missing_file.returncode,
-            missing_file.stdout,
+        "Bad config: --config: got 'configs/nope.py', no such config file.": main_with(
+            "configs/nope.py"
+        ),
+        "Bad config: profile: got 'quick', expected one of ('', 'tiny').": main_with(
+            "configs/yeast.py:quick"
+        ),
+        f"Bad config: --config: {str(broken)!r} does not load: RuntimeError: no such setting": (
+            main_with(str(broken))
         ),
     }
     for message, (code, output) in outputs.items():

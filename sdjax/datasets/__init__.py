@@ -1,16 +1,14 @@
-"""The datasets: their registry (`DATASETS`, `load_splits`, ...; sdjax.datasets.registry) and
-sdjax's local tfds builders, which importing this package registers with tfds."""
+"""The datasets: their registry (`DATASETS`, `load_splits`, ...; sdjax.datasets.registry),
+reading prepared data (sdjax.datasets.sources) and sdjax's local tfds builders, which
+importing this package registers with tfds."""
 
 from sdjax.datasets import debtags, fashion_mosaic, mnist_mosaic, yeast
 from sdjax.datasets.registry import (
     DATASETS,
     OPTIONS,
-    SPLITS,
     Dataset,
     DataUnavailable,
     MissingExtra,
-    StreamedInputs,
-    default_data_dir,
     input_shape,
     label_statistics,
     load_split,
@@ -19,6 +17,7 @@ from sdjax.datasets.registry import (
     modality_of,
     run_splits,
 )
+from sdjax.datasets.sources import SPLITS, StreamedInputs, default_data_dir
 
 __all__ = [
     "DATASETS",

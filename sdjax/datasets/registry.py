@@ -29,7 +29,6 @@ from absl import logging
 
 from sdjax.datasets import debtags, fashion_mosaic, mnist_mosaic, yeast
 from sdjax.datasets.sources import (
-    SPLITS,
     StreamedInputs,
     check_split,
     default_data_dir,
@@ -306,21 +305,3 @@ def _describe(stats: dict) -> str:
         f"cardinality {stats['cardinality']:.2f}, label counts {stats['label_counts']}"
     )
 
-
-__all__ = [
-    "DATASETS",
-    "OPTIONS",
-    "SPLITS",
-    "DataUnavailable",
-    "Dataset",
-    "MissingExtra",
-    "StreamedInputs",
-    "default_data_dir",
-    "input_shape",
-    "label_statistics",
-    "load_split",
-    "load_splits",
-    "load_train_and_test",
-    "modality_of",
-    "run_splits",
-]

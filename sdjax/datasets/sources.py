@@ -17,6 +17,7 @@ SPLITS = ("train", "test", "validation", "train_without_validation")
 
 
 def check_split(split: str) -> None:
+    """Raises ValueError naming `split` unless it is one of SPLITS."""
     if split not in SPLITS:
         raise ValueError(f"`split`: got {split!r}, expected one of {list(SPLITS)}.")
 
