@@ -304,4 +304,3 @@ def _describe(stats: dict) -> str:
         f"{stats['samples']} samples, {stats['labels']} labels, "
         f"cardinality {stats['cardinality']:.2f}, label counts {stats['label_counts']}"
     )
-
