@@ -108,43 +108,30 @@ def _rgb_shape(options: dict) -> tuple[int, ...]:
     return (size, size, 3)
 
 
-def _mosaic_shape(tile_size: int) -> Callable[[dict], tuple[int, ...]]:
-    return lambda options: (2 * tile_size, 2 * tile_size, 1)  # 2x2 grids of grey tiles
+def _mosaic(builder: str, size: str, tile_size: int, train_size: int, tiny: str = "") -> Dataset:
+    """A mosaic dataset: 2x2 grids of grey tiles, from builder config `size` ("default" or
+    "tiny"), whose validation split comes from its twin config made with one."""
+    return Dataset(
+        IMAGE,
+        lambda options: (2 * tile_size, 2 * tile_size, 1),
+        f"{builder}/{size}",
+        validation_builder=f"{builder}/{'' if size == 'default' else size + '_'}with_validation",
+        train_size=train_size,
+        tiny=tiny,
+    )
 
 
 # The train sizes: the builders' own (tests check them), VOC 2007's train+validation and COCO
 # 2017's train images as tfds builds them.
 DATASETS = {
-    "mnist_mosaic": Dataset(
-        IMAGE,
-        _mosaic_shape(mnist_mosaic.DIGIT_SIZE),
-        "mnist_mosaic/default",
-        validation_builder="mnist_mosaic/with_validation",
-        train_size=10_000,
-        tiny="mnist_mosaic_tiny",
+    "mnist_mosaic": _mosaic(
+        "mnist_mosaic", "default", mnist_mosaic.DIGIT_SIZE, 10_000, tiny="mnist_mosaic_tiny"
     ),
-    "mnist_mosaic_tiny": Dataset(
-        IMAGE,
-        _mosaic_shape(mnist_mosaic.DIGIT_SIZE),
-        "mnist_mosaic/tiny",
-        validation_builder="mnist_mosaic/tiny_with_validation",
-        train_size=256,
+    "mnist_mosaic_tiny": _mosaic("mnist_mosaic", "tiny", mnist_mosaic.DIGIT_SIZE, 256),
+    "fashion_mosaic": _mosaic(
+        "fashion_mosaic", "default", fashion_mosaic.IMAGE_SIZE, 10_000, tiny="fashion_mosaic_tiny"
     ),
-    "fashion_mosaic": Dataset(
-        IMAGE,
-        _mosaic_shape(fashion_mosaic.IMAGE_SIZE),
-        "fashion_mosaic/default",
-        validation_builder="fashion_mosaic/with_validation",
-        train_size=10_000,
-        tiny="fashion_mosaic_tiny",
-    ),
-    "fashion_mosaic_tiny": Dataset(
-        IMAGE,
-        _mosaic_shape(fashion_mosaic.IMAGE_SIZE),
-        "fashion_mosaic/tiny",
-        validation_builder="fashion_mosaic/tiny_with_validation",
-        train_size=256,
-    ),
+    "fashion_mosaic_tiny": _mosaic("fashion_mosaic", "tiny", fashion_mosaic.IMAGE_SIZE, 256),
     "yeast": Dataset(
         TABULAR,
         lambda options: (yeast.NUM_FEATURES,),
