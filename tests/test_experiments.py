@@ -327,3 +327,16 @@ def test_the_packages_docstring_names_every_experiment_module():
     modules = {path.stem for path in package.glob("*.py")} - {"__init__"}
     listed = set(re.findall(r"^- `(\w+)`:", (package / "__init__.py").read_text(), re.M))
     assert listed == modules
+
+
+@pytest.mark.parametrize("budget", sorted(budgets.BUDGETS))
+def test_every_budget_of_every_config_file_passes_the_checks(budget):
+    from sdjax import config_lib
+
+    for config_file, overrides in budgets.BUDGETS[budget].items():
+        config = budgets.load_config(config_file, budget)
+        config_lib.check_config(config, num_devices=1, num_processes=1)
+        flat = config_lib.flat_fields(config)
+        assert all(
+            flat[field] == json.loads(json.dumps(value)) for field, value in overrides.items()
+        )
