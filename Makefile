@@ -40,7 +40,7 @@ test: lint
 	$(PYTEST)
 
 # Without the tests marked slow (venvs, wheels, the docs site, the device kit, whole trainer
-# runs in processes): about 2 minutes on 2 cores. `make test` runs everything.
+# runs in processes), for iterating. `make test` runs everything.
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow"
 
