@@ -72,9 +72,11 @@ def test_moco_steps_match_the_query_key_loss_with_an_ema_encoder_and_a_fifo_queu
             labels,
             positives=config.loss.positives,
             temperature=config.loss.temperature,
-            contrast_features=np.concatenate([keys, *queue_keys[-held:]] if held else [keys]),
-            contrast_labels=np.concatenate([labels, *queue_labels[-held:]]),
-            contrast_sample_ids=np.concatenate([np.arange(32), np.full(32 * held, -1)]),
+            keys=losses.Keys(
+                np.concatenate([keys, *queue_keys[-held:]] if held else [keys]),
+                np.concatenate([labels, *queue_labels[-held:]]),
+                sample_ids=np.concatenate([np.arange(32), np.full(32 * held, -1)]),
+            ),
         )
         got = step_fn(
             model,
@@ -110,10 +112,10 @@ def test_a_partly_filled_queue_masks_its_empty_entries(data_dir):
     keys = jnp.ones((8, config.model.projection_dim))
     encoder.enqueue(keys, labels)
     contrast = encoder.contrast_set(2 * keys, labels)
-    assert contrast["contrast_features"].shape == (32, config.model.projection_dim)
-    np.testing.assert_array_equal(contrast["contrast_mask"], [True] * 16 + [False] * 16)
-    np.testing.assert_array_equal(contrast["contrast_sample_ids"], [*range(8)] + [-1] * 24)
-    np.testing.assert_array_equal(contrast["contrast_labels"][8:16], labels)
+    assert contrast.features.shape == (32, config.model.projection_dim)
+    np.testing.assert_array_equal(contrast.mask, [True] * 16 + [False] * 16)
+    np.testing.assert_array_equal(contrast.sample_ids, [*range(8)] + [-1] * 24)
+    np.testing.assert_array_equal(contrast.labels[8:16], labels)
     assert int(encoder.queue_pointer.value) == 8
 
 
