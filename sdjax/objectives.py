@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sdjax import input_pipeline, losses, models
+from sdjax import datasets, losses, models
 from sdjax.sharding import BATCH_AXIS, replicate
 
 
@@ -94,7 +94,7 @@ def classifier_parameters(params):
 def make_views_fn(config: ml_collections.ConfigDict) -> Callable:
     """`views(inputs, step) -> [B, V, ...]`: the step's augmented views, a pure function of
     (seed, step), so a resumed run sees the same views."""
-    modality = input_pipeline.modality_of(config)
+    modality = datasets.modality_of(config)
     base_key = jax.random.key(config.seed)
     num_views = 1 if config.method == "bce" else config.num_views
 
