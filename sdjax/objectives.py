@@ -234,16 +234,13 @@ class MomentumEncoder(nnx.Module):
 
     def contrast_set(self, keys: jax.Array, labels: jax.Array) -> losses.Keys:
         """The loss's keys: this batch's keys (each a view of its own sample), then the queue."""
-        in_batch = batch_keys(keys, labels)
-        queue_size = self.queue.value.shape[0]
-        return losses.Keys(
-            features=jnp.concatenate([keys, self.queue.value]),
-            labels=jnp.concatenate([in_batch.labels, self.queue_labels.value]),
-            mask=jnp.concatenate([in_batch.mask, self.queue_valid.value]),
-            sample_ids=jnp.concatenate(
-                [in_batch.sample_ids, jnp.full((queue_size,), -1, jnp.int32)]
-            ),
+        queue = losses.Keys(
+            features=self.queue.value,
+            labels=self.queue_labels.value,
+            mask=self.queue_valid.value,
+            sample_ids=jnp.full(self.queue.value.shape[:1], -1, jnp.int32),
         )
+        return jax.tree.map(lambda *parts: jnp.concatenate(parts), batch_keys(keys, labels), queue)
 
     def enqueue(self, keys: jax.Array, labels: jax.Array, sharding=None) -> None:
         """Replaces the oldest `B` entries by `keys` and `labels` (B divides `queue_size`).
