@@ -35,6 +35,10 @@ class WorkdirInUse(WorkdirUnusable):
     """Another process holds this workdir."""
 
 
+class WorkdirHoldsAnotherRun(config_lib.ConfigError):
+    """The workdir's checkpoints were written with a config that changes results."""
+
+
 class NoCheckpoint(FileNotFoundError):
     """The workdir does not exist, or holds no checkpoint that restores."""
 
@@ -160,7 +164,7 @@ def restore_latest(
       (a fresh manager, step (0 = none), the restored state or `state`, history).
 
     Raises:
-      config_lib.ConfigError: the stored config differs in fields that change results.
+      WorkdirHoldsAnotherRun: the stored config differs in fields that change results.
     """
     checkpoints = manager(workdir, config)
     step, restored, unreadable = _newest_that_restores(
@@ -204,7 +208,7 @@ def _newest_that_restores(
 def _check_same_run(stored: dict, config: ml_collections.ConfigDict, workdir: Path, step: int):
     differences = config_lib.result_changing_differences(stored, config_lib.flat_fields(config))
     if differences:
-        raise config_lib.ConfigError(
+        raise WorkdirHoldsAnotherRun(
             f"workdir {workdir} holds a run with another config (checkpoint {step}): "
             + "; ".join(differences)
             + ". Use another --workdir, or the stored config."

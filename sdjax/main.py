@@ -103,22 +103,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     """
     try:
         multihost.initialize(config)
-        config_lib.check_config(
-            config, num_devices=jax.device_count(), num_processes=jax.process_count()
-        )
     except config_lib.ConfigError as error:
         print(f"Bad config: {config_lib.one_line(error)}", file=sys.stderr)
         return 2
     logging.info("Config:\n%s", config)
     try:
-        results = train.train_and_evaluate(config, workdir)
+        results = train.train_and_evaluate(config, workdir)  # checks the config first
     except (
-        config_lib.ConfigError,
+        checkpointing.WorkdirHoldsAnotherRun,
         checkpointing.WorkdirUnusable,
         input_pipeline.DataUnavailable,
         input_pipeline.MissingExtra,
     ) as error:
         print(f"Cannot run: {config_lib.one_line(error)}", file=sys.stderr, flush=True)
+        return 2
+    except config_lib.ConfigError as error:  # the config's own checks, or the data's
+        print(f"Bad config: {config_lib.one_line(error)}", file=sys.stderr, flush=True)
         return 2
     except (train.NonFiniteLoss, train.CheckpointWriteFailed) as error:
         print(f"Training failed: {config_lib.one_line(error)}", file=sys.stderr, flush=True)
