@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sdjax import input_pipeline, losses, models
-from sdjax.sharding import BATCH_AXIS, replicate
+from sdjax.sharding import BATCH_AXIS
 
 # --------------------------------------------------------------------------------------------
 # The losses' contrast set: the one place that calls into sdjax.losses
@@ -219,11 +219,15 @@ class MoCo(InBatch):
         encoder = models.MomentumEncoder(
             model, queue_size=self.config.moco.queue_size, num_classes=num_classes
         )
-        nnx.update(encoder, replicate(nnx.state(encoder, nnx.Not(models.QueueState)), mesh))
+        # Its own buffers, not the model's (a clone shares them): the train step donates both.
+        copies = jax.device_put(
+            nnx.state(encoder, nnx.Not(models.QueueState)), _replicated(mesh), may_alias=False
+        )
+        nnx.update(encoder, copies)
         queue = nnx.state(encoder, models.QueueState)
 
-        def place(x):
-            return jax.device_put(x, self.queue_sharding) if x.ndim else replicate(x, mesh)
+        def place(x):  # the pointer is a scalar: replicated
+            return jax.device_put(x, self.queue_sharding if x.ndim else _replicated(mesh))
 
         nnx.update(encoder, jax.tree.map(place, queue))
         return encoder
@@ -254,6 +258,10 @@ class MoCo(InBatch):
                 [in_batch["contrast_sample_ids"], jnp.full((queue_size,), -1, jnp.int32)]
             ),
         )
+
+
+def _replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
 
 
 FRAMEWORKS: dict[str, type[InBatch]] = {"in_batch": InBatch, "moco": MoCo}
