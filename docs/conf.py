@@ -74,6 +74,7 @@ api_coverage_modules = [
     "sdjax.losses",
     "sdjax.config_lib",
     "sdjax.train",
+    "sdjax.recipe",
     "sdjax.input_pipeline",
     "sdjax.modalities",
     "sdjax.evaluation",

@@ -236,7 +236,7 @@ class MoCo(InBatch):
         encoder = state.momentum_encoder
         encoder.follow(state.model, self.config.moco.momentum)
         keys = encoder(views[:, 1])
-        return self._with_queue(encoder, keys, labels), (keys, labels)
+        return self.contrast_with_queue(encoder, keys, labels), (keys, labels)
 
     def after_step(self, state, pending):
         state.momentum_encoder.enqueue(*pending, self.queue_sharding)
@@ -246,7 +246,7 @@ class MoCo(InBatch):
         return batch_keys(jax.lax.stop_gradient(model(views[:, 1])), labels)
 
     @staticmethod
-    def _with_queue(encoder: models.MomentumEncoder, keys, labels) -> dict[str, jax.Array]:
+    def contrast_with_queue(encoder: models.MomentumEncoder, keys, labels) -> dict[str, jax.Array]:
         """This batch's keys (each a view of its own sample), then the queue."""
         in_batch = batch_keys(keys, labels)
         queue_size = encoder.queue.value.shape[0]

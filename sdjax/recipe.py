@@ -62,6 +62,7 @@ class Recipe:
         self.framework = objectives.FRAMEWORKS[config.framework](config, mesh)
         self.views = objectives.make_views_fn(config, self.method.num_views)
         self.schedule = objectives.learning_rate_schedule(config)
+        self.chunk_size = config.embedding_chunk_size
         self.train_step = nnx.jit(self._train_step, donate_argnums=0)
 
     def create_model(self, num_classes: int) -> nnx.Module:
@@ -102,10 +103,9 @@ class Recipe:
         def loss_of_outputs(outputs):
             return self.loss_of_outputs(outputs, labels, contrast)
 
-        chunk_size = self.config.embedding_chunk_size
-        if chunk_size:
+        if self.chunk_size:
             return gradient_cache.chunked_value_and_grad(
-                model, inputs, loss_of_outputs, chunk_size, self.method.outputs
+                model, inputs, loss_of_outputs, self.chunk_size, self.method.outputs
             )
         plain_loss = lambda model: loss_of_outputs(self.method.outputs(model, inputs))
         return nnx.value_and_grad(plain_loss)(model)
