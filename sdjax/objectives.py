@@ -85,11 +85,7 @@ class Contrastive:
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
-        self.num_views = self._num_views(config)
-
-    @staticmethod
-    def _num_views(config) -> int:
-        return config.num_views
+        self.num_views = config.num_views  # views per example that the step draws
 
     def create_model(self, num_classes: int) -> nnx.Module:
         return models.create_model(self.config, num_classes, self.config.seed)
@@ -107,9 +103,9 @@ class Contrastive:
 class BCE(Contrastive):
     """`method = "bce"`: encoder + linear classifier, sigmoid BCE on one view per example."""
 
-    @staticmethod
-    def _num_views(config) -> int:
-        return 1
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_views = 1
 
     def create_model(self, num_classes: int) -> nnx.Module:
         return models.create_model(self.config, num_classes, self.config.seed, classifier_head=True)
@@ -202,7 +198,7 @@ class MoCo(InBatch):
 
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
-        self.queue_sharding = NamedSharding(mesh, P(BATCH_AXIS)) if mesh is not None else None
+        self.queue_sharding = NamedSharding(mesh, P(BATCH_AXIS))
 
     def model_inputs(self, views):
         return views[:, 0]
@@ -248,14 +244,16 @@ class MoCo(InBatch):
     @staticmethod
     def contrast_with_queue(encoder: models.MomentumEncoder, keys, labels) -> dict[str, jax.Array]:
         """This batch's keys (each a view of its own sample), then the queue."""
-        in_batch = batch_keys(keys, labels)
         queue_size = encoder.queue.value.shape[0]
         return contrast_set(
             jnp.concatenate([keys, encoder.queue.value]),
-            jnp.concatenate([in_batch["contrast_labels"], encoder.queue_labels.value]),
-            jnp.concatenate([in_batch["contrast_mask"], encoder.queue_valid.value]),
+            jnp.concatenate([labels.astype(jnp.float32), encoder.queue_labels.value]),
+            jnp.concatenate([jnp.ones(keys.shape[:1], bool), encoder.queue_valid.value]),
             jnp.concatenate(
-                [in_batch["contrast_sample_ids"], jnp.full((queue_size,), -1, jnp.int32)]
+                [
+                    jnp.arange(keys.shape[0], dtype=jnp.int32),  # as `batch_keys` numbers them
+                    jnp.full((queue_size,), -1, jnp.int32),
+                ]
             ),
         )
 
