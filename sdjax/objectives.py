@@ -49,7 +49,10 @@ def _sharded_loss(config: ml_collections.ConfigDict, mesh) -> Callable:
     )
 
 
-def contrast_set(features, labels, mask, sample_ids) -> dict[str, jax.Array]:
+Contrast = dict[str, jax.Array]  # the loss's keys: `contrast_set`'s
+
+
+def contrast_set(features, labels, mask, sample_ids) -> Contrast:
     """The loss's keys (`contrast_*` arguments of `sdjax.losses`) from their four arrays."""
     return {
         "contrast_features": features,
@@ -59,7 +62,7 @@ def contrast_set(features, labels, mask, sample_ids) -> dict[str, jax.Array]:
     }
 
 
-def batch_keys(keys: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+def batch_keys(keys: jax.Array, labels: jax.Array) -> Contrast:
     """The loss's keys for one batch's keys alone: key n is a view of global sample n."""
     return contrast_set(
         keys,
@@ -87,7 +90,7 @@ class Contrastive:
         self.config = config
         self.num_views = config.num_views  # views per example that the step draws
 
-    def create_model(self, num_classes: int) -> nnx.Module:
+    def create_model(self, num_classes: int) -> models.ContrastiveModel:
         return models.create_model(self.config, num_classes, self.config.seed)
 
     def outputs(self, model: nnx.Module, inputs: jax.Array) -> Any:
@@ -107,7 +110,7 @@ class BCE(Contrastive):
         super().__init__(config)
         self.num_views = 1
 
-    def create_model(self, num_classes: int) -> nnx.Module:
+    def create_model(self, num_classes: int) -> models.ContrastiveModel:
         return models.create_model(self.config, num_classes, self.config.seed, classifier_head=True)
 
     def loss(self, outputs, input_labels, contrastive):
@@ -119,7 +122,7 @@ class Joint(Contrastive):
     the loss sees (all views in-batch, the queries with MoCo) plus `loss.joint_weight` times the
     contrastive loss of the projection head's embeddings."""
 
-    def create_model(self, num_classes: int) -> nnx.Module:
+    def create_model(self, num_classes: int) -> models.ContrastiveModel:
         model = super().create_model(num_classes)
         classifier = models.LinearClassifier(
             model.encoder.features_dim,  # type: ignore[attr-defined]  # every encoder has it
@@ -174,17 +177,19 @@ class InBatch:
             embeddings.reshape((labels.shape[0], -1, embeddings.shape[-1])), labels
         )
 
-    def create_state(self, model, num_classes: int, mesh) -> None:
+    def create_state(self, model, num_classes: int, mesh) -> models.MomentumEncoder | None:
+        """The framework's own train state (placed on `mesh`): none in-batch."""
         return None
 
-    def before_step(self, state, views, labels) -> tuple[None, None]:
+    def before_step(self, state, views, labels) -> tuple[Contrast | None, Any]:
         """(the contrast set, what `after_step` needs): nothing in-batch."""
         return None, None
 
     def after_step(self, state, pending) -> None:
         pass
 
-    def heldout_contrast(self, model, views, labels) -> None:
+    def heldout_contrast(self, model, views, labels) -> Contrast | None:
+        """The contrast set of the loss without a train state: the batch itself in-batch."""
         return None
 
 
@@ -242,7 +247,7 @@ class MoCo(InBatch):
         return batch_keys(jax.lax.stop_gradient(model(views[:, 1])), labels)
 
     @staticmethod
-    def contrast_with_queue(encoder: models.MomentumEncoder, keys, labels) -> dict[str, jax.Array]:
+    def contrast_with_queue(encoder: models.MomentumEncoder, keys, labels) -> Contrast:
         """This batch's keys (each a view of its own sample), then the queue."""
         queue_size = encoder.queue.value.shape[0]
         return contrast_set(
