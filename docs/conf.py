@@ -75,6 +75,8 @@ api_coverage_modules = [
     "sdjax.config_lib",
     "sdjax.train",
     "sdjax.recipe",
+    "sdjax.datasets.registry",
+    "sdjax.datasets.sources",
     "sdjax.input_pipeline",
     "sdjax.modalities",
     "sdjax.evaluation",

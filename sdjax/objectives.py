@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sdjax import input_pipeline, losses, models
+from sdjax import datasets, losses, models
 from sdjax.sharding import BATCH_AXIS
 
 # --------------------------------------------------------------------------------------------
@@ -49,17 +49,12 @@ def _sharded_loss(config: ml_collections.ConfigDict, mesh) -> Callable:
     )
 
 
-Contrast = dict[str, jax.Array]  # the loss's keys: `contrast_set`'s
+Contrast = losses.Keys  # the loss's contrast set
 
 
 def contrast_set(features, labels, mask, sample_ids) -> Contrast:
-    """The loss's keys (`contrast_*` arguments of `sdjax.losses`) from their four arrays."""
-    return {
-        "contrast_features": features,
-        "contrast_labels": labels,
-        "contrast_mask": mask,
-        "contrast_sample_ids": sample_ids,
-    }
+    """The loss's keys (`sdjax.losses.Keys`) from their four arrays."""
+    return losses.Keys(features=features, labels=labels, mask=mask, sample_ids=sample_ids)
 
 
 def batch_keys(keys: jax.Array, labels: jax.Array) -> Contrast:
@@ -212,7 +207,7 @@ class MoCo(InBatch):
         return labels
 
     def contrastive_loss(self, embeddings, labels, contrast):
-        return self.sharded_loss(embeddings, labels, **contrast)
+        return self.sharded_loss(embeddings, labels, keys=contrast)
 
     def create_state(self, model, num_classes, mesh) -> models.MomentumEncoder:
         """The momentum encoder, placed on `mesh`: its copy of the model replicated, the queue's
@@ -320,7 +315,7 @@ def classifier_parameters(params):
 def make_views_fn(config: ml_collections.ConfigDict, num_views: int) -> Callable:
     """`views(inputs, step) -> [B, num_views, ...]`: the step's augmented views, a pure function
     of (seed, step), so a resumed run sees the same views."""
-    modality = input_pipeline.modality_of(config)
+    modality = datasets.modality_of(config)
     base_key = jax.random.key(config.seed)
 
     def views(inputs, step):

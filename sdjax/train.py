@@ -29,7 +29,7 @@ import ml_collections
 from clu import parameter_overview
 from flax import nnx
 
-from sdjax import checkpointing, config_lib, evaluate, input_pipeline, metric_writers
+from sdjax import checkpointing, config_lib, datasets, evaluate, input_pipeline, metric_writers
 from sdjax.recipe import Recipe, TrainMetrics, TrainState
 from sdjax.sharding import data_parallel_mesh, shard_host_batch
 
@@ -76,10 +76,10 @@ def train_and_evaluate(
 
     Raises:
       config_lib.ConfigError: a bad config (checked first; one found only once the data
-        loaded leaves the workdir as it was), or `checkpointing.WorkdirHoldsAnotherRun`.
+        loaded leaves the workdir as it was), or a workdir that holds another config's run.
       checkpointing.WorkdirUnusable: another process is running in `workdir`
         (`WorkdirInUse`), or it cannot be written.
-      input_pipeline.DataUnavailable: the dataset's source files are missing.
+      datasets.DataUnavailable: the dataset's source files are missing.
       NonFiniteLoss: the loss or the state became non-finite (last good checkpoint kept).
       CheckpointWriteFailed: a checkpoint could not be written.
       Preempted: when SIGTERM arrived.
@@ -103,7 +103,7 @@ def train_and_evaluate(
 
 def _train_and_evaluate(config, workdir: Path, sigterm: _Sigterm) -> dict:
     mesh = data_parallel_mesh()
-    data = input_pipeline.load_splits(config.dataset, input_pipeline.run_splits(config))
+    data = datasets.load_splits(config.dataset, datasets.run_splits(config))
     train = data["train"]
     config_lib.check_data_fits(config, train)
     recipe = Recipe(config, mesh)
@@ -121,7 +121,8 @@ def _train_and_evaluate(config, workdir: Path, sigterm: _Sigterm) -> dict:
     if start_step == 0:
         writer.write_hparams(config_lib.flat_fields(config))
     stage1_start = time.time()
-    history = _train_stage1(config, recipe, train, state, checkpoints, writer, history, sigterm)
+    with checkpointing.background_errors_held(reported_as=CheckpointWriteFailed):
+        history = _train_stage1(config, recipe, train, state, checkpoints, writer, history, sigterm)
     stage1_seconds = time.time() - stage1_start
 
     results = {
@@ -209,6 +210,7 @@ def _writing_checkpoints(checkpoints, step: int):
     """Turns orbax's failure to write (saves are asynchronous: an earlier save's may surface
     here) into one `CheckpointWriteFailed` line."""
     try:
+        checkpointing.check_directory(checkpoints)
         yield
     except Exception as error:  # orbax raises many kinds: ValueError, OSError, ...
         first_line = str(error).splitlines()[0][:300] if str(error) else ""

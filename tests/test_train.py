@@ -20,21 +20,16 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 from tiny_run import REPO, run_main, tiny_config, wait_for_checkpoint
 
-from sdjax import checkpointing, config_lib, input_pipeline, models, objectives, train
+from sdjax import checkpointing, config_lib, datasets, modalities, models, objectives, train
 from sdjax.recipe import Recipe
 from sdjax.sharding import BATCH_AXIS, data_parallel_mesh, replicate
 
 LARGE_STEP = 1000.0  # SGD rate that makes one step's update large enough to compare
 
 
-@pytest.fixture(scope="module")
-def tiny_results(data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny")
-    return workdir, train.train_and_evaluate(tiny_config(data_dir), workdir)
-
-
-def test_tiny_run_trains_and_writes_its_outputs(tiny_results, data_dir):
-    tmp_path, results = tiny_results
+@pytest.mark.slow
+def test_tiny_run_trains_and_writes_its_outputs(finished_run, data_dir):
+    tmp_path, results = finished_run
 
     config, step = checkpointing.stored_config(tmp_path)
     stored_fields = config_lib.flat_fields(config)
@@ -64,6 +59,7 @@ def test_tiny_run_trains_and_writes_its_outputs(tiny_results, data_dir):
     )
 
 
+@pytest.mark.slow
 def test_bce_baseline_runs_through_the_same_trainer(data_dir, tmp_path):
     results = train.train_and_evaluate(
         tiny_config(data_dir, method="bce", **{"linear_eval.random_init_baseline": False}),
@@ -130,6 +126,7 @@ def test_bad_config_on_the_command_line_exits_with_a_clear_message(data_dir, tmp
 LONGER = ("--config.num_train_steps=32", "--config.linear_eval.random_init_baseline=False")
 
 
+@pytest.mark.slow
 def test_kill_and_sigterm_then_resume_give_identical_results(data_dir, tmp_path):
     code, output = run_main(tmp_path / "straight", data_dir, *LONGER)
     assert code == 0, output[-3000:]
@@ -164,8 +161,8 @@ def one_training_step(data_dir, num_devices, **overrides):
     """(loss, parameter update) of one SGD step of the tiny model on 32 training mosaics; with
     MoCo, the momentum encoder's state after the step (EMA copy and queue) too."""
     config = tiny_config(data_dir, **overrides)
-    batch = input_pipeline.load_split(config.dataset.name, "train", data_dir=data_dir)
-    images = input_pipeline.to_float(batch["inputs"][:32])
+    batch = datasets.load_split(config.dataset.name, "train", data_dir=data_dir)
+    images = modalities.to_float(batch["inputs"][:32])
     labels = batch["labels"][:32]
     mesh = data_parallel_mesh(jax.devices()[:num_devices])
     recipe = Recipe(config, mesh)
@@ -230,6 +227,7 @@ def test_gradient_cached_step_matches_the_plain_step(data_dir, overrides, chunk_
         assert int(cached[1]["moco"]["queue_pointer"]) == 32
 
 
+@pytest.mark.slow
 def test_bfloat16_tiny_run_trains(data_dir, tmp_path):
     config = tiny_config(data_dir, compute_dtype="bfloat16")
     config_lib.override(config, **{"linear_eval.random_init_baseline": False})
@@ -239,9 +237,10 @@ def test_bfloat16_tiny_run_trains(data_dir, tmp_path):
     assert np.isfinite(results["linear_eval"]["mAP"])
 
 
-def test_evaluation_runs_from_a_checkpoint_alone(tiny_results, tmp_path):
+@pytest.mark.slow
+def test_evaluation_runs_from_a_checkpoint_alone(finished_run, tmp_path):
     """`python -m sdjax.evaluate --workdir DIR`: the stored config and the newest checkpoint."""
-    workdir, trained = tiny_results
+    workdir, trained = finished_run
     copy = tmp_path / "copy"
     shutil.copytree(workdir / "checkpoints", copy / "checkpoints")  # nothing else travels
     process = subprocess.run(

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sdjax import input_pipeline, models
+from sdjax import datasets, models
 from sdjax.recipe import Recipe
 from sdjax.sharding import shard_global_batch
 
@@ -28,7 +28,7 @@ class HeldoutLoss:
     def __init__(
         self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, examples: dict[str, Any]
     ):
-        modality = input_pipeline.modality_of(config)
+        modality = datasets.modality_of(config)
         size = min(
             config.batch_size, len(examples["labels"]) // jax.device_count() * jax.device_count()
         )
