@@ -65,7 +65,7 @@ def get_config(profile: str = "") -> ml_collections.ConfigDict:
     config.compute_dtype = "float32"
     # Gradient caching (sdjax/gradient_cache.py): > 0 embeds, then backpropagates, this many
     # encoder inputs (views) at a time, so activation memory does not grow with batch_size;
-    # the gradient is the same up to float summation order. 0 = off. In-batch only.
+    # the gradient is the same up to float summation order. 0 = off.
     config.embedding_chunk_size = 0
     config.batch_size = 256  # global, split over all devices of all hosts
     config.num_train_steps = 400

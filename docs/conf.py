@@ -74,6 +74,7 @@ api_coverage_modules = [
     "sdjax.losses",
     "sdjax.config_lib",
     "sdjax.train",
+    "sdjax.recipe",
     "sdjax.datasets.registry",
     "sdjax.datasets.sources",
     "sdjax.input_pipeline",

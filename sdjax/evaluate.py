@@ -25,9 +25,10 @@ import ml_collections
 from absl import app, flags, logging
 from flax import nnx
 
-from sdjax import checkpointing, config_lib, datasets, evaluation, metric_writers, objectives
+from sdjax import checkpointing, config_lib, datasets, evaluation, metric_writers
 from sdjax.evaluators import HeldoutLoss, LinearProbe, joint_classifier_scores, save_test_outputs
-from sdjax.sharding import data_parallel_mesh, replicate
+from sdjax.recipe import Recipe
+from sdjax.sharding import data_parallel_mesh
 
 
 def evaluate(
@@ -60,8 +61,7 @@ def evaluate(
     scored: dict[str, dict[str, Any]] = {
         split: data[split] for split in ("validation", "test") if split in data
     }
-    initial_model = objectives.create_model(config, train["labels"].shape[1])
-    nnx.update(initial_model, replicate(nnx.state(initial_model), mesh))
+    initial_model = Recipe(config, mesh).create_model(train["labels"].shape[1])
     heldout_split = next(iter(scored))
     heldout = HeldoutLoss(config, mesh, scored[heldout_split])
     results: dict[str, Any] = {
@@ -167,10 +167,11 @@ def evaluate_workdir(workdir: str | Path, output_dir: str | Path | None = None) 
     config, _ = checkpointing.stored_config(workdir)
     mesh = data_parallel_mesh()
     data = datasets.load_splits(config.dataset, datasets.run_splits(config))
-    train_state = objectives.create_train_state(config, data["train"]["labels"].shape[1], mesh)
-    step, state = checkpointing.restore_newest(workdir, objectives.checkpoint_state(*train_state))
-    objectives.restore_train_state(state, *train_state)
-    model = train_state[0]
+    recipe = Recipe(config, mesh)
+    state = recipe.create_state(data["train"]["labels"].shape[1])
+    step, restored = checkpointing.restore_newest(workdir, recipe.checkpoint(state))
+    recipe.restore(state, restored)
+    model = state.model
     is_chief = jax.process_index() == 0
     if output_dir is not None and is_chief:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sdjax import datasets, models, objectives
+from sdjax import datasets, models
+from sdjax.recipe import Recipe
 from sdjax.sharding import shard_global_batch
 
 HELDOUT_STEP = -1  # the views' (seed, step) key: no training step uses it
@@ -35,7 +36,7 @@ class HeldoutLoss:
             shard_global_batch(modality.model_inputs(examples["inputs"][:size]), mesh),
             shard_global_batch(np.asarray(examples["labels"][:size]), mesh),
         )
-        self._loss = nnx.jit(objectives.make_stage1_loss(config, mesh))
+        self._loss = nnx.jit(Recipe(config, mesh).loss)
 
     def __call__(self, model: nnx.Module) -> float:
         return float(self._loss(models.evaluation_view(model), *self._batch, HELDOUT_STEP))

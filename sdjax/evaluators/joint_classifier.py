@@ -22,5 +22,5 @@ def joint_classifier_scores(
     The features are `LinearProbe`'s, gathered on every host, so the classifier sees exactly the
     features the linear probe is fitted on, unstandardised, as in training.
     """
-    classifier = model.classifier  # type: ignore[attr-defined]  # an objectives.JointModel
+    classifier = model.classifier  # type: ignore[attr-defined]  # a models.JointModel
     return np.asarray(_scores(classifier, replicate(features, mesh)))
