@@ -4,8 +4,9 @@ Stage 1 trains an encoder with a loss of the S-D family (`config.method = "contr
 sigmoid BCE (`"bce"`, the supervised baseline), or with both (`"joint"`: a linear classifier's BCE
 plus `loss.joint_weight` times the contrastive loss). The contrast set is the global batch
 (`config.framework = "in_batch"`) or MoCo's keys and queue (`"moco"`, see `sdjax.objectives`).
-Then `sdjax.evaluate` runs the evaluators (linear probe, held-out loss, test outputs, and the
-joint classifier's own test metrics), which also run on any checkpoint on their own.
+Then `sdjax.evaluate` runs the evaluators that `config.evals` switches on (`sdjax.evaluators`:
+held-out loss, linear probes, the joint classifier's own metrics, test outputs, the long tail),
+which also run on any checkpoint on their own.
 
 Data parallelism: a one-axis mesh over every device of every host. Batches are sharded along
 it, parameters are replicated, and the loss gathers the contrast set across devices, so it is
@@ -38,10 +39,12 @@ from sdjax import (
     checkpointing,
     config_lib,
     evaluate,
+    evaluators,
     gradient_cache,
     input_pipeline,
     metric_writers,
     objectives,
+    reporting,
 )
 from sdjax.sharding import data_parallel_mesh, shard_host_batch
 
@@ -157,6 +160,7 @@ def train_and_evaluate(
     config_lib.check_config(
         config, num_devices=jax.device_count(), num_processes=jax.process_count()
     )
+    evaluators.check_config(config)
     workdir = Path(workdir)
     created = checkpointing.make_workdir(workdir)
     sigterm = _Sigterm()
@@ -219,8 +223,8 @@ def _train_and_evaluate(config, workdir: Path, sigterm: _Sigterm) -> dict:
     results |= evaluate.evaluate(config, model, data, mesh, workdir, writer)
     writer.close()
     if is_chief:
-        evaluate.write_results(workdir, results)
-        evaluate.plot_training_curve(config, curve, workdir / "training_curves.png")
+        reporting.write_results(workdir, results)
+        reporting.plot_training_curve(config, curve, workdir / "training_curves.png")
     return results
 
 

@@ -479,8 +479,8 @@ MULTIHOST_RUN = (
     "--config.num_train_steps=32",
     "--config.checkpoint_every_steps=4",
     "--config.optimizer.learning_rate=1e-3",
-    "--config.linear_eval.save_test_outputs=True",
-    "--config.linear_eval.random_init_baseline=False",
+    "--config.evals.save_test_outputs=True",
+    "--config.evals.random_init_probe=False",
 )
 
 

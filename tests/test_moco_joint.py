@@ -14,13 +14,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tiny_run import run_main, tiny_config, wait_for_checkpoint
 
-from sdjax import checkpointing, config_lib, evaluation, input_pipeline, losses, objectives, train
+from sdjax import checkpointing, config_lib, input_pipeline, losses, metrics, objectives, train
 from sdjax.sharding import BATCH_AXIS, data_parallel_mesh
 
 MOCO = {"framework": "moco", "moco.queue_size": 128, "moco.momentum": 0.9}
 # The CLI runs need one probe only.
 MOCO_FLAGS = [f"--config.{k}={v}" for k, v in MOCO.items()]
-MOCO_FLAGS.append("--config.linear_eval.random_init_baseline=False")
+MOCO_FLAGS.append("--config.evals.random_init_probe=False")
 # float32 losses of a few hundred terms computed in another order (sharded vs one device, or
 # this file's direct formula): rounding differs by a few ulps of values near 1.
 RTOL = 1e-5
@@ -137,7 +137,7 @@ def test_joint_run_reports_the_classifier_and_the_linear_probe(data_dir, tmp_pat
     state = checkpointing.restore_state(tmp_path, 24, objectives.checkpoint_state(*train_state))
     objectives.restore_train_state(state, *train_state)
     scores = jax.nn.sigmoid(train_state[0].classify(input_pipeline.to_float(test["inputs"])))
-    expected = evaluation.multilabel_metrics(np.asarray(scores), test["labels"])
+    expected = metrics.multilabel_metrics(np.asarray(scores), test["labels"])
     for name, value in expected.items():
         # Same classifier; the features come in batches of 128 over 8 devices there.
         np.testing.assert_allclose(results["classifier"][name], value, rtol=1e-4, atol=1e-4)

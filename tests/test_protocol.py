@@ -348,7 +348,7 @@ def test_dry_run_lists_both_profiles_with_their_hours(tmp_path):
 
 def test_protocol_runs_train_score_and_record(tmp_path, monkeypatch):
     from experiments import run_experiments
-    from sdjax import evaluation, input_pipeline
+    from sdjax import input_pipeline, metrics
 
     loaded = []
 
@@ -377,7 +377,7 @@ def test_protocol_runs_train_score_and_record(tmp_path, monkeypatch):
     saved = np.load(results_dir / "test_scores" / f"{confirmation.name}.npz")
     assert saved["scores"].dtype == np.float32 and saved["labels"].shape == (917, 14)
     np.testing.assert_allclose(
-        evaluation.multilabel_metrics(saved["scores"], saved["labels"])["mAP"],
+        metrics.multilabel_metrics(saved["scores"], saved["labels"])["mAP"],
         record["test"]["classifier"]["mAP"],
         rtol=1e-12,
     )
@@ -391,7 +391,7 @@ def test_protocol_runs_train_score_and_record(tmp_path, monkeypatch):
 
 def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
     from experiments import run_experiments
-    from sdjax import evaluation, input_pipeline
+    from sdjax import input_pipeline, metrics
 
     rng = np.random.default_rng(0)
     words = ["editor", "pictures", "window", "puzzle"]
@@ -429,7 +429,7 @@ def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
     np.testing.assert_array_equal(saved["labels"], corpus["test"][1])
     np.testing.assert_allclose(
         record["test"]["tfidf"]["mAP"],
-        evaluation.multilabel_metrics(saved["scores"], corpus["test"][1])["mAP"],
+        metrics.multilabel_metrics(saved["scores"], corpus["test"][1])["mAP"],
         rtol=1e-12,
     )
     assert len(record["test_bootstrap_mAP"]) == 1001

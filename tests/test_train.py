@@ -65,7 +65,7 @@ def test_tiny_run_trains_and_writes_its_outputs(tiny_results, data_dir):
 
 def test_bce_baseline_runs_through_the_same_trainer(data_dir, tmp_path):
     results = train.train_and_evaluate(
-        tiny_config(data_dir, method="bce", **{"linear_eval.random_init_baseline": False}),
+        tiny_config(data_dir, method="bce", **{"evals.random_init_probe": False}),
         tmp_path,
     )
     assert np.isfinite(results["final_train_loss"]) and "random_init" not in results
@@ -126,7 +126,7 @@ def test_bad_config_on_the_command_line_exits_with_a_clear_message(data_dir, tmp
 
 
 # Long enough that SIGTERM after checkpoint 16 lands in stage 1; one probe is enough here.
-LONGER = ("--config.num_train_steps=32", "--config.linear_eval.random_init_baseline=False")
+LONGER = ("--config.num_train_steps=32", "--config.evals.random_init_probe=False")
 
 
 def test_kill_and_sigterm_then_resume_give_identical_results(data_dir, tmp_path):
@@ -212,7 +212,7 @@ def test_gradient_cached_step_matches_the_plain_step(data_dir):
 
 def test_bfloat16_tiny_run_trains(data_dir, tmp_path):
     config = tiny_config(data_dir, compute_dtype="bfloat16")
-    config_lib.override(config, **{"linear_eval.random_init_baseline": False})
+    config_lib.override(config, **{"evals.random_init_probe": False})
     results = train.train_and_evaluate(config, tmp_path)
     heldout = results["heldout_stage1_loss"]
     assert heldout["final"] < heldout["initial"] - 0.01, heldout
