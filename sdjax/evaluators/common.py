@@ -39,7 +39,9 @@ class EvalData:
         self.config = config
         self.mesh = mesh
         self.train = splits["train"]
-        self.scored = {split: splits[split] for split in ("validation", "test") if split in splits}
+        self.scored: dict[str, dict[str, Any]] = {
+            split: splits[split] for split in ("validation", "test") if split in splits
+        }
         self.output_dir = None if output_dir is None else Path(output_dir)
         self._computed: dict[Hashable, Any] = {}
 

@@ -20,7 +20,7 @@ from sdjax.sharding import replicate
 
 
 @nnx.jit
-def _scores(classifier, features):
+def _sigmoid_scores(classifier, features):
     return jax.nn.sigmoid(classifier(features))
 
 
@@ -33,14 +33,16 @@ def joint_classifier_scores(
     features the linear probe is fitted on, unstandardised, as in training.
     """
     classifier = model.classifier  # type: ignore[attr-defined]  # an objectives.JointModel
-    return np.asarray(_scores(classifier, replicate(features, mesh)))
+    return np.asarray(_sigmoid_scores(classifier, replicate(features, mesh)))
 
 
 def scores(model: nnx.Module, data: EvalData, split: str) -> np.ndarray | None:
     """`joint_classifier_scores` of a scored split, computed once per evaluation; None for a
     model trained without a classifier of its own."""
-    if not hasattr(model, "classifier"):
-        return None
+    return _scores(model, data, split) if hasattr(model, "classifier") else None
+
+
+def _scores(model: nnx.Module, data: EvalData, split: str) -> np.ndarray:
     return data.once(
         ("joint_classifier", id(model), split),
         lambda: joint_classifier_scores(
@@ -61,7 +63,7 @@ class Evaluator(evaluators.Evaluator):
         return linear_probe.split_entries(
             "classifier",
             {
-                split: metrics.multilabel_metrics(scores(model, data, split), examples["labels"])
+                split: metrics.multilabel_metrics(_scores(model, data, split), examples["labels"])
                 for split, examples in data.scored.items()
             },
         )
