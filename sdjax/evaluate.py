@@ -67,7 +67,8 @@ def evaluate(
     results: dict[str, Any] = {}
     for _, evaluator in evaluators.from_config(config):
         entries = evaluator.run(model, shared)
-        writer.write_scalars(config.num_train_steps, dict(_numbers(entries)))
+        if scalars := dict(_numbers(entries)):
+            writer.write_scalars(config.num_train_steps, scalars)
         _merge(results, entries)
     results["stage2_seconds"] = time.time() - start
     return results
