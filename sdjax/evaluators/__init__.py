@@ -27,6 +27,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sdjax import config_lib
+
 if TYPE_CHECKING:
     import ml_collections
     from flax import nnx
@@ -79,8 +81,6 @@ def switched_on(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises `config_lib.ConfigError` unless `config.evals` holds a True or False for
     evaluators of `EVALUATORS` only."""
-    from sdjax import config_lib
-
     for name, value in config.get("evals", {}).items():
         if name not in EVALUATORS:
             raise config_lib.ConfigError(
