@@ -19,6 +19,7 @@ from sdjax.evaluators import joint_classifier, linear_probe
 from sdjax.evaluators.common import EvalData
 from sdjax.evaluators.linear_probe import ProbeResult
 
+#: The file written into the output directory.
 FILE_NAME = "test_outputs.npz"
 
 
