@@ -28,8 +28,8 @@ from flax import nnx
 from sdjax import (
     checkpointing,
     config_lib,
+    datasets,
     evaluators,
-    input_pipeline,
     metric_writers,
     objectives,
     reporting,
@@ -52,7 +52,7 @@ def evaluate(
       config: the run's config.
       model: the trained model, replicated on `mesh`.
       data: {"train": arrays, and the scored splits "validation" and/or "test"}, as
-        `input_pipeline.run_splits(config)` names them.
+        `datasets.run_splits(config)` names them.
       mesh: the data-parallel mesh.
       output_dir: where evaluators write files (test_outputs.npz); None writes none.
       writer: gets every number of the results at step `config.num_train_steps`, named by its
@@ -108,7 +108,7 @@ def evaluate_workdir(workdir: str | Path, output_dir: str | Path | None = None) 
     Raises:
       checkpointing.NoCheckpoint: `workdir` does not exist or no checkpoint restores.
       WouldChangeTheRun: `output_dir` is `workdir` or lies inside it.
-      input_pipeline.DataUnavailable: the dataset's source files are missing.
+      datasets.DataUnavailable: the dataset's source files are missing.
     """
     workdir = Path(workdir)
     if output_dir is not None:
@@ -120,7 +120,7 @@ def evaluate_workdir(workdir: str | Path, output_dir: str | Path | None = None) 
             )
     config, _ = checkpointing.stored_config(workdir)
     mesh = data_parallel_mesh()
-    data = input_pipeline.load_splits(config.dataset, input_pipeline.run_splits(config))
+    data = datasets.load_splits(config.dataset, datasets.run_splits(config))
     train_state = objectives.create_train_state(config, data["train"]["labels"].shape[1], mesh)
     step, state = checkpointing.restore_newest(workdir, objectives.checkpoint_state(*train_state))
     objectives.restore_train_state(state, *train_state)
@@ -151,8 +151,8 @@ def main(argv: list[str]) -> int:
     except (
         checkpointing.NoCheckpoint,
         WouldChangeTheRun,
-        input_pipeline.DataUnavailable,
-        input_pipeline.MissingExtra,
+        datasets.DataUnavailable,
+        datasets.MissingExtra,
     ) as error:
         print(f"Cannot evaluate: {config_lib.one_line(error)}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ class EvalData:
       mesh: the data-parallel mesh the model is replicated on.
       train: the training split's arrays ({"inputs", "labels"}).
       scored: {split: arrays} of the scored splits, "validation" before "test", as
-        `input_pipeline.run_splits(config)` names them; test is absent when
+        `datasets.run_splits(config)` names them; test is absent when
         `eval_split = "validation"`.
       output_dir: where evaluators write files (the workdir, or `sdjax.evaluate`'s
         --output_dir); None writes none.
