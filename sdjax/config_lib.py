@@ -52,8 +52,9 @@ RESULT_NEUTRAL_FIELDS = (
     "max_checkpoints_to_keep",
     "dataset.data_dir",
     "dataset.source_dir",
-    "linear_eval.save_test_outputs",
-    "linear_eval.random_init_baseline",
+    "evals.",  # which evaluators run after training
+    "linear_eval.save_test_outputs",  # evals.save_test_outputs before `evals` existed
+    "linear_eval.random_init_baseline",  # evals.random_init_probe before `evals` existed
     "eval_split",
     "multihost.",  # a section: where the processes meet changes nothing they compute
 )

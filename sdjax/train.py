@@ -5,8 +5,9 @@ sigmoid BCE (`"bce"`, the supervised baseline), or with both (`"joint"`: a linea
 plus `loss.joint_weight` times the contrastive loss). The contrast set is the global batch
 (`config.framework = "in_batch"`) or MoCo's keys and queue (`"moco"`). `sdjax.recipe.Recipe`
 holds all of that (the model, the train state, the loss, the step, what is checkpointed); this
-loop only calls it. Then `sdjax.evaluate` runs the evaluators (linear probe, held-out loss, test
-outputs, and the joint classifier's own test metrics), which also run on any checkpoint alone.
+loop only calls it. Then `sdjax.evaluate` runs the evaluators that `config.evals` switches on
+(`sdjax.evaluators`: held-out loss, linear probes, the joint classifier's own metrics, test
+outputs, the long tail), which also run on any checkpoint on their own.
 
 Data parallelism: a one-axis mesh over every device of every host (see `sdjax.recipe`).
 
@@ -29,7 +30,16 @@ import ml_collections
 from clu import parameter_overview
 from flax import nnx
 
-from sdjax import checkpointing, config_lib, datasets, evaluate, input_pipeline, metric_writers
+from sdjax import (
+    checkpointing,
+    config_lib,
+    datasets,
+    evaluate,
+    evaluators,
+    input_pipeline,
+    metric_writers,
+    reporting,
+)
 from sdjax.recipe import Recipe, TrainMetrics, TrainState
 from sdjax.sharding import data_parallel_mesh, shard_host_batch
 
@@ -87,6 +97,7 @@ def train_and_evaluate(
     config_lib.check_config(
         config, num_devices=jax.device_count(), num_processes=jax.process_count()
     )
+    evaluators.check_config(config)
     workdir = Path(workdir)
     created = checkpointing.make_workdir(workdir)
     sigterm = _Sigterm()
@@ -136,8 +147,8 @@ def _train_and_evaluate(config, workdir: Path, sigterm: _Sigterm) -> dict:
     results |= evaluate.evaluate(config, state.model, data, mesh, workdir, writer)
     writer.close()
     if is_chief:
-        evaluate.write_results(workdir, results)
-        evaluate.plot_training_curve(config, history, workdir / "training_curves.png")
+        reporting.write_results(workdir, results)
+        reporting.plot_training_curve(config, history, workdir / "training_curves.png")
     return results
 
 

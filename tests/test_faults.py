@@ -132,9 +132,9 @@ def test_evaluate_falls_back_past_a_damaged_checkpoint_and_never_changes_the_run
     assert "Checkpoint 24" in done.stderr and "does not restore" in done.stderr
     assert "Traceback" not in done.stderr
     # orbax's INFO chatter is filtered as the trainer filters it: no line from an orbax file.
-    # (Log lines name a file only: sdjax's own that share a name with orbax's are not orbax's.)
-    ours = {path.name for path in Path(checkpointing.__file__).parent.rglob("*.py")}
-    orbax_files = {path.name for path in Path(ocp.__file__).parent.rglob("*.py")} - ours
+    # (absl names a file by its base name: one that sdjax has too, registry.py, is sdjax's.)
+    sdjax_files = {path.name for path in (REPO / "sdjax").rglob("*.py")}
+    orbax_files = {path.name for path in Path(ocp.__file__).parent.rglob("*.py")} - sdjax_files
     chatter = [
         line
         for line in done.stderr.splitlines()
@@ -541,8 +541,8 @@ MULTIHOST_RUN = (
     "--config.num_train_steps=32",
     "--config.checkpoint_every_steps=4",
     "--config.optimizer.learning_rate=1e-3",
-    "--config.linear_eval.save_test_outputs=True",
-    "--config.linear_eval.random_init_baseline=False",
+    "--config.evals.save_test_outputs=True",
+    "--config.evals.random_init_probe=False",
 )
 
 

@@ -18,7 +18,8 @@ LAYERS = {
     "core": (
         "sdjax",
         "sdjax.losses",
-        "sdjax.evaluation",
+        "sdjax.metrics",
+        "sdjax.reporting",
         "sdjax.tokenizer",
         "sdjax.sharding",
         "sdjax.gradient_cache",

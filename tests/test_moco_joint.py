@@ -18,8 +18,8 @@ from sdjax import (
     checkpointing,
     config_lib,
     datasets,
-    evaluation,
     losses,
+    metrics,
     modalities,
     objectives,
     train,
@@ -31,7 +31,7 @@ from sdjax.sharding import BATCH_AXIS, data_parallel_mesh
 MOCO = {"framework": "moco", "moco.queue_size": 128, "moco.momentum": 0.9}
 # The CLI runs need one probe only.
 MOCO_FLAGS = [f"--config.{k}={v}" for k, v in MOCO.items()]
-MOCO_FLAGS.append("--config.linear_eval.random_init_baseline=False")
+MOCO_FLAGS.append("--config.evals.random_init_probe=False")
 # float32 losses of a few hundred terms computed in another order (sharded vs one device, or
 # this file's direct formula): rounding differs by a few ulps of values near 1.
 RTOL = 1e-5
@@ -147,7 +147,7 @@ def test_joint_run_reports_the_classifier_and_the_linear_probe(data_dir, tmp_pat
     state = recipe.create_state(test["labels"].shape[1])
     recipe.restore(state, checkpointing.restore_state(tmp_path, 24, recipe.checkpoint(state)))
     scores = jax.nn.sigmoid(state.model.classify(modalities.to_float(test["inputs"])))
-    expected = evaluation.multilabel_metrics(np.asarray(scores), test["labels"])
+    expected = metrics.multilabel_metrics(np.asarray(scores), test["labels"])
     for name, value in expected.items():
         # Same classifier; the features come in batches of 128 over 8 devices there.
         np.testing.assert_allclose(results["classifier"][name], value, rtol=1e-4, atol=1e-4)

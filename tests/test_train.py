@@ -62,7 +62,7 @@ def test_tiny_run_trains_and_writes_its_outputs(finished_run, data_dir):
 @pytest.mark.slow
 def test_bce_baseline_runs_through_the_same_trainer(data_dir, tmp_path):
     results = train.train_and_evaluate(
-        tiny_config(data_dir, method="bce", **{"linear_eval.random_init_baseline": False}),
+        tiny_config(data_dir, method="bce", **{"evals.random_init_probe": False}),
         tmp_path,
     )
     assert np.isfinite(results["final_train_loss"]) and "random_init" not in results
@@ -123,7 +123,7 @@ def test_bad_config_on_the_command_line_exits_with_a_clear_message(data_dir, tmp
 
 
 # Long enough that SIGTERM after checkpoint 16 lands in stage 1; one probe is enough here.
-LONGER = ("--config.num_train_steps=32", "--config.linear_eval.random_init_baseline=False")
+LONGER = ("--config.num_train_steps=32", "--config.evals.random_init_probe=False")
 
 
 @pytest.mark.slow
@@ -230,7 +230,7 @@ def test_gradient_cached_step_matches_the_plain_step(data_dir, overrides, chunk_
 @pytest.mark.slow
 def test_bfloat16_tiny_run_trains(data_dir, tmp_path):
     config = tiny_config(data_dir, compute_dtype="bfloat16")
-    config_lib.override(config, **{"linear_eval.random_init_baseline": False})
+    config_lib.override(config, **{"evals.random_init_probe": False})
     results = train.train_and_evaluate(config, tmp_path)
     heldout = results["heldout_stage1_loss"]
     assert heldout["final"] < heldout["initial"] - 0.01, heldout
