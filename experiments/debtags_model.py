@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags, logging
-
-if __package__ in (None, ""):  # run as a script: import from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.suite import hardware_name
 
@@ -58,7 +54,7 @@ def main(argv):
         config = config_lib.override(
             config_lib.load_config_file(CONFIG),
             seed=seed,
-            **{"dataset.data_dir": FLAGS.data_dir, "linear_eval.random_init_baseline": False},
+            **{"dataset.data_dir": FLAGS.data_dir, "evals.random_init_probe": False},
         )
         results = train.train_and_evaluate(config, Path(FLAGS.workdir) / f"seed_{seed}")
         runs[seed] = {key: results[key] for key in ("linear_eval", "classifier", "stage1_seconds")}

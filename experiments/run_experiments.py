@@ -32,17 +32,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags, logging
 
-if __package__ in (None, ""):  # run as a script: import from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments import experiment_report, protocol, protocol_report
+from experiments import budgets, experiment_report, protocol, protocol_report
 from experiments.protocol import PROTOCOLS, ProtocolRun
 from experiments.suite import (
     COMMON_OVERRIDES,
@@ -84,13 +80,13 @@ def define_flags() -> None:
 def run_config(profile: str, run: Run, data_dir: str):
     from sdjax import config_lib
 
-    config_profile = PROFILES[profile]["config_profile"]
-    config = config_lib.load_config_file(CONFIG_FILES[run.dataset], config_profile)
+    config = budgets.load_config(CONFIG_FILES[run.dataset], PROFILES[profile]["config_profile"])
     overrides = {
         **COMMON_OVERRIDES,
         **run.config_overrides(),
         "seed": run.seed,
         "dataset.data_dir": data_dir,
+        "evals.long_tail": True,
     }
     return config_lib.override(config, **overrides)
 
@@ -98,15 +94,12 @@ def run_config(profile: str, run: Run, data_dir: str):
 def execute(profile: str, run: Run, results_dir: Path, workdir_root: Path, data_dir: str):
     """Trains and evaluates `run`, then writes its result file (and t-SNE inputs if wanted)."""
 
-    from sdjax import evaluation, train
+    from sdjax import train
 
     config = run_config(profile, run, data_dir)
     workdir = workdir_root / profile / run.name
     start = time.time()
     results = train.train_and_evaluate(config, workdir)
-    outputs = np.load(workdir / "test_outputs.npz")
-    scores, labels = outputs["scores"].astype(np.float32), outputs["labels"]
-    groups = evaluation.frequency_groups(outputs["train_label_counts"])
     record = {
         "run": dataclasses.asdict(run),
         "profile": profile,
@@ -114,9 +107,7 @@ def execute(profile: str, run: Run, results_dir: Path, workdir_root: Path, data_
         **({"classifier": results["classifier"]} if "classifier" in results else {}),
         "final_train_loss": results["final_train_loss"],
         "heldout_stage1_loss": results["heldout_stage1_loss"],
-        "train_label_counts": outputs["train_label_counts"].astype(int).tolist(),
-        "label_groups": {g: v.tolist() for g, v in groups.items()},
-        "group_bootstrap": evaluation.bootstrap_group_metrics(scores, labels, groups),
+        **results["long_tail"],  # train_label_counts, label_groups, group_bootstrap
         "wall_seconds": time.time() - start,
         "hardware": hardware_name(),
         "config": f"configs/{CONFIG_FILES[run.dataset]}.py:{PROFILES[profile]['config_profile']}",
@@ -125,10 +116,11 @@ def execute(profile: str, run: Run, results_dir: Path, workdir_root: Path, data_
     if run.method in TSNE_METHODS and run == Run(TSNE_DATASET, run.method, 0):
         path = results_dir / "embeddings" / f"{run.dataset}_{run.method}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
+        outputs = np.load(workdir / "test_outputs.npz")
         np.savez_compressed(
             path,
             features=outputs["features"][:TSNE_POINTS],
-            labels=labels[:TSNE_POINTS],
+            labels=outputs["labels"][:TSNE_POINTS],
         )
     path = result_path(results_dir, run)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,9 +135,7 @@ def protocol_config(profile: str, run: ProtocolRun, data_dir: str):
     """(config, knob values, overrides) of a neural protocol run."""
     from sdjax import config_lib
 
-    config = config_lib.load_config_file(
-        CONFIG_FILES[run.dataset], PROTOCOLS[profile].config_profile
-    )
+    config = budgets.load_config(CONFIG_FILES[run.dataset], PROTOCOLS[profile].config_profile)
     budget = PROTOCOLS[profile].budgets[run.dataset]
     knobs = protocol.configurations(run.dataset, run.setting, run.entry, budget.num_configs)[
         run.config_id
@@ -166,15 +156,16 @@ def text_reference_results(profile: str, run: ProtocolRun, knobs: dict, data_dir
     """The TF-IDF reference's metrics and float32 scores on the protocol's splits, cut to the
     example limits of the profile's debtags config, as the neural runs' are."""
     from experiments import text_reference
-    from sdjax import config_lib, evaluation, input_pipeline
+    from sdjax import metrics
+    from sdjax.datasets import debtags
 
-    dataset = config_lib.load_config_file(
+    dataset = budgets.load_config(
         CONFIG_FILES[run.dataset], PROTOCOLS[profile].config_profile
     ).dataset
     roles = {"train": "train_without_validation", "validation": "validation"}
     if run.stage == "confirmation":
         roles["test"] = "test"
-    corpus, _ = input_pipeline.debtags_corpus(data_dir, dataset.source_dir, roles.values())
+    corpus, _ = debtags.corpus(data_dir, dataset.source_dir, roles.values())
     limits = {
         role: dataset.train_examples if role == "train" else dataset.test_examples for role in roles
     }
@@ -186,8 +177,8 @@ def text_reference_results(profile: str, run: ProtocolRun, knobs: dict, data_dir
     train_texts, train_labels = texts.pop("train"), labels.pop("train")
     scores, _ = text_reference.tfidf_scores(train_texts, train_labels, texts, **knobs)
     scores = {role: value.astype(np.float32) for role, value in scores.items()}
-    metrics = {role: evaluation.multilabel_metrics(scores[role], labels[role]) for role in scores}
-    return metrics, scores, labels
+    scored = {role: metrics.multilabel_metrics(scores[role], labels[role]) for role in scores}
+    return scored, scores, labels
 
 
 def execute_protocol_run(
@@ -199,7 +190,7 @@ def execute_protocol_run(
     the scorer's float32 test scores (<results>/test_scores/<run>.npz) and the mAP of every
     test resample.
     """
-    from sdjax import evaluation, train
+    from sdjax import metrics, train
 
     start = time.time()
     scorer = run.scorer
@@ -209,14 +200,14 @@ def execute_protocol_run(
         knobs = protocol.configurations(run.dataset, run.setting, run.entry, budget.num_configs)[
             run.config_id
         ]
-        metrics, scores, labels = text_reference_results(profile, run, knobs, data_dir)
+        scored, scores, labels = text_reference_results(profile, run, knobs, data_dir)
         record |= {
             "knobs": knobs,
             "overrides": knobs,
-            "validation": {scorer: metrics["validation"]},
+            "validation": {scorer: scored["validation"]},
         }
         if run.stage == "confirmation":
-            record["test"] = {scorer: metrics["test"]}
+            record["test"] = {scorer: scored["test"]}
             test_scores, test_labels = scores["test"], labels["test"]
     else:
         config, knobs, overrides = protocol_config(profile, run, data_dir)
@@ -242,7 +233,7 @@ def execute_protocol_run(
     record["validation_mAP"] = record["validation"][scorer]["mAP"]
     if run.stage == "confirmation":
         record["test_mAP"] = record["test"][scorer]["mAP"]
-        record["test_bootstrap_mAP"] = evaluation.bootstrap_mean_average_precision(
+        record["test_bootstrap_mAP"] = metrics.bootstrap_mean_average_precision(
             test_scores, test_labels, num_resamples=PROTOCOLS[profile].bootstrap_resamples
         ).tolist()
         scores_path = results_dir / "test_scores" / f"{run.name}.npz"

@@ -348,17 +348,18 @@ def test_dry_run_lists_both_profiles_with_their_hours(tmp_path):
 
 def test_protocol_runs_train_score_and_record(tmp_path, monkeypatch):
     from experiments import run_experiments
-    from sdjax import evaluation, input_pipeline
+    from sdjax import datasets, metrics
+    from sdjax.datasets import registry
 
     loaded = []
 
-    real_load_split = input_pipeline.load_split
+    real_load_split = datasets.load_split
 
     def recording_load_split(name, split, **kwargs):
         loaded.append(split)
         return real_load_split(name, split, **kwargs)
 
-    monkeypatch.setattr(input_pipeline, "load_split", recording_load_split)
+    monkeypatch.setattr(registry, "load_split", recording_load_split)
     results_dir = tmp_path / "results"
     tuning = ProtocolRun("yeast", "joint", "sd", 0, 1000, "tuning")
     record = run_experiments.execute_protocol_run(
@@ -377,7 +378,7 @@ def test_protocol_runs_train_score_and_record(tmp_path, monkeypatch):
     saved = np.load(results_dir / "test_scores" / f"{confirmation.name}.npz")
     assert saved["scores"].dtype == np.float32 and saved["labels"].shape == (917, 14)
     np.testing.assert_allclose(
-        evaluation.multilabel_metrics(saved["scores"], saved["labels"])["mAP"],
+        metrics.multilabel_metrics(saved["scores"], saved["labels"])["mAP"],
         record["test"]["classifier"]["mAP"],
         rtol=1e-12,
     )
@@ -391,7 +392,8 @@ def test_protocol_runs_train_score_and_record(tmp_path, monkeypatch):
 
 def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
     from experiments import run_experiments
-    from sdjax import evaluation, input_pipeline
+    from sdjax import metrics
+    from sdjax.datasets import debtags
 
     rng = np.random.default_rng(0)
     words = ["editor", "pictures", "window", "puzzle"]
@@ -412,7 +414,7 @@ def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
         asked.append(list(splits))
         return {s: corpus[s] for s in splits}, ["a", "b", "c", "d"]
 
-    monkeypatch.setattr(input_pipeline, "debtags_corpus", fake_corpus)
+    monkeypatch.setattr(debtags, "corpus", fake_corpus)
     results_dir = tmp_path / "results"
     run = ProtocolRun("debtags", "reference", "tfidf", 1, 1000, "tuning")
     knobs = protocol.configurations("debtags", "reference", "tfidf", 2)[1]
@@ -429,7 +431,7 @@ def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
     np.testing.assert_array_equal(saved["labels"], corpus["test"][1])
     np.testing.assert_allclose(
         record["test"]["tfidf"]["mAP"],
-        evaluation.multilabel_metrics(saved["scores"], corpus["test"][1])["mAP"],
+        metrics.multilabel_metrics(saved["scores"], corpus["test"][1])["mAP"],
         rtol=1e-12,
     )
     assert len(record["test_bootstrap_mAP"]) == 1001
