@@ -195,8 +195,54 @@ class _ReLUs:
         return jnp.where(self.patterns[len(self.recorded) - 1], x, jnp.zeros((), x.dtype))
 
 
+def layer_errors() -> None:
+    """ResNet-18's 3x3 layers at 64 px, batch 64, in float32 as XLA's convolution and as im2col:
+    the error against float64 in units of roundoff of the sum of the products' magnitudes."""
+    rng = np.random.default_rng(0)
+    matrices = rng.normal(size=(256, 4608)), rng.normal(size=(4608, 512))
+    default, highest = (
+        jax.jit(lambda a, b, p=p: lax.dot(a, b, precision=p))(
+            *(m.astype(np.float32) for m in matrices)
+        )
+        for p in (None, "highest")
+    )
+    print(
+        f"float32 matmul, jax_default_matmul_precision={jax.config.jax_default_matmul_precision}:"
+        f" the same bits as precision='highest': {bool(np.array_equal(default, highest))}\n"
+    )
+    print("| layer | form | largest error / (u x magnitude) | median |\n|---|---|---:|---:|")
+    pads = ((1, 1), (1, 1))
+    for size, channels in ((16, 64), (8, 128), (4, 256), (2, 512)):
+        images = rng.normal(size=(64, size, size, channels))
+        kernel = rng.normal(size=(3, 3, channels, channels))
+        with jax.enable_x64(True):
+            exact = np.asarray(
+                lax.conv_general_dilated(images, kernel, (1, 1), pads, None, None, NHWC)
+            )
+            magnitude = np.asarray(
+                lax.conv_general_dilated(
+                    np.abs(images), np.abs(kernel), (1, 1), pads, None, None, NHWC
+                )
+            )
+        forms = {
+            "lax.conv_general_dilated": lambda x, w: lax.conv_general_dilated(
+                x, w, (1, 1), pads, dimension_numbers=NHWC
+            ),
+            "im2col": lambda x, w: conv.im2col_conv(x, w, (1, 1), pads),
+        }
+        for name, form in forms.items():
+            got = jax.jit(form)(images.astype(np.float32), kernel.astype(np.float32))
+            units = np.abs(np.asarray(got, np.float64) - exact) / magnitude / 2.0**-24
+            print(
+                f"| 3x3, {size}x{size}x{channels} | {name} | {units.max():.2f} | "
+                f"{np.median(units):.2f} |"
+            )
+    print()
+
+
 def gradient_errors(seeds: list[int], batch_size: int) -> None:
     print(f"jax {jax.__version__}, {cpu_model()}, {os.cpu_count()} cores")
+    layer_errors()
     print(
         f"ResNet-18 of experiments/bench_train.py, {batch_size} x 2 views of 64 px, S-D loss; "
         "error: the largest difference of any parameter's gradient from float64's (with lax "
