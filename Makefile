@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/mypy --strict sdjax/losses.py
+	$(VENV)/bin/mypy --strict sdjax/losses
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -15,15 +15,22 @@ from pathlib import Path
 
 from sdjax import config_lib
 
+VOC2007 = Path(__file__).with_name("voc2007.py")
+
 
 def get_config(profile: str = ""):
-    config = config_lib.load_config_file(Path(__file__).with_name("voc2007.py"), profile)
+    config = config_lib.load_config_file(VOC2007)
     config.dataset.name = "coco2017"
-    if not profile:
-        config.dataset.image_size = 160
-        config.model.encoder.update({"stage_sizes": (3, 4, 6, 3), "block": "bottleneck"})
-        config.batch_size = 1024
-        config.num_train_steps = 20_000
-        config.optimizer.warmup_steps = 1_000
-        config.linear_eval.num_steps = 10_000
-    return config
+    config.dataset.image_size = 160
+    config.model.encoder.update({"stage_sizes": (3, 4, 6, 3), "block": "bottleneck"})
+    config.batch_size = 1024
+    config.num_train_steps = 20_000
+    config.optimizer.warmup_steps = 1_000
+    config.linear_eval.num_steps = 10_000
+    return config_lib.apply_profile(config, profile, tiny=tiny)
+
+
+def tiny(config) -> None:
+    """VOC 2007's tiny model, with its basic blocks."""
+    config_lib.config_module(VOC2007).tiny(config)
+    config.model.encoder.block = "basic"

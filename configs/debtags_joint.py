@@ -15,8 +15,10 @@ from pathlib import Path
 
 from sdjax import config_lib
 
+DEBTAGS = Path(__file__).with_name("debtags.py")
+
 
 def get_config(profile: str = ""):
-    config = config_lib.load_config_file(Path(__file__).with_name("debtags.py"), profile)
+    config = config_lib.load_config_file(DEBTAGS)
     config.method = "joint"
-    return config
+    return config_lib.apply_profile(config, profile, tiny=config_lib.config_module(DEBTAGS).tiny)

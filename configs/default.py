@@ -45,7 +45,6 @@ def get_config(profile: str = "") -> ml_collections.ConfigDict:
     config.model.encoder.name = "resnet"
     config.model.encoder.stage_sizes = (1, 1)
     config.model.encoder.width = 16
-    config.model.encoder.in_channels = 1
     config.model.encoder.stem_stride = 4  # patchify stem: 56x56 -> 14x14
     config.model.projection_hidden_dim = 128
     config.model.projection_dim = 64
@@ -106,32 +105,13 @@ def get_config(profile: str = "") -> ml_collections.ConfigDict:
     config.multihost.process_id = -1  # -1 = from the environment or the cluster
     config.multihost.initialization_timeout_s = 0  # 0 = from the environment, else 300
 
-    def tiny(config):
-        config.dataset.name = "mnist_mosaic_tiny"
-        config.model.encoder.stage_sizes = (1,)
-        config.model.encoder.width = 8
-        config.model.projection_hidden_dim = 32
-        config.model.projection_dim = 16
-        config.optimizer.learning_rate = 1e-2
+    return config_lib.apply_profile(config, profile, tiny=tiny)
 
-    # The experiment suite's quick profile: fewer steps and examples, the same model.
-    quick = {
-        "num_train_steps": 60,
-        "batch_size": 128,
-        "optimizer.warmup_steps": 10,
-        "dataset.train_examples": 3000,
-        "dataset.test_examples": 1000,
-        "linear_eval.num_steps": 300,
-    }
-    # The suite's accelerator profile: a ResNet-18-sized encoder, 4x the batch, about 160
-    # epochs of the 10,000 mosaics instead of 10.
-    gpu = {
-        "model.encoder.stage_sizes": (2, 2, 2, 2),
-        "model.encoder.width": 64,
-        "batch_size": 1024,
-        "num_train_steps": 1600,
-        "optimizer.warmup_steps": 100,
-        "moco.queue_size": 8192,
-        "linear_eval.num_steps": 3000,
-    }
-    return config_lib.apply_profile(config, profile, quick=quick, tiny=tiny, gpu=gpu)
+
+def tiny(config: ml_collections.ConfigDict) -> None:
+    """The tiny profile's model: one stage of width 8, small heads, a faster rate."""
+    config.model.encoder.stage_sizes = (1,)
+    config.model.encoder.width = 8
+    config.model.projection_hidden_dim = 32
+    config.model.projection_dim = 16
+    config.optimizer.learning_rate = 1e-2

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from sdjax import config_lib
 
+DEFAULT = Path(__file__).with_name("default.py")
+
 
 def get_config(profile: str = ""):
-    # The MNIST-mosaic settings and profiles, on clothing instead of digits.
-    config = config_lib.load_config_file(Path(__file__).with_name("default.py"), profile)
-    config.dataset.name = config.dataset.name.replace("mnist", "fashion")
-    return config
+    # The MNIST-mosaic settings and tiny model, on clothing instead of digits.
+    config = config_lib.load_config_file(DEFAULT)
+    config.dataset.name = "fashion_mosaic"
+    return config_lib.apply_profile(config, profile, tiny=config_lib.config_module(DEFAULT).tiny)

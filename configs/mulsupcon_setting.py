@@ -51,7 +51,7 @@ def get_config(profile: str = ""):
     config.loss.positives = "mulsupcon"
     config.loss.temperature = 0.1
     config.model.encoder = ml_collections.ConfigDict(
-        {"name": "mlp", "in_features": 103, "hidden_sizes": (256, 512, 256), "dropout_rate": 0.0}
+        {"name": "mlp", "hidden_sizes": (256, 512, 256), "dropout_rate": 0.0}
     )
     config.model.projection_hidden_dim = 256
     config.model.projection_dim = 256
@@ -66,11 +66,10 @@ def get_config(profile: str = ""):
     config.log_every_steps = 1000
     config.checkpoint_every_steps = 10_000
 
-    def tiny(config):
-        config.model.encoder.hidden_sizes = (32,)
-        config.model.projection_hidden_dim = 32
-        config.model.projection_dim = 16
+    return config_lib.apply_profile(config, profile, tiny=tiny)
 
-    quick = {"num_train_steps": 3000, "linear_eval.num_steps": 500}
-    gpu = {}  # MulSupCon's own budget already; the profile adds bfloat16
-    return config_lib.apply_profile(config, profile, quick=quick, tiny=tiny, gpu=gpu)
+
+def tiny(config) -> None:
+    config.model.encoder.hidden_sizes = (32,)
+    config.model.projection_hidden_dim = 32
+    config.model.projection_dim = 16

@@ -26,7 +26,6 @@ def get_config(profile: str = ""):
             "name": "resnet",
             "stage_sizes": (2, 2, 2, 2),
             "width": 64,
-            "in_channels": 3,
             "block": "basic",
         }
     )
@@ -44,10 +43,12 @@ def get_config(profile: str = ""):
     config.log_every_steps = 100
     config.checkpoint_every_steps = 1_000
 
-    def tiny(config):  # the pipeline in seconds, e.g. under tfds.testing.mock_data
-        config.dataset.image_size = 32
-        config.model.encoder.update({"stage_sizes": (1,), "width": 8})
-        config.model.projection_hidden_dim = 32
-        config.model.projection_dim = 16
-
     return config_lib.apply_profile(config, profile, tiny=tiny)
+
+
+def tiny(config) -> None:
+    """The pipeline in seconds, e.g. under tfds.testing.mock_data."""
+    config.dataset.image_size = 32
+    config.model.encoder.update({"stage_sizes": (1,), "width": 8})
+    config.model.projection_hidden_dim = 32
+    config.model.projection_dim = 16

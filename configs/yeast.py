@@ -18,7 +18,7 @@ def get_config(profile: str = ""):
     config = config_lib.load_config_file(Path(__file__).with_name("default.py"))
     config.dataset.name = "yeast"
     config.model.encoder = ml_collections.ConfigDict(
-        {"name": "mlp", "in_features": 103, "hidden_sizes": (256, 256), "dropout_rate": 0.0}
+        {"name": "mlp", "hidden_sizes": (256, 256), "dropout_rate": 0.0}
     )
     config.model.projection_hidden_dim = 128
     config.model.projection_dim = 64
@@ -33,14 +33,8 @@ def get_config(profile: str = ""):
     config.checkpoint_every_steps = 200
     config.moco.queue_size = 1024  # framework "moco": fewer keys than the 1,500 examples
 
-    def tiny(config):
-        config.model.encoder.hidden_sizes = (32,)
+    return config_lib.apply_profile(config, profile, tiny=tiny)
 
-    quick = {"num_train_steps": 200, "linear_eval.num_steps": 500}
-    # Yeast has 1,500 training examples: a wider, deeper MLP and longer training, same batch.
-    gpu = {
-        "model.encoder.hidden_sizes": (1024, 1024, 1024),
-        "num_train_steps": 3000,
-        "linear_eval.num_steps": 2000,
-    }
-    return config_lib.apply_profile(config, profile, quick=quick, tiny=tiny, gpu=gpu)
+
+def tiny(config) -> None:
+    config.model.encoder.hidden_sizes = (32,)

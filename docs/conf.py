@@ -74,6 +74,8 @@ api_coverage_modules = [
     "sdjax.losses",
     "sdjax.config_lib",
     "sdjax.train",
+    "sdjax.datasets.registry",
+    "sdjax.datasets.sources",
     "sdjax.input_pipeline",
     "sdjax.modalities",
     "sdjax.evaluation",

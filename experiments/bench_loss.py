@@ -31,9 +31,6 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-if __package__ in (None, ""):  # run as a script: import from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from experiments.suite import cpu_model
 
 FEATURE_DIM = 128

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +22,6 @@ import numpy as np
 import psutil
 import tensorflow_datasets as tfds
 from absl import app, flags
-
-if __package__ in (None, ""):  # run as a script: import from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.suite import cpu_model
 from sdjax import input_pipeline, modalities

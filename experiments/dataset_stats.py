@@ -7,7 +7,6 @@ COMMAND:
   python -m experiments.dataset_stats
 """
 
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -17,11 +16,8 @@ from absl import app
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-if __package__ in (None, ""):  # run as a script: import from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from experiments.suite import CONFIG_FILES
-from sdjax import config_lib, input_pipeline
+from sdjax import config_lib, datasets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -36,10 +32,10 @@ def main(argv):
     fig, axes = plt.subplots(1, len(CONFIG_FILES), figsize=(4 * len(CONFIG_FILES), 3))
     for ax, (name, config_file) in zip(axes, CONFIG_FILES.items(), strict=True):
         config = config_lib.load_config_file(config_file)
-        train, test = input_pipeline.load_train_and_test(config.dataset)
-        stats = input_pipeline.label_statistics(train["labels"])
+        train, test = datasets.load_train_and_test(config.dataset)
+        stats = datasets.label_statistics(train["labels"])
         counts = np.array(stats["label_counts"])
-        modality = input_pipeline.DATASETS[name].modality.name
+        modality = datasets.DATASETS[name].modality.name
         lines.append(
             f"| {name} | {modality} | {train['inputs'].dtype} {list(train['inputs'].shape[1:])} "
             f"| {stats['samples']} | {len(test['labels'])} | {stats['labels']} "

@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags, logging
-
-if __package__ in (None, ""):  # run as a script: import from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.suite import hardware_name
 

@@ -170,14 +170,14 @@ def _cached_wheel(directory: Path, requirement: str) -> Path | None:
 
 def prepare_datasets(names, data_dir: Path, tar_dir: Path) -> list[Path]:
     """Prepares each dataset into `data_dir` (as training would) and tars its folders."""
-    from sdjax import input_pipeline
+    from sdjax import datasets
 
     tar_dir.mkdir(parents=True, exist_ok=True)
     tars = []
     for name in names:
         for split in ("train", "test"):
-            input_pipeline.load_split(name, split, data_dir=str(data_dir))
-        dataset = input_pipeline.DATASETS[name]
+            datasets.load_split(name, split, data_dir=str(data_dir))
+        dataset = datasets.DATASETS[name]
         folders = [dataset.builder.split("/")[0]] if dataset.builder else [name]
         if name == "debtags":
             folders.append("sdjax_tokenizers")  # trained on first load, kept with the data

@@ -27,9 +27,6 @@ import numpy as np
 from absl import app, flags
 from scipy import stats
 
-if __package__ in (None, ""):  # run as a script: import from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from experiments.stats import holm_adjusted
 from experiments.suite import (
     ABLATIONS,

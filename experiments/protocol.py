@@ -119,7 +119,8 @@ class Protocol:
     """A profile of the protocol.
 
     Attributes:
-      config_profile: the config files' profile ("" = as they are, "quick").
+      config_profile: the budget of the config files (experiments/budgets.py): "" = as they
+        are, "tiny" = their tiny profile, "quick" = the suite's quick budget.
       budgets: {dataset: Budget}, the datasets it runs.
       confirmation_seeds: the seeds of the confirmation stage, disjoint from tuning seeds.
       bootstrap_resamples: test-example resamples per confirmation run.
@@ -145,7 +146,7 @@ PROTOCOLS = {
         bootstrap_resamples=1000,
         description="debtags (primary) and Yeast (replication), the config files as they are",
     ),
-    # The same protocol on a smaller grid and the config files' quick profile: a rehearsal of
+    # The same protocol on a smaller grid and the suite's quick budget: a rehearsal of
     # the whole pipeline in about 1.3 hours; 2 seeds are too few for its statistics to mean much.
     "protocol_quick": Protocol(
         config_profile="quick",

@@ -32,17 +32,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags, logging
 
-if __package__ in (None, ""):  # run as a script: import from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments import experiment_report, protocol, protocol_report
+from experiments import budgets, experiment_report, protocol, protocol_report
 from experiments.protocol import PROTOCOLS, ProtocolRun
 from experiments.suite import (
     COMMON_OVERRIDES,
@@ -84,8 +80,7 @@ def define_flags() -> None:
 def run_config(profile: str, run: Run, data_dir: str):
     from sdjax import config_lib
 
-    config_profile = PROFILES[profile]["config_profile"]
-    config = config_lib.load_config_file(CONFIG_FILES[run.dataset], config_profile)
+    config = budgets.load_config(CONFIG_FILES[run.dataset], PROFILES[profile]["config_profile"])
     overrides = {
         **COMMON_OVERRIDES,
         **run.config_overrides(),
@@ -143,9 +138,7 @@ def protocol_config(profile: str, run: ProtocolRun, data_dir: str):
     """(config, knob values, overrides) of a neural protocol run."""
     from sdjax import config_lib
 
-    config = config_lib.load_config_file(
-        CONFIG_FILES[run.dataset], PROTOCOLS[profile].config_profile
-    )
+    config = budgets.load_config(CONFIG_FILES[run.dataset], PROTOCOLS[profile].config_profile)
     budget = PROTOCOLS[profile].budgets[run.dataset]
     knobs = protocol.configurations(run.dataset, run.setting, run.entry, budget.num_configs)[
         run.config_id
@@ -166,15 +159,16 @@ def text_reference_results(profile: str, run: ProtocolRun, knobs: dict, data_dir
     """The TF-IDF reference's metrics and float32 scores on the protocol's splits, cut to the
     example limits of the profile's debtags config, as the neural runs' are."""
     from experiments import text_reference
-    from sdjax import config_lib, evaluation, input_pipeline
+    from sdjax import evaluation
+    from sdjax.datasets import debtags
 
-    dataset = config_lib.load_config_file(
+    dataset = budgets.load_config(
         CONFIG_FILES[run.dataset], PROTOCOLS[profile].config_profile
     ).dataset
     roles = {"train": "train_without_validation", "validation": "validation"}
     if run.stage == "confirmation":
         roles["test"] = "test"
-    corpus, _ = input_pipeline.debtags_corpus(data_dir, dataset.source_dir, roles.values())
+    corpus, _ = debtags.corpus(data_dir, dataset.source_dir, roles.values())
     limits = {
         role: dataset.train_examples if role == "train" else dataset.test_examples for role in roles
     }

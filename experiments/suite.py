@@ -74,8 +74,8 @@ SETTINGS = {
     ),
 }
 
-# Each profile is a profile of the config files (configs/<file>.py:quick holds the quick
-# profile's steps and examples: the same models and protocol on a smaller budget).
+# Each profile trains the config files on a budget, its `config_profile` (experiments/budgets.py:
+# "quick" is the same models and protocol on fewer steps and examples).
 PROFILES = {
     "quick": {
         "config_profile": "quick",
@@ -91,8 +91,7 @@ PROFILES = {
         "setting_datasets": {setting: DATASETS for setting in SETTINGS},
     },
 }
-# `full` on the config files' accelerator profile: larger encoders, batches and step counts,
-# in bfloat16.
+# `full` on the accelerator budget: larger encoders, batches and step counts, in bfloat16.
 PROFILES["gpu"] = {**PROFILES["full"], "config_profile": "gpu"}
 COMMON_OVERRIDES = {
     "linear_eval.random_init_baseline": False,

@@ -56,10 +56,11 @@ def tfidf_scores(
 
 def main(argv):
     del argv
-    from sdjax import evaluation, input_pipeline
+    from sdjax import evaluation
+    from sdjax.datasets import debtags
 
     start = time.time()
-    corpus, _ = input_pipeline.debtags_corpus(FLAGS.data_dir)
+    corpus, _ = debtags.corpus(FLAGS.data_dir)
     (train_texts, train_labels), (test_texts, test_labels) = corpus["train"], corpus["test"]
     scores, vocabulary = tfidf_scores(
         train_texts,

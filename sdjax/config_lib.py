@@ -1,11 +1,23 @@
 """Config files, profiles, overrides and the checks every config passes before anything runs.
 
 A config file is a Python file with `get_config(profile="")`; `configs/NAME.py:PROFILE` on
-the command line (or `load_config_file("configs/NAME.py", "PROFILE")`) picks a profile, one of the
-`PROFILES` that every config file accepts through `apply_profile`. A config file that builds on
-another loads it by a path relative to its own file,
-`load_config_file(Path(__file__).with_name("default.py"))`, so that it works from any directory
-and from an installed wheel, which has no `configs/` of its own.
+the command line (or `load_config_file("configs/NAME.py", "PROFILE")`) picks a profile, one of
+`PROFILES`. Every config file is written the same way:
+
+    def get_config(profile: str = ""):
+        config = config_lib.load_config_file(Path(__file__).with_name("default.py"))  # its base
+        ...  # the file's own settings
+        return config_lib.apply_profile(config, profile, tiny=tiny)
+
+It starts from its base's own settings (no profile), and `apply_profile` applies the profile
+once, at the end, with the file's `tiny` model shrinking (a file may reuse its base's:
+`config_module(path).tiny`). The base is found by a path relative to the file, so that it works
+from any directory and from an installed wheel, which has no `configs/` of its own.
+
+What the data determines is not written in config files: `apply_profile` sets the encoder's
+input size (`INPUT_SIZE_FIELDS`) from the dataset registry, and the trainer takes the number of
+classes from the loaded labels. Budgets of experiment suites (fewer steps, larger models) are
+the suites' own: experiments/budgets.py.
 """
 
 from __future__ import annotations
@@ -19,14 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from flax import nnx
+
+from sdjax import datasets, losses, models
 
 # Where a bare NAME is looked up: the `configs/` folder of a clone (an installed wheel has none).
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-# "": the file's own settings; "tiny": the whole pipeline in seconds (tests, smoke checks);
-# "quick": the experiment suite's quick profile (fewer steps and examples, same models);
-# "gpu": its accelerator profile (larger encoders, batches and step counts, in bfloat16).
-PROFILES = ("", "tiny", "quick", "gpu")
+# "": the file's own settings; "tiny": the whole pipeline in seconds (tests, smoke checks).
+PROFILES = ("", "tiny")
+
+# The encoder field that the size of the inputs' last axis sets, by encoder name (the
+# bag_of_ngrams encoder takes texts of any length).
+INPUT_SIZE_FIELDS = {"resnet": "in_channels", "mlp": "in_features", "transformer": "max_length"}
 
 # Fields that cannot change a run's results: a resumed run may change them.
 RESULT_NEUTRAL_FIELDS = (
@@ -67,6 +84,12 @@ def load_config_file(path: str | Path, profile: str = "") -> ml_collections.Conf
     path = str(path)
     if ":" in path and not profile:
         path, profile = path.rsplit(":", 1)
+    return config_module(path).get_config(profile)
+
+
+def config_module(path: str | Path):
+    """The module of a config file (a path or a bare name, as in `load_config_file`), freshly
+    executed: its `get_config` and its `tiny`."""
     file = Path(path)
     if file.suffix != ".py":
         file = CONFIGS_DIR / f"{path}.py"
@@ -76,27 +99,25 @@ def load_config_file(path: str | Path, profile: str = "") -> ml_collections.Conf
     assert spec is not None and spec.loader is not None  # a .py file that exists has both
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(profile)
+    return module
 
 
 def apply_profile(
     config: ml_collections.ConfigDict,
     profile: str,
     *,
-    quick: Mapping[str, Any] | None = None,
     tiny: Callable[[ml_collections.ConfigDict], None] | None = None,
-    gpu: Mapping[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
-    """The one profile parser of every config file.
+    """The one profile parser of every config file, called last by its `get_config`.
+
+    "tiny" shrinks the model with the file's `tiny`, trains on the dataset's tiny build if it
+    has one (`Dataset.tiny`), and runs 24 short steps. Then, whatever the profile, the
+    encoder's input size is set from the dataset (`INPUT_SIZE_FIELDS`).
 
     Args:
       config: the file's full settings.
-      profile: "" (as is), "tiny", "quick" or "gpu".
-      quick: the file's dotted overrides for the experiment suite's quick profile; None = the
-        file has no quick profile.
+      profile: one of `PROFILES`: "" (as is) or "tiny".
       tiny: the file's model shrinking for "tiny", applied before the shared short run.
-      gpu: the file's dotted overrides for the suite's accelerator profile, which also computes
-        in bfloat16; None = the file has none.
 
     Returns:
       `config`, changed in place.
@@ -106,6 +127,9 @@ def apply_profile(
     if profile == "tiny":
         if tiny is not None:
             tiny(config)
+        dataset = datasets.DATASETS.get(config.dataset.name)
+        if dataset is not None and dataset.tiny:
+            config.dataset.name = dataset.tiny
         override(
             config,
             batch_size=64,
@@ -119,13 +143,17 @@ def apply_profile(
                 "linear_eval.batch_size": 64,
             },
         )
-    elif profile in ("quick", "gpu"):
-        overrides = {"quick": quick, "gpu": gpu}[profile]
-        if overrides is None:
-            raise ConfigError(f"profile: got {profile!r}, but {config.dataset.name} has none.")
-        if profile == "gpu":
-            overrides = {"compute_dtype": "bfloat16", **overrides}
-        override(config, **overrides)
+    set_input_size(config)
+    return config
+
+
+def set_input_size(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Sets the encoder's `INPUT_SIZE_FIELDS` field to the size of the last axis of
+    `config.dataset`'s inputs (`sdjax.datasets.input_shape`); an unknown dataset or an encoder
+    without such a field is left as it is (`check_config` names an unknown dataset)."""
+    field = INPUT_SIZE_FIELDS.get(config.model.encoder.get("name"))
+    if field is not None and config.dataset.name in datasets.DATASETS:
+        config.model.encoder[field] = datasets.input_shape(config.dataset)[-1]
     return config
 
 
@@ -136,7 +164,7 @@ def override(config: ml_collections.ConfigDict, **dotted: Any) -> ml_collections
     suggestion, as on the command line.
     """
     for key in dotted:
-        _check_field_exists(config, key)
+        check_field(config, key)
     was_locked = config.is_locked
     config.lock()
     try:
@@ -149,7 +177,8 @@ def override(config: ml_collections.ConfigDict, **dotted: Any) -> ml_collections
     return config
 
 
-def _check_field_exists(config: ml_collections.ConfigDict, dotted: str) -> None:
+def check_field(config: ml_collections.ConfigDict, dotted: str) -> None:
+    """Raises ConfigError if `config` has no field `dotted`, with the closest name if any."""
     node: Any = config
     walked: list[str] = []
     for key in dotted.split("."):
@@ -253,8 +282,6 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
       config: a full training config.
       num_devices, num_processes: of the run, which the batches are split over.
     """
-    from sdjax import input_pipeline, losses  # the dataset and loss registries
-
     for field in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
         value, low = config[field], 1 if field in _POSITIVE_INTS else 0
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -269,7 +296,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
         **_CHOICES,
         "loss.positives": losses.POSITIVES,
         "loss.exchange": losses.EXCHANGES,
-        "dataset.name": tuple(sorted(input_pipeline.DATASETS)),
+        "dataset.name": tuple(sorted(datasets.DATASETS)),
     }.items():
         if config[field] not in choices:
             _fail(field, config[field], f"one of {choices}")
@@ -299,7 +326,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
     limit = config.dataset.train_examples
     if limit and config.batch_size > limit:
         _fail("batch_size", config.batch_size, f"<= dataset.train_examples = {limit}")
-    size = input_pipeline.DATASETS[config.dataset.name].train_size
+    size = datasets.DATASETS[config.dataset.name].train_size
     if size is not None and config.batch_size > size:  # else check_data_fits, once loaded
         _fail(
             "batch_size",
@@ -312,10 +339,6 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
 def _check_model(config: ml_collections.ConfigDict) -> None:
     """Builds the model abstractly (shapes only, nothing allocated): the encoders' own checks
     of their fields run now, before any data loads, rather than once the model is built."""
-    from flax import nnx
-
-    from sdjax import objectives
-
     encoder = config.model.encoder
     for field, value in encoder.items():  # the encoders convert sizes with int()
         if isinstance(value, tuple) and not all(
@@ -323,7 +346,7 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
         ):
             _fail(f"model.encoder.{field}", value, "a tuple of ints")
     try:
-        nnx.eval_shape(lambda: objectives.create_model(config, num_classes=2))
+        nnx.eval_shape(lambda: models.create_model(config, num_classes=2, seed=config.seed))
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from None
 

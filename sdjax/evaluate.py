@@ -25,7 +25,7 @@ import ml_collections
 from absl import app, flags, logging
 from flax import nnx
 
-from sdjax import checkpointing, config_lib, evaluation, input_pipeline, metric_writers, objectives
+from sdjax import checkpointing, config_lib, datasets, evaluation, metric_writers, objectives
 from sdjax.evaluators import HeldoutLoss, LinearProbe, joint_classifier_scores, save_test_outputs
 from sdjax.sharding import data_parallel_mesh, replicate
 
@@ -43,7 +43,7 @@ def evaluate(
 
     Args:
       data: {"train": arrays, and the scored splits "validation" and/or "test"}, as
-        `input_pipeline.run_splits(config)` names them.
+        `datasets.run_splits(config)` names them.
 
     Returns:
       {"heldout_stage1_loss": {"initial", "final"}, "heldout_split": the split it used,
@@ -154,7 +154,7 @@ def evaluate_workdir(workdir: str | Path, output_dir: str | Path | None = None) 
     Raises:
       checkpointing.NoCheckpoint: `workdir` does not exist or no checkpoint restores.
       WouldChangeTheRun: `output_dir` is `workdir` or lies inside it.
-      input_pipeline.DataUnavailable: the dataset's source files are missing.
+      datasets.DataUnavailable: the dataset's source files are missing.
     """
     workdir = Path(workdir)
     if output_dir is not None:
@@ -166,7 +166,7 @@ def evaluate_workdir(workdir: str | Path, output_dir: str | Path | None = None) 
             )
     config, _ = checkpointing.stored_config(workdir)
     mesh = data_parallel_mesh()
-    data = input_pipeline.load_splits(config.dataset, input_pipeline.run_splits(config))
+    data = datasets.load_splits(config.dataset, datasets.run_splits(config))
     train_state = objectives.create_train_state(config, data["train"]["labels"].shape[1], mesh)
     step, state = checkpointing.restore_newest(workdir, objectives.checkpoint_state(*train_state))
     objectives.restore_train_state(state, *train_state)
@@ -197,8 +197,8 @@ def main(argv: list[str]) -> int:
     except (
         checkpointing.NoCheckpoint,
         WouldChangeTheRun,
-        input_pipeline.DataUnavailable,
-        input_pipeline.MissingExtra,
+        datasets.DataUnavailable,
+        datasets.MissingExtra,
     ) as error:
         print(f"Cannot evaluate: {config_lib.one_line(error)}", file=sys.stderr)
         return 2

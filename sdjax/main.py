@@ -9,9 +9,10 @@ Every failure a user can meet ends in one line on stderr, and the exit status sa
   0  done, or stopped by SIGTERM after saving a checkpoint (rerun to resume).
   1  the run failed while training: non-finite training (the message says what to change, in
      a new workdir), or checkpoints that could not be written (rerun to resume).
-  2  the run could not start, and nothing was trained: a bad config or command line
-     ("Bad config: ..."), or a workdir in use or not writable, a workdir holding another
-     config's run, or a dataset's missing source files ("Cannot run: ...").
+  2  the run could not start, and nothing was trained: a bad config or command line, a config
+     that the data disagrees with, or a workdir holding another config's run ("Bad config:
+     ..."); a workdir in use or not writable, or a dataset's missing source files ("Cannot
+     run: ...").
   3  a multi-host peer never arrived within multihost.initialization_timeout_s.
 """
 
@@ -25,7 +26,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdjax import checkpointing, config_lib, input_pipeline, multihost, train
+from sdjax import checkpointing, config_lib, datasets, multihost, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.")
@@ -59,27 +60,43 @@ def parse_flags(argv: list[str]) -> list[str]:
         FLAGS.config.is_locked  # noqa: B018 (a config file that failed to load raises when read)
         return remaining
     except flags.Error as error:
-        if "ConfigError: " in str(error):  # raised inside the config file, e.g. a bad profile
-            print(f"Bad config: {str(error).split('ConfigError: ')[-1]}", file=sys.stderr)
+        raised_by_config = _in_chain(error, config_lib.ConfigError)  # e.g. a bad profile
+        if raised_by_config is not None:
+            print(f"Bad config: {config_lib.one_line(raised_by_config)}", file=sys.stderr)
         else:
             print(f"{error}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
-    except OSError as error:  # ml_collections' "Configuration is not available ...", chained
-        path = _config_argument(argv)
-        if not _config_file_exists(path):
-            print(f"Bad config: --config: got {path!r}, no such config file.", file=sys.stderr)
-        else:  # its last line is the config file's own error
-            detail = str(error).strip().splitlines()[-1].strip()
-            print(f"Bad config: --config: {path!r} does not load: {detail}", file=sys.stderr)
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
-        message = " ".join(str(error).replace("\\n", " ").replace("\\'", "").split())
-        overrides = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")]
-        culprit = next((arg for arg in overrides if arg.split(".")[-1] in message), "--config")
-        if "Did you mean" in message:  # ml_collections' suggestion for a misspelt field
-            message = "no such field. " + message[message.index("Did you mean") :]
-        elif isinstance(error, (AttributeError, KeyError)):  # no field of a name near it
-            message = "no such field."
-        print(f"Bad config: {culprit}: {message.strip(chr(39))}", file=sys.stderr)
+    except Exception as error:  # the config file is missing or raised, or an override is
+        print(f"Bad config: {_config_problem(argv, error)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _in_chain(error: BaseException | None, kind: type[Exception]) -> Exception | None:
+    """The first exception of type `kind` raised in the chain that ended in `error`, or None
+    (ml_collections re-raises a config file's error as one of its type with a traceback)."""
+    found = None
+    while error is not None:
+        found = error if isinstance(error, kind) else found
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def _config_problem(argv: list[str], error: Exception) -> str:
+    """What is wrong with the config of a command line whose parsing raised `error`: a missing
+    or failing config file, or an override of a field that the config does not have."""
+    path = _config_argument(argv)
+    if not _config_file_exists(path):
+        return f"--config: got {path!r}, no such config file."
+    try:
+        config = config_lib.load_config_file(path)
+    except Exception as failure:
+        return f"--config: {path!r} does not load: {type(failure).__name__}: {failure}"
+    for arg in argv:
+        if arg.startswith("--config."):
+            try:
+                config_lib.check_field(config, arg.split("=", 1)[0].removeprefix("--config."))
+            except config_lib.ConfigError as missing:
+                return f"--{config_lib.one_line(missing)}"
+    return f"--config: {path!r}: {type(error).__name__}: {config_lib.one_line(error)}"
 
 
 def _config_argument(argv: list[str]) -> str:
@@ -101,22 +118,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
 
     Every failure that a user can meet is one line on stderr (see the module docstring).
     """
+    logging.info("Config:\n%s", config)
     try:
         multihost.initialize(config)
-        config_lib.check_config(
-            config, num_devices=jax.device_count(), num_processes=jax.process_count()
-        )
+        results = train.train_and_evaluate(config, workdir)  # which checks the config first
     except config_lib.ConfigError as error:
         print(f"Bad config: {config_lib.one_line(error)}", file=sys.stderr)
         return 2
-    logging.info("Config:\n%s", config)
-    try:
-        results = train.train_and_evaluate(config, workdir)
     except (
-        config_lib.ConfigError,
         checkpointing.WorkdirUnusable,
-        input_pipeline.DataUnavailable,
-        input_pipeline.MissingExtra,
+        datasets.DataUnavailable,
+        datasets.MissingExtra,
     ) as error:
         print(f"Cannot run: {config_lib.one_line(error)}", file=sys.stderr, flush=True)
         return 2

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sdjax import input_pipeline, losses, models
+from sdjax import datasets, losses, models
 from sdjax.sharding import BATCH_AXIS, replicate
 
 
@@ -94,7 +94,7 @@ def classifier_parameters(params):
 def make_views_fn(config: ml_collections.ConfigDict) -> Callable:
     """`views(inputs, step) -> [B, V, ...]`: the step's augmented views, a pure function of
     (seed, step), so a resumed run sees the same views."""
-    modality = input_pipeline.modality_of(config)
+    modality = datasets.modality_of(config)
     base_key = jax.random.key(config.seed)
     num_views = 1 if config.method == "bce" else config.num_views
 
@@ -113,8 +113,8 @@ def make_stage1_loss(config: ml_collections.ConfigDict, mesh) -> Callable:
     in-batch, the queries with MoCo) to `loss.joint_weight` times the contrastive loss.
 
     With `framework = "moco"`, `keys` is the contrast set, `MomentumEncoder.contrast_set`'s
-    dict; None (the held-out loss) contrasts the queries with their own samples' view-1 keys
-    through `model` itself, under stop_gradient, without a queue.
+    `losses.Keys`; None (the held-out loss) contrasts the queries with their own samples' view-1
+    keys through `model` itself, under stop_gradient, without a queue.
     """
     views_fn = make_views_fn(config)
     moco = config.framework == "moco"
@@ -127,7 +127,7 @@ def make_stage1_loss(config: ml_collections.ConfigDict, mesh) -> Callable:
             features = model.encode(views[:, 0])
             if keys is None:
                 keys = batch_keys(jax.lax.stop_gradient(model(views[:, 1])), labels)
-            loss = sharded_loss(model.head(features), labels, **keys)
+            loss = sharded_loss(model.head(features), labels, keys=keys)
             return _add_joint_bce(config, model, features, labels, loss)
         flat_views = views.reshape((-1, *views.shape[2:]))
         if config.method == "joint":
@@ -232,20 +232,18 @@ class MomentumEncoder(nnx.Module):
             )
             nnx.update(mine, updated)
 
-    def contrast_set(self, keys: jax.Array, labels: jax.Array) -> dict:
+    def contrast_set(self, keys: jax.Array, labels: jax.Array) -> losses.Keys:
         """The loss's keys: this batch's keys (each a view of its own sample), then the queue."""
         in_batch = batch_keys(keys, labels)
         queue_size = self.queue.value.shape[0]
-        return {
-            "contrast_features": jnp.concatenate([keys, self.queue.value]),
-            "contrast_labels": jnp.concatenate(
-                [in_batch["contrast_labels"], self.queue_labels.value]
+        return losses.Keys(
+            features=jnp.concatenate([keys, self.queue.value]),
+            labels=jnp.concatenate([in_batch.labels, self.queue_labels.value]),
+            mask=jnp.concatenate([in_batch.mask, self.queue_valid.value]),
+            sample_ids=jnp.concatenate(
+                [in_batch.sample_ids, jnp.full((queue_size,), -1, jnp.int32)]
             ),
-            "contrast_mask": jnp.concatenate([in_batch["contrast_mask"], self.queue_valid.value]),
-            "contrast_sample_ids": jnp.concatenate(
-                [in_batch["contrast_sample_ids"], jnp.full((queue_size,), -1, jnp.int32)]
-            ),
-        }
+        )
 
     def enqueue(self, keys: jax.Array, labels: jax.Array, sharding=None) -> None:
         """Replaces the oldest `B` entries by `keys` and `labels` (B divides `queue_size`).
@@ -268,14 +266,14 @@ class MomentumEncoder(nnx.Module):
         self.queue_pointer.value = (pointer + keys.shape[0]) % self.queue.value.shape[0]
 
 
-def batch_keys(keys: jax.Array, labels: jax.Array) -> dict:
+def batch_keys(keys: jax.Array, labels: jax.Array) -> losses.Keys:
     """The loss's keys for one batch's keys alone: key n is a view of global sample n."""
-    return {
-        "contrast_features": keys,
-        "contrast_labels": labels.astype(jnp.float32),
-        "contrast_mask": jnp.ones(keys.shape[:1], bool),
-        "contrast_sample_ids": jnp.arange(keys.shape[0], dtype=jnp.int32),
-    }
+    return losses.Keys(
+        features=keys,
+        labels=labels.astype(jnp.float32),
+        mask=jnp.ones(keys.shape[:1], bool),
+        sample_ids=jnp.arange(keys.shape[0], dtype=jnp.int32),
+    )
 
 
 def queue_sharding(mesh) -> NamedSharding:

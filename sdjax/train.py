@@ -37,6 +37,7 @@ from flax import nnx
 from sdjax import (
     checkpointing,
     config_lib,
+    datasets,
     evaluate,
     gradient_cache,
     input_pipeline,
@@ -149,7 +150,7 @@ def train_and_evaluate(
         found only once the data loaded leaves the workdir as it was.
       checkpointing.WorkdirUnusable: another process is running in `workdir`
         (`WorkdirInUse`), or it cannot be written.
-      input_pipeline.DataUnavailable: the dataset's source files are missing.
+      datasets.DataUnavailable: the dataset's source files are missing.
       NonFiniteLoss: the loss or the state became non-finite (last good checkpoint kept).
       CheckpointWriteFailed: a checkpoint could not be written.
       Preempted: when SIGTERM arrived.
@@ -173,7 +174,7 @@ def train_and_evaluate(
 
 def _train_and_evaluate(config, workdir: Path, sigterm: _Sigterm) -> dict:
     mesh = data_parallel_mesh()
-    data = input_pipeline.load_splits(config.dataset, input_pipeline.run_splits(config))
+    data = datasets.load_splits(config.dataset, datasets.run_splits(config))
     train = data["train"]
     config_lib.check_data_fits(config, train)
     num_classes = train["labels"].shape[1]

@@ -27,8 +27,8 @@ def shared_compilation_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A tfds data dir holding the tiny MNIST mosaics, built once per test process."""
-    from sdjax import input_pipeline
+    from sdjax import datasets
 
     path = tmp_path_factory.mktemp("tfds")
-    input_pipeline.load_split("mnist_mosaic_tiny", "train", data_dir=str(path))
+    datasets.load_split("mnist_mosaic_tiny", "train", data_dir=str(path))
     return str(path)

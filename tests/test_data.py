@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from sdjax import input_pipeline, modalities
+from sdjax import datasets, input_pipeline, modalities
 from sdjax.datasets import mnist_mosaic
 
 
@@ -48,12 +48,12 @@ def test_generation_is_deterministic_in_the_seed():
 
 
 def test_tfds_builder_serves_the_generated_arrays(tmp_path):
-    loaded = input_pipeline.load_split("mnist_mosaic_tiny", "test", data_dir=str(tmp_path))
+    loaded = datasets.load_split("mnist_mosaic_tiny", "test", data_dir=str(tmp_path))
     made = mnist_mosaic.make_mnist_mosaic("test", num_examples=256, seed=0)
     np.testing.assert_array_equal(loaded["inputs"], made["image"])
     np.testing.assert_array_equal(loaded["labels"], made["labels"])
     with pytest.raises(ValueError, match="`name`: got 'mnist'"):
-        input_pipeline.load_split("mnist", "train", data_dir=str(tmp_path))
+        datasets.load_split("mnist", "train", data_dir=str(tmp_path))
 
 
 def test_batch_order_is_a_pure_function_of_seed_and_step():
@@ -116,7 +116,7 @@ def test_validation_mosaics_use_their_own_source_digits_and_leave_test_as_it_was
         assert set(made["source_index"].ravel()) <= pool, split
     # Through the input pipeline: the validation builder's splits, and test unchanged.
     loaded = {
-        split: input_pipeline.load_split("mnist_mosaic_tiny", split, data_dir=str(tmp_path))
+        split: datasets.load_split("mnist_mosaic_tiny", split, data_dir=str(tmp_path))
         for split in ("validation", "train_without_validation", "test")
     }
     for split, stored in (("validation", "validation"), ("train_without_validation", "train")):
@@ -129,4 +129,4 @@ def test_validation_mosaics_use_their_own_source_digits_and_leave_test_as_it_was
     with pytest.raises(ValueError, match="`split`: got 'validation', expected one of"):
         mnist_mosaic.source_indices(classes, "validation", seed=0)
     with pytest.raises(ValueError, match="`split`: got 'val', expected one of"):
-        input_pipeline.load_split("mnist_mosaic_tiny", "val", data_dir=str(tmp_path))
+        datasets.load_split("mnist_mosaic_tiny", "val", data_dir=str(tmp_path))

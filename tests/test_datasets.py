@@ -18,8 +18,9 @@ import pytest
 import sentencepiece
 from flax import nnx
 
-from sdjax import config_lib, input_pipeline, modalities, models, tokenizer, train
+from sdjax import config_lib, datasets, modalities, models, tokenizer, train
 from sdjax.datasets import debtags, fashion_mosaic, yeast
+from sdjax.datasets.sources import tfds_source
 
 # ---------------------------------------------------------------------------------------------
 # Fashion-MNIST mosaics
@@ -88,7 +89,7 @@ def test_fashion_mosaics_are_made_of_their_own_split(fashion_dir):
 def test_fashion_builder_serves_the_mosaics_and_explains_missing_files(
     fashion_dir, tmp_path, monkeypatch
 ):
-    loaded = input_pipeline.load_split(
+    loaded = datasets.load_split(
         "fashion_mosaic_tiny", "test", data_dir=str(tmp_path), source_dir=str(fashion_dir)
     )
     made = fashion_mosaic.make_fashion_mosaic(
@@ -154,9 +155,9 @@ def test_yeast_validation_is_300_fixed_training_rows(tmp_path):
     assert len(positions) == 300 and len(set(positions)) == 300
     assert positions.min() >= 0 and positions.max() < 1500
     np.testing.assert_array_equal(positions, yeast.validation_positions())
-    train = input_pipeline.load_split("yeast", "train", data_dir=str(tmp_path))
-    held = input_pipeline.load_split("yeast", "validation", data_dir=str(tmp_path))
-    rest = input_pipeline.load_split("yeast", "train_without_validation", data_dir=str(tmp_path))
+    train = datasets.load_split("yeast", "train", data_dir=str(tmp_path))
+    held = datasets.load_split("yeast", "validation", data_dir=str(tmp_path))
+    rest = datasets.load_split("yeast", "train_without_validation", data_dir=str(tmp_path))
     np.testing.assert_array_equal(held["inputs"], train["inputs"][positions])
     others = np.setdiff1d(np.arange(1500), positions)
     np.testing.assert_array_equal(rest["labels"], train["labels"][others])
@@ -167,7 +168,7 @@ def test_yeast_validation_is_300_fixed_training_rows(tmp_path):
 
 
 def test_yeast_loads_through_tfds_in_file_order(tmp_path):
-    loaded = input_pipeline.load_split("yeast", "test", data_dir=str(tmp_path))
+    loaded = datasets.load_split("yeast", "test", data_dir=str(tmp_path))
     made = yeast.make_split("test")
     np.testing.assert_array_equal(loaded["inputs"], made["features"])
     np.testing.assert_array_equal(loaded["labels"], made["labels"])
@@ -261,7 +262,7 @@ def test_debtags_builder_stores_inputs_and_multi_hot_labels(apt_lists, tmp_path)
     kept = sorted([*TOPIC_TAGS, "role::program"])  # the fixture's tags that survive cleaning
     expected = {name: (text, tags) for name, _, _, text, tags in fake_corpus()}
     for split in ("train", "test"):
-        source = input_pipeline.tfds_source("debtags/default", split, str(tmp_path), str(apt_lists))
+        source = tfds_source("debtags/default", split, str(tmp_path), str(apt_lists))
         names = debtags.split_names(sorted(expected), split)
         assert len(source) == len(names)
         for i, name in enumerate(names):
@@ -281,8 +282,8 @@ def test_debtags_builder_stores_inputs_and_multi_hot_labels(apt_lists, tmp_path)
 
 def test_debtags_loads_token_ids_and_multi_hot_tags(apt_lists, tmp_path):
     options = dict(data_dir=str(tmp_path), source_dir=str(apt_lists), vocab_size=64, max_length=12)
-    train = input_pipeline.load_split("debtags", "train", **options)
-    test = input_pipeline.load_split("debtags", "test", **options)
+    train = datasets.load_split("debtags", "train", **options)
+    test = datasets.load_split("debtags", "test", **options)
     assert train["inputs"].dtype == np.int32 and train["inputs"].shape == (192, 12)
     assert test["inputs"].shape == (48, 12) and test["labels"].shape == (48, 5)
     assert list(test["label_names"]) == sorted([*TOPIC_TAGS, "role::program"])
@@ -302,7 +303,7 @@ def test_debtags_loads_token_ids_and_multi_hot_tags(apt_lists, tmp_path):
         test["inputs"][0], tokenizer.encode(model_path, [text], max_length=12)[0]
     )
     # The raw corpus (for non-neural references) has the same rows and tag columns.
-    corpus, tag_names = input_pipeline.debtags_corpus(str(tmp_path), str(apt_lists))
+    corpus, tag_names = debtags.corpus(str(tmp_path), str(apt_lists))
     assert corpus["test"][0][0] == text and tag_names == kept
     np.testing.assert_array_equal(corpus["test"][1], test["labels"])
     assert train["inputs"].max() < 64 and (train["inputs"] != tokenizer.PAD_ID).any(axis=1).all()
@@ -323,7 +324,7 @@ def test_debtags_validation_is_a_hash_of_the_package_name(apt_lists, tmp_path):
     expected = [name for name in train_names if hashed_low(name)]
     assert 0.08 < len(expected) / len(train_names) < 0.22  # 192 names: about 29 expected
     options = dict(data_dir=str(tmp_path), source_dir=str(apt_lists), vocab_size=64, max_length=12)
-    corpus, _ = input_pipeline.debtags_corpus(
+    corpus, _ = debtags.corpus(
         str(tmp_path), str(apt_lists), ("train", "validation", "train_without_validation", "test")
     )
     by_text = {text: name for name, text, _ in debtags.read_corpus(apt_lists)}
@@ -331,8 +332,8 @@ def test_debtags_validation_is_a_hash_of_the_package_name(apt_lists, tmp_path):
     assert split_names["validation"] == expected
     assert split_names["train_without_validation"] == [n for n in train_names if n not in expected]
     assert not set(split_names["validation"]) & set(test_names)
-    train = input_pipeline.load_split("debtags", "train", **options)
-    held = input_pipeline.load_split("debtags", "validation", **options)
+    train = datasets.load_split("debtags", "train", **options)
+    held = datasets.load_split("debtags", "validation", **options)
     positions = [train_names.index(name) for name in expected]
     np.testing.assert_array_equal(held["labels"], train["labels"][positions])
     np.testing.assert_array_equal(held["inputs"], train["inputs"][positions])  # one tokenizer
@@ -350,7 +351,7 @@ def test_example_limits_cut_examples_not_the_label_names(apt_lists, tmp_path):
             "test_examples": 3,
         }
     )
-    train_split, test_split = input_pipeline.load_train_and_test(dataset)
+    train_split, test_split = datasets.load_train_and_test(dataset)
     assert train_split["inputs"].shape == (10, 12) and test_split["labels"].shape == (3, 5)
     assert len(test_split["label_names"]) == 5
 

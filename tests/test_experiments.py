@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ from scipy import stats
 # The repository root, where the `experiments` package is, for a bare `pytest` too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments import debtags_model, experiment_report, suite
+from experiments import budgets, debtags_model, experiment_report, suite
 
 METRICS = experiment_report.METRICS
 
@@ -67,15 +69,24 @@ def test_plan_skips_nothing_it_needs_and_adds_the_best_baseline_sweep(tmp_path):
         suite.plan("quick", tmp_path, [], ["imagenet"])
 
 
-def test_the_runner_runs_as_a_script_from_another_directory(tmp_path):
-    # `python experiments/run_experiments.py ...`, the form a user may type, not only `-m`.
+def test_the_runner_lists_its_plan_from_the_command_line(tmp_path):
+    # `python -m experiments.run_experiments ...` with the repository on the path, here from
+    # another directory: the config files are found through sdjax, not the working directory.
     finished = suite.Run("yeast", "sd", 0)
     write(tmp_path / "quick", finished, 0.5)
     planned = len(suite.plan("quick", tmp_path / "quick", []))
-    script = Path(suite.__file__).with_name("run_experiments.py")
+    repository = Path(suite.__file__).resolve().parents[1]
     listing = subprocess.run(
-        [sys.executable, str(script), "--profile=quick", "--dry_run", f"--results_dir={tmp_path}"],
+        [
+            sys.executable,
+            "-m",
+            "experiments.run_experiments",
+            "--profile=quick",
+            "--dry_run",
+            f"--results_dir={tmp_path}",
+        ],
         cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(repository)},
         capture_output=True,
         text=True,
         timeout=300,
@@ -252,8 +263,8 @@ def test_report_means_bold_and_holm_corrected_tests(tmp_path):
 def test_gpu_profile_is_larger_and_in_bfloat16(dataset):
     from sdjax import config_lib
 
-    full = config_lib.load_config_file(suite.CONFIG_FILES[dataset])
-    gpu = config_lib.load_config_file(suite.CONFIG_FILES[dataset], "gpu")
+    full = budgets.load_config(suite.CONFIG_FILES[dataset])
+    gpu = budgets.load_config(suite.CONFIG_FILES[dataset], "gpu")
     config_lib.check_config(gpu, num_devices=1, num_processes=1)
     assert gpu.compute_dtype == "bfloat16" and full.compute_dtype == "float32"
     assert gpu.num_train_steps >= 4 * full.num_train_steps
@@ -274,3 +285,58 @@ def test_anchor_choice_balances_the_relations():
     relations = np.array([[0, 1, 2, 3, 4, 4], [0, 0, 0, 4, 4, 4]])
     assert experiment_report.choose_anchor(None, relations) == 0
     assert experiment_report.choose_anchor(None, relations[::-1]) == 1
+
+
+@pytest.mark.parametrize("profile", sorted(suite.PROFILES))
+def test_every_suite_profile_has_a_budget_for_each_of_its_datasets(profile):
+    from sdjax import config_lib
+
+    config_profile = suite.PROFILES[profile]["config_profile"]
+    for dataset, config_file in suite.CONFIG_FILES.items():
+        own = config_lib.load_config_file(config_file)
+        config = budgets.load_config(config_file, config_profile)
+        config_lib.check_config(config, num_devices=1, num_processes=1)
+        changed = {
+            field
+            for field, value in config_lib.flat_fields(config).items()
+            if config_lib.flat_fields(own)[field] != value
+        }
+        # A budget changes what it lists and nothing else; "" is the file as it is.
+        expected = budgets.BUDGETS.get(config_profile, {}).get(config_file, {})
+        assert changed <= {*expected, "compute_dtype"} and (config_profile or not changed), (
+            dataset,
+            changed,
+        )
+        assert config.dataset.name == own.dataset.name == dataset
+
+
+def test_a_budget_without_the_config_file_is_one_line():
+    from sdjax import config_lib
+
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"^config_profile: got 'quick', but the suite has no such budget for voc2007; ",
+    ):
+        budgets.load_config("voc2007", "quick")
+    with pytest.raises(config_lib.ConfigError, match=r"^profile: got 'quick', expected one of"):
+        config_lib.load_config_file("yeast", "quick")  # budgets are not config-file profiles
+
+
+def test_the_packages_docstring_names_every_experiment_module():
+    package = Path(suite.__file__).parent
+    modules = {path.stem for path in package.glob("*.py")} - {"__init__"}
+    listed = set(re.findall(r"^- `(\w+)`:", (package / "__init__.py").read_text(), re.M))
+    assert listed == modules
+
+
+@pytest.mark.parametrize("budget", sorted(budgets.BUDGETS))
+def test_every_budget_of_every_config_file_passes_the_checks(budget):
+    from sdjax import config_lib
+
+    for config_file, overrides in budgets.BUDGETS[budget].items():
+        config = budgets.load_config(config_file, budget)
+        config_lib.check_config(config, num_devices=1, num_processes=1)
+        flat = config_lib.flat_fields(config)
+        assert all(
+            flat[field] == json.loads(json.dumps(value)) for field, value in overrides.items()
+        )

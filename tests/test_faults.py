@@ -25,7 +25,7 @@ from oracle import oracle
 from test_experiments import suite, write
 from tiny_run import REPO, run_main, tiny_config
 
-from sdjax import checkpointing, config_lib, input_pipeline, losses, multihost, train
+from sdjax import checkpointing, config_lib, datasets, input_pipeline, losses, multihost, train
 
 WORKER = REPO / "tests" / "multihost_train_worker.py"
 
@@ -208,7 +208,7 @@ def test_a_batch_larger_than_the_dataset_is_refused_before_data_loads():
 def test_the_declared_dataset_sizes_are_the_builders(data_dir):
     from sdjax.datasets import mosaic, yeast
 
-    declared = {name: dataset.train_size for name, dataset in input_pipeline.DATASETS.items()}
+    declared = {name: dataset.train_size for name, dataset in datasets.DATASETS.items()}
     # MNIST's and Fashion's; with a validation split (from other sources) training keeps them all.
     for builder_config in mosaic.MosaicBuilder.BUILDER_CONFIGS:
         variant = builder_config.name.removesuffix("with_validation").strip("_") or "default"
@@ -217,7 +217,7 @@ def test_the_declared_dataset_sizes_are_the_builders(data_dir):
             assert declared[prefix + suffix] == builder_config.num_train
     assert declared["yeast"] == yeast.NUM_TRAIN
     assert declared["debtags"] is None  # the machine's apt lists decide
-    train_split, _ = input_pipeline.load_train_and_test(tiny_config(data_dir).dataset)
+    train_split, _ = datasets.load_train_and_test(tiny_config(data_dir).dataset)
     assert len(train_split["labels"]) == declared["mnist_mosaic_tiny"]
 
 
@@ -225,8 +225,8 @@ def test_a_batch_larger_than_data_of_unknown_size_leaves_no_half_made_workdir(
     data_dir, tmp_path, monkeypatch
 ):
     # A dataset whose size is known only once loaded (debtags's, from the machine's apt lists).
-    unknown = dataclasses.replace(input_pipeline.DATASETS["mnist_mosaic_tiny"], train_size=None)
-    monkeypatch.setitem(input_pipeline.DATASETS, "mnist_mosaic_tiny", unknown)
+    unknown = dataclasses.replace(datasets.DATASETS["mnist_mosaic_tiny"], train_size=None)
+    monkeypatch.setitem(datasets.DATASETS, "mnist_mosaic_tiny", unknown)
     workdir = tmp_path / "run"
     with pytest.raises(
         config_lib.ConfigError, match=r"config.batch_size: got 512, expected <= the 256"
@@ -298,27 +298,41 @@ def test_a_misspelt_field_is_one_line_with_a_suggestion(data_dir, tmp_path):
         tiny_config(data_dir, **{"loss.positvies": "any"})
     code, output = run_main(tmp_path, data_dir, "--config.loss.positvies=any")
     assert code == 2, output[-2000:]
-    assert 'Bad config: --config.loss.positvies: no such field. Did you mean "positives"' in output
+    assert (
+        'Bad config: --config.loss.positvies: no such field; did you mean "loss.positives"?'
+        in output
+    )
     assert "Traceback" not in output
 
 
 def test_a_field_or_config_file_that_does_not_exist_is_one_line(tmp_path):
     workdir = tmp_path / "run"
-    missing_file = subprocess.run(
-        [sys.executable, "-m", "sdjax.main", "--config", "configs/nope.py", f"--workdir={workdir}"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=300,
-    )
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(profile=''):\n    raise RuntimeError('no such setting')\n")
+
+    def main_with(config):
+        done = subprocess.run(
+            [sys.executable, "-m", "sdjax.main", "--config", config, f"--workdir={workdir}"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=300,
+        )
+        return done.returncode, done.stdout
+
     outputs = {
         "Bad config: --config.nosuchfield: no such field.": run_main(
             workdir, "/nonexistent/not/read", "--config.nosuchfield=1"
         ),
-        "Bad config: --config: got 'configs/nope.py', no such config file.": (
-            missing_file.returncode,
-            missing_file.stdout,
+        "Bad config: --config: got 'configs/nope.py', no such config file.": main_with(
+            "configs/nope.py"
+        ),
+        "Bad config: profile: got 'quick', expected one of ('', 'tiny').": main_with(
+            "configs/yeast.py:quick"
+        ),
+        f"Bad config: --config: {str(broken)!r} does not load: RuntimeError: no such setting": (
+            main_with(str(broken))
         ),
     }
     for message, (code, output) in outputs.items():
@@ -623,7 +637,7 @@ def test_tfds_dataset_without_network_fails_at_once_saying_what_to_download_wher
         start = time.monotonic()
         # tfds alone retries for minutes; the deadline turns that into a failure.
         with deadline(60), pytest.raises(FileNotFoundError) as raised:
-            input_pipeline.load_split(name, "train", data_dir=str(data_dir), image_size=32)
+            datasets.load_split(name, "train", data_dir=str(data_dir), image_size=32)
         # One failed name lookup, plus making tfds's builder (its imports take seconds on a busy
         # 2-core machine); tfds alone fails after 3.5 minutes of retries here.
         assert time.monotonic() - start < 20

@@ -14,7 +14,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tiny_run import run_main, tiny_config, wait_for_checkpoint
 
-from sdjax import checkpointing, config_lib, evaluation, input_pipeline, losses, objectives, train
+from sdjax import (
+    checkpointing,
+    config_lib,
+    datasets,
+    evaluation,
+    losses,
+    modalities,
+    objectives,
+    train,
+)
 from sdjax.sharding import BATCH_AXIS, data_parallel_mesh
 
 MOCO = {"framework": "moco", "moco.queue_size": 128, "moco.momentum": 0.9}
@@ -27,8 +36,8 @@ RTOL = 1e-5
 
 
 def batch_of(config, data_dir, size=32):
-    data = input_pipeline.load_split(config.dataset.name, "train", data_dir=data_dir)
-    return input_pipeline.to_float(data["inputs"][:size]), data["labels"][:size]
+    data = datasets.load_split(config.dataset.name, "train", data_dir=data_dir)
+    return modalities.to_float(data["inputs"][:size]), data["labels"][:size]
 
 
 def moco_state(config, num_classes, num_devices):
@@ -63,9 +72,11 @@ def test_moco_steps_match_the_query_key_loss_with_an_ema_encoder_and_a_fifo_queu
             labels,
             positives=config.loss.positives,
             temperature=config.loss.temperature,
-            contrast_features=np.concatenate([keys, *queue_keys[-held:]] if held else [keys]),
-            contrast_labels=np.concatenate([labels, *queue_labels[-held:]]),
-            contrast_sample_ids=np.concatenate([np.arange(32), np.full(32 * held, -1)]),
+            keys=losses.Keys(
+                np.concatenate([keys, *queue_keys[-held:]] if held else [keys]),
+                np.concatenate([labels, *queue_labels[-held:]]),
+                sample_ids=np.concatenate([np.arange(32), np.full(32 * held, -1)]),
+            ),
         )
         got = step_fn(
             model,
@@ -101,10 +112,10 @@ def test_a_partly_filled_queue_masks_its_empty_entries(data_dir):
     keys = jnp.ones((8, config.model.projection_dim))
     encoder.enqueue(keys, labels)
     contrast = encoder.contrast_set(2 * keys, labels)
-    assert contrast["contrast_features"].shape == (32, config.model.projection_dim)
-    np.testing.assert_array_equal(contrast["contrast_mask"], [True] * 16 + [False] * 16)
-    np.testing.assert_array_equal(contrast["contrast_sample_ids"], [*range(8)] + [-1] * 24)
-    np.testing.assert_array_equal(contrast["contrast_labels"][8:16], labels)
+    assert contrast.features.shape == (32, config.model.projection_dim)
+    np.testing.assert_array_equal(contrast.mask, [True] * 16 + [False] * 16)
+    np.testing.assert_array_equal(contrast.sample_ids, [*range(8)] + [-1] * 24)
+    np.testing.assert_array_equal(contrast.labels[8:16], labels)
     assert int(encoder.queue_pointer.value) == 8
 
 
@@ -132,11 +143,11 @@ def test_joint_run_reports_the_classifier_and_the_linear_probe(data_dir, tmp_pat
     assert set(results["classifier"]) == set(results["linear_eval"])
     # The classifier's metrics, recomputed from the checkpointed model on the raw test inputs.
     mesh = data_parallel_mesh()
-    test = input_pipeline.load_split(config.dataset.name, "test", data_dir=data_dir)
+    test = datasets.load_split(config.dataset.name, "test", data_dir=data_dir)
     train_state = objectives.create_train_state(config, test["labels"].shape[1], mesh)
     state = checkpointing.restore_state(tmp_path, 24, objectives.checkpoint_state(*train_state))
     objectives.restore_train_state(state, *train_state)
-    scores = jax.nn.sigmoid(train_state[0].classify(input_pipeline.to_float(test["inputs"])))
+    scores = jax.nn.sigmoid(train_state[0].classify(modalities.to_float(test["inputs"])))
     expected = evaluation.multilabel_metrics(np.asarray(scores), test["labels"])
     for name, value in expected.items():
         # Same classifier; the features come in batches of 128 over 8 devices there.

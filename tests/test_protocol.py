@@ -348,17 +348,18 @@ def test_dry_run_lists_both_profiles_with_their_hours(tmp_path):
 
 def test_protocol_runs_train_score_and_record(tmp_path, monkeypatch):
     from experiments import run_experiments
-    from sdjax import evaluation, input_pipeline
+    from sdjax import datasets, evaluation
+    from sdjax.datasets import registry
 
     loaded = []
 
-    real_load_split = input_pipeline.load_split
+    real_load_split = datasets.load_split
 
     def recording_load_split(name, split, **kwargs):
         loaded.append(split)
         return real_load_split(name, split, **kwargs)
 
-    monkeypatch.setattr(input_pipeline, "load_split", recording_load_split)
+    monkeypatch.setattr(registry, "load_split", recording_load_split)
     results_dir = tmp_path / "results"
     tuning = ProtocolRun("yeast", "joint", "sd", 0, 1000, "tuning")
     record = run_experiments.execute_protocol_run(
@@ -391,7 +392,8 @@ def test_protocol_runs_train_score_and_record(tmp_path, monkeypatch):
 
 def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
     from experiments import run_experiments
-    from sdjax import evaluation, input_pipeline
+    from sdjax import evaluation
+    from sdjax.datasets import debtags
 
     rng = np.random.default_rng(0)
     words = ["editor", "pictures", "window", "puzzle"]
@@ -412,7 +414,7 @@ def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
         asked.append(list(splits))
         return {s: corpus[s] for s in splits}, ["a", "b", "c", "d"]
 
-    monkeypatch.setattr(input_pipeline, "debtags_corpus", fake_corpus)
+    monkeypatch.setattr(debtags, "corpus", fake_corpus)
     results_dir = tmp_path / "results"
     run = ProtocolRun("debtags", "reference", "tfidf", 1, 1000, "tuning")
     knobs = protocol.configurations("debtags", "reference", "tfidf", 2)[1]

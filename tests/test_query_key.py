@@ -1,6 +1,7 @@
-"""The query/key form (`contrast_features`), the traced temperature and `"sd_swapped"`, against
+"""The query/key form (`keys=Keys(...)`), the traced temperature and `"sd_swapped"`, against
 the float64 loop oracle and the official SupCon/MulSupCon estimators, on one and 8 devices."""
 
+import dataclasses
 import itertools
 import re
 
@@ -36,23 +37,25 @@ def query_key_case(seed, num_samples=5, num_views=2, num_keys=9, dim=4, num_clas
     return dict(
         features=features,
         labels=labels,
-        contrast_features=keys,
-        contrast_labels=key_labels,
-        contrast_sample_ids=sample_ids.astype(np.int32),
-        contrast_mask=key_mask,
+        keys=losses.Keys(keys, key_labels, mask=key_mask, sample_ids=sample_ids.astype(np.int32)),
         sample_mask=sample_mask,
         label_weights=label_weights,
     )
 
 
+def with_key_features(keys, features):
+    return dataclasses.replace(keys, features=features)
+
+
 def oracle_of(case, **kwargs):
+    keys = case["keys"]
     return query_key_oracle(
         case["features"],
         case["labels"],
-        case["contrast_features"],
-        case["contrast_labels"],
-        key_sample_ids=case["contrast_sample_ids"],
-        key_mask=case["contrast_mask"],
+        keys.features,
+        keys.labels,
+        key_sample_ids=keys.sample_ids,
+        key_mask=keys.mask,
         sample_mask=case["sample_mask"],
         label_weights=case["label_weights"],
         **kwargs,
@@ -91,23 +94,29 @@ def test_gradients_wrt_features_keys_and_temperature_match_the_oracle(positives)
     temperature = 0.5
     loss_of = lambda **change: oracle_of({**case, **change}, temperature=temperature, **kwargs)[0]
     want_features = finite_differences(lambda f: loss_of(features=f), case["features"])
+    keys = case["keys"]
     want_keys = finite_differences(
-        lambda k: loss_of(contrast_features=k), case["contrast_features"]
+        lambda k: loss_of(keys=with_key_features(keys, k)), keys.features
     )
     want_temperature = finite_differences(
         lambda t: oracle_of(case, temperature=float(t[0]), **kwargs)[0], [temperature]
     )[0]
 
-    arrays = {k: v for k, v in case.items() if k not in ("features", "contrast_features")}
+    arrays = {k: v for k, v in case.items() if k not in ("features", "keys")}
     for block_size in (None, 3):
         grads = jax.jit(
             jax.grad(
                 lambda f, k, t, b=block_size: losses.multilabel_supcon_loss(
-                    f, contrast_features=k, temperature=t, block_size=b, **arrays, **kwargs
+                    f,
+                    keys=with_key_features(keys, k),
+                    temperature=t,
+                    block_size=b,
+                    **arrays,
+                    **kwargs,
                 ),
                 argnums=(0, 1, 2),
             )
-        )(case["features"], case["contrast_features"], jnp.float32(temperature))
+        )(case["features"], keys.features, jnp.float32(temperature))
         # Central differences of a float64 loss at eps = 1e-4 are good to ~1e-8; the float32
         # kernel's gradient is good to ~1e-6 relative, so 2e-3 / 2e-5 leave a wide margin.
         np.testing.assert_allclose(grads[0], want_features, rtol=2e-3, atol=2e-5)
@@ -116,11 +125,11 @@ def test_gradients_wrt_features_keys_and_temperature_match_the_oracle(positives)
     dense = jax.grad(
         lambda f, k: losses.reduce_per_anchor(
             losses.per_anchor_losses(
-                f, contrast_features=k, temperature=temperature, **arrays, **kwargs
+                f, keys=with_key_features(keys, k), temperature=temperature, **arrays, **kwargs
             )
         ),
         argnums=(0, 1),
-    )(case["features"], case["contrast_features"])
+    )(case["features"], keys.features)
     np.testing.assert_allclose(dense[0], want_features, rtol=2e-3, atol=2e-5)
     np.testing.assert_allclose(dense[1], want_keys, rtol=2e-3, atol=2e-5)
     assert np.abs(want_keys).max() > 1e-2 and abs(want_temperature) > 1e-2
@@ -159,9 +168,7 @@ def test_query_key_equals_the_official_estimators(positives):
         labels,
         positives=positives,
         temperature=temperature,
-        contrast_features=keys,
-        contrast_labels=key_labels,
-        contrast_sample_ids=sample_ids,
+        keys=losses.Keys(keys, key_labels, sample_ids=sample_ids),
     )
     np.testing.assert_allclose(got, want, rtol=2e-5)
 
@@ -200,9 +207,12 @@ def test_pair_weights_with_keys():
         losses.pair_weights(
             labels,
             num_views=2,
-            contrast_labels=key_labels,
-            contrast_sample_ids=np.array([1, -1, -1, 0]),
-            contrast_mask=np.array([True, True, True, False]),
+            keys=losses.Keys(
+                None,
+                key_labels,
+                mask=np.array([True, True, True, False]),
+                sample_ids=np.array([1, -1, -1, 0]),
+            ),
         )
     )
     assert weights.shape == (4, 4)
@@ -215,7 +225,7 @@ def test_pair_weights_with_keys():
 def shard_case(seed, num_samples=16, num_keys=24):
     case = query_key_case(seed, num_samples=num_samples, num_keys=num_keys, num_classes=5)
     case["sample_mask"][5:8] = False  # device 3 holds padding only, device 2 some
-    return {k: jnp.asarray(v) for k, v in case.items()}
+    return jax.tree.map(jnp.asarray, case)
 
 
 @pytest.mark.parametrize("exchange", losses.EXCHANGES)
@@ -224,50 +234,44 @@ def test_sharded_query_key_matches_single_device(positives, exchange):
     """The ring runs on index lists, all_gather on multi-hot labels."""
     case = shard_case(4)
     kwargs = dict(positives=positives, label_weights=case.pop("label_weights"), block_size=3)
-    sharded_labels = {n: case[n] for n in ("labels", "contrast_labels")}
+    keys = case["keys"]
+    sharded_labels, sharded_keys = case["labels"], keys
     if exchange == "ring":
-        sharded_labels = {
-            n: losses.LabelIndices.from_multi_hot(np.asarray(v)) for n, v in sharded_labels.items()
-        }
+        sharded_labels = losses.LabelIndices.from_multi_hot(np.asarray(case["labels"]))
+        key_indices = losses.LabelIndices.from_multi_hot(np.asarray(keys.labels))
+        sharded_keys = dataclasses.replace(keys, labels=key_indices)
     mask = case.pop("sample_mask")
     want, want_grads = jax.value_and_grad(
         lambda f, k, t: losses.multilabel_supcon_loss(
             f,
+            case["labels"],
             sample_mask=mask,
-            contrast_features=k,
+            keys=with_key_features(keys, k),
             temperature=t,
-            **{n: v for n, v in case.items() if n not in ("features", "contrast_features")},
             **kwargs,
         ),
         argnums=(0, 1, 2),
-    )(case["features"], case["contrast_features"], jnp.float32(0.2))
+    )(case["features"], keys.features, jnp.float32(0.2))
 
     sharded = losses.make_sharded_loss(MESH, "data", exchange=exchange, **kwargs)
     got, got_grads = jax.jit(
         jax.value_and_grad(
             lambda f, k, t: sharded(
-                f,
-                sharded_labels["labels"],
-                mask,
-                contrast_features=k,
-                contrast_labels=sharded_labels["contrast_labels"],
-                contrast_mask=case["contrast_mask"],
-                contrast_sample_ids=case["contrast_sample_ids"],
-                temperature=t,
+                f, sharded_labels, mask, keys=with_key_features(sharded_keys, k), temperature=t
             ),
             argnums=(0, 1, 2),
         )
-    )(case["features"], case["contrast_features"], jnp.float32(0.2))
+    )(case["features"], keys.features, jnp.float32(0.2))
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
         np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
     want_oracle = query_key_oracle(
         case["features"],
         case["labels"],
-        case["contrast_features"],
-        case["contrast_labels"],
-        key_sample_ids=case["contrast_sample_ids"],
-        key_mask=case["contrast_mask"],
+        keys.features,
+        keys.labels,
+        key_sample_ids=keys.sample_ids,
+        key_mask=keys.mask,
         sample_mask=mask,
         label_weights=kwargs["label_weights"],
         positives=positives,
@@ -291,45 +295,61 @@ def test_sharded_in_batch_loss_learns_its_temperature():
     assert abs(float(want)) > 1e-3
 
 
+def three_keys(**change):
+    """Keys for 4 anchors of D = 3 with 3 classes, with some fields changed."""
+    fields = dict(features=np.ones((3, 3), np.float32), labels=np.zeros((3, 3), np.float32))
+    return losses.Keys(**{**fields, **change})
+
+
 KEY_ERRORS = [
-    (dict(contrast_labels=np.zeros((3, 3), np.float32)), ValueError, "`contrast_labels`: given"),
-    (dict(contrast_features=np.ones((3, 3), np.float32)), ValueError, "`contrast_labels`: None"),
+    (three_keys(features=None), ValueError, "`keys.features`: got None, expected [M, D]"),
+    (three_keys(labels=None), ValueError, "`keys.labels`: got None"),
     (
-        dict(contrast_features=np.ones((3, 2), np.float32), contrast_labels=np.zeros((3, 3))),
+        three_keys(features=np.ones((3, 2), np.float32)),
         ValueError,
-        "`contrast_features`: got shape (3, 2), expected [M, D] with D = 3",
+        "`keys.features`: got shape (3, 2), expected [M, D] with D = 3",
     ),
     (
-        dict(contrast_features=np.ones((3, 3), np.float32), contrast_labels=np.zeros((3, 4))),
+        three_keys(labels=np.zeros((3, 4))),
         ValueError,
-        "`contrast_labels`: got shape (3, 4), expected [M, 3]",
+        "`keys.labels`: got shape (3, 4), expected [M, 3]",
     ),
     (
-        dict(
-            contrast_features=np.ones((3, 3), np.float32),
-            contrast_labels=np.zeros((3, 3)),
-            contrast_sample_ids=np.zeros(3, np.float32),
-        ),
+        three_keys(sample_ids=np.zeros(3, np.float32)),
         TypeError,
-        "`contrast_sample_ids`: got dtype float32",
+        "`keys.sample_ids`: got dtype float32",
     ),
-    (
-        dict(
-            contrast_features=np.ones((3, 3), np.float32),
-            contrast_labels=np.zeros((3, 3)),
-            contrast_mask=np.ones(3, np.int32),
-        ),
-        TypeError,
-        "`contrast_mask`: got dtype int32",
-    ),
+    (three_keys(mask=np.ones(3, np.int32)), TypeError, "`keys.mask`: got dtype int32"),
+    (three_keys(mask=np.ones(2, bool)), ValueError, "`keys.mask`: got shape (2,), expected [3]"),
+    ({"features": np.ones((3, 3))}, TypeError, "`keys`: got dict, expected Keys(features"),
 ]
 
 
-@pytest.mark.parametrize(("change", "error", "message"), KEY_ERRORS)
-def test_bad_keys_are_errors_naming_the_argument(change, error, message):
+@pytest.mark.parametrize(("keys", "error", "message"), KEY_ERRORS)
+def test_bad_keys_are_errors_naming_the_argument(keys, error, message):
     arguments = dict(features=np.ones((4, 3), np.float32), labels=np.eye(4, 3, dtype=np.float32))
     with pytest.raises(error, match=re_escape(message)):
-        losses.multilabel_supcon_loss(**arguments, **change)
+        losses.multilabel_supcon_loss(**arguments, keys=keys)
+
+
+@pytest.mark.parametrize(
+    "removed", ["contrast_features", "contrast_labels", "contrast_mask", "contrast_sample_ids"]
+)
+def test_the_removed_key_arguments_say_what_replaced_them(removed):
+    features, labels = np.ones((4, 3), np.float32), np.eye(4, 3, dtype=np.float32)
+    message = re_escape(f"`{removed}`: removed, the keys are one argument: keys=Keys(")
+    calls = [
+        lambda **kw: losses.multilabel_supcon_loss(features, labels, **kw),
+        lambda **kw: losses.similarity_dissimilarity_loss(features, labels, **kw),
+        lambda **kw: losses.per_anchor_losses(features, labels, **kw),
+        lambda **kw: losses.pair_weights(labels, **kw),
+        lambda **kw: losses.validate_inputs(features, labels, **kw),
+        lambda **kw: losses.make_sharded_loss(MESH, "data", **kw),
+        lambda **kw: losses.make_sharded_loss(MESH, "data")(features[:0], labels[:0], **kw),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=message):
+            call(**{removed: np.ones(3)})
 
 
 def re_escape(text):
@@ -338,10 +358,20 @@ def re_escape(text):
 
 def test_validate_inputs_checks_the_keys_values():
     features, labels = np.ones((3, 2), np.float32), np.eye(3, dtype=np.float32)
-    keys = dict(contrast_features=np.ones((2, 2), np.float32), contrast_labels=labels[:2])
-    losses.validate_inputs(features, labels, contrast_sample_ids=np.array([2, -1]), **keys)
-    with pytest.raises(ValueError, match=re_escape("`contrast_sample_ids`: got 3 at index 0")):
-        losses.validate_inputs(features, labels, contrast_sample_ids=np.array([3, -1]), **keys)
-    bad = dict(keys, contrast_features=np.array([[1, np.inf]], np.float32).repeat(2, 0))
-    with pytest.raises(ValueError, match=re_escape("`contrast_features`: got a non-finite")):
-        losses.validate_inputs(features, labels, **bad)
+    keys = losses.Keys(np.ones((2, 2), np.float32), labels[:2], sample_ids=np.array([2, -1]))
+    losses.validate_inputs(features, labels, keys=keys)
+    with pytest.raises(ValueError, match=re_escape("`keys.sample_ids`: got 3 at index 0")):
+        losses.validate_inputs(
+            features, labels, keys=dataclasses.replace(keys, sample_ids=np.array([3, -1]))
+        )
+    bad = with_key_features(keys, np.array([[1, np.inf]], np.float32).repeat(2, 0))
+    with pytest.raises(ValueError, match=re_escape("`keys.features`: got a non-finite")):
+        losses.validate_inputs(features, labels, keys=bad)
+
+
+def test_keys_pass_through_jit_as_a_pytree():
+    case = query_key_case(6)
+    want = losses.multilabel_supcon_loss(**case)
+    got = jax.jit(lambda c: losses.multilabel_supcon_loss(**c))(case)
+    assert float(want) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # jit may fuse differently: a few ulps

@@ -8,7 +8,8 @@ import grain
 import numpy as np
 import pytest
 
-from sdjax import input_pipeline, modalities
+from sdjax import datasets, input_pipeline, modalities
+from sdjax.datasets import sources
 
 GLOBAL_BATCH = 24  # 256 tiny mosaics: 10 steps an epoch, so steps 0..12 cross an epoch
 
@@ -17,11 +18,11 @@ GLOBAL_BATCH = 24  # 256 tiny mosaics: 10 steps an epoch, so steps 0..12 cross a
 def tiny_mosaics(tmp_path_factory):
     """(in-memory split, streamed split) of the tiny MNIST mosaics, from one array_record build."""
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    in_memory = input_pipeline.load_split("mnist_mosaic_tiny", "train", data_dir=data_dir)
-    source = input_pipeline.tfds_source("mnist_mosaic/tiny", "train", data_dir)
+    in_memory = datasets.load_split("mnist_mosaic_tiny", "train", data_dir=data_dir)
+    source = sources.tfds_source("mnist_mosaic/tiny", "train", data_dir)
     examples = grain.MapDataset.source(source).map(lambda example: example["inputs"])
     streamed = {
-        "inputs": input_pipeline.StreamedInputs(examples),
+        "inputs": datasets.StreamedInputs(examples),
         "labels": in_memory["labels"],
     }
     return in_memory, streamed
@@ -70,7 +71,7 @@ def test_streamed_inputs_read_only_what_is_indexed():
         reads.append(index)
         return np.full((2, 3), index, np.uint8)
 
-    inputs = input_pipeline.StreamedInputs(grain.MapDataset.range(0, 10).map(read))
+    inputs = datasets.StreamedInputs(grain.MapDataset.range(0, 10).map(read))
     assert (len(inputs), inputs.shape, inputs.dtype, inputs.ndim) == (10, (10, 2, 3), np.uint8, 3)
     reads.clear()
     np.testing.assert_array_equal(inputs[np.array([7, 2])][:, 0, 0], [7, 2])

@@ -14,7 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing.mocking import RandomFakeGenerator
 
-from sdjax import config_lib, input_pipeline, train
+from sdjax import config_lib, datasets, train
 from sdjax.datasets import tfds_multilabel
 from sdjax.datasets.local_source import no_stray_tfds_temp_dirs
 
@@ -245,7 +245,7 @@ def test_voc_config_trains_end_to_end_on_mock_data(tmp_path):
         return _consistent_voc_source(builder, split, num_examples=128, **kwargs)
 
     with tfds.testing.mock_data(as_data_source_fn=data_source):
-        loaded = input_pipeline.load_split("voc2007", "test", data_dir=str(tmp_path), image_size=32)
+        loaded = datasets.load_split("voc2007", "test", data_dir=str(tmp_path), image_size=32)
         results = train.train_and_evaluate(config, tmp_path / "run")
     assert loaded["inputs"].shape == (128, 32, 32, 3) and loaded["labels"].shape == (128, 20)
     assert np.isfinite(results["final_train_loss"])

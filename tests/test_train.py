@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 from tiny_run import REPO, run_main, tiny_config, wait_for_checkpoint
 
-from sdjax import checkpointing, config_lib, input_pipeline, models, objectives, train
+from sdjax import checkpointing, config_lib, datasets, modalities, models, objectives, train
 from sdjax.sharding import BATCH_AXIS, data_parallel_mesh, replicate
 
 LARGE_STEP = 1000.0  # SGD rate that makes one step's update large enough to compare
@@ -162,8 +162,8 @@ def test_kill_and_sigterm_then_resume_give_identical_results(data_dir, tmp_path)
 def one_training_step(data_dir, num_devices, **overrides):
     """(loss, parameter update) of one SGD step of the tiny model on 32 training mosaics."""
     config = tiny_config(data_dir, **overrides)
-    batch = input_pipeline.load_split(config.dataset.name, "train", data_dir=data_dir)
-    images = input_pipeline.to_float(batch["inputs"][:32])
+    batch = datasets.load_split(config.dataset.name, "train", data_dir=data_dir)
+    images = modalities.to_float(batch["inputs"][:32])
     labels = batch["labels"][:32]
     mesh = data_parallel_mesh(jax.devices()[:num_devices])
     model = models.create_model(config, labels.shape[1], config.seed)

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sdjax.datasets import sources
 from sdjax.datasets.local_source import LocalSourceBuilder
 
 APT_LISTS_DIR = "/var/lib/apt/lists"
@@ -281,3 +282,49 @@ class Debtags(LocalSourceBuilder):
             labels = np.zeros(len(column), np.float32)
             labels[[column[tag] for tag in tags]] = 1.0
             yield name, {"inputs": text, "labels": labels, "package": name}
+
+
+def corpus(
+    data_dir: str = "", source_dir: str = "", splits=("train", "test")
+) -> tuple[dict, list[str]]:
+    """Debtags texts and multi-hot tags: ({split: (texts, float32 [N, C])}, the C tag names).
+
+    All come from the builder as they are stored; every split shares the tag columns.
+    "validation" holds the training packages that `is_validation_package` picks, and
+    "train_without_validation" the others, in the stored (name) order.
+    """
+    data_dir = data_dir or sources.default_data_dir()
+    texts_and_labels = {}
+    for split in splits:
+        sources.check_split(split)
+        source = sources.tfds_source(
+            "debtags/default", "test" if split == "test" else "train", data_dir, source_dir
+        )
+        examples = sources.stack(source)
+        keep = np.arange(len(examples["labels"]))
+        if split in ("validation", "train_without_validation"):
+            held = np.array([is_validation_package(name.decode()) for name in examples["package"]])
+            keep = keep[held == (split == "validation")]
+        texts = [examples["inputs"][i].decode() for i in keep]
+        texts_and_labels[split] = (texts, examples["labels"][keep])
+    return texts_and_labels, list(source.dataset_info.metadata["tags"])
+
+
+def load_tokens(split: str, *, data_dir: str, source_dir: str, options: dict) -> dict:
+    """Debtags token ids (SentencePiece trained on the train split) and multi-hot tags.
+
+    The tokenizer is the same for every split (trained on all of "train", texts without
+    labels), so a test example has the same tokens with a validation split and without.
+    """
+    from sdjax import tokenizer
+
+    texts_and_labels, vocabulary = corpus(data_dir, source_dir, dict.fromkeys(("train", split)))
+    model_path = tokenizer.cached_tokenizer(
+        texts_and_labels["train"][0],
+        vocab_size=options.get("vocab_size", 8000),
+        cache_dir=Path(data_dir) / "sdjax_tokenizers",
+        case_fold=options.get("case_fold", False),
+    )
+    texts, labels = texts_and_labels[split]
+    inputs = tokenizer.encode(model_path, texts, max_length=options.get("max_length", 128))
+    return {"inputs": inputs, "labels": labels, "label_names": np.array(vocabulary)}

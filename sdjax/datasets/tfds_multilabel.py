@@ -42,6 +42,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import resource as tfds_resource
 
 from sdjax.datasets.local_source import no_stray_tfds_temp_dirs
+from sdjax.datasets.sources import StreamedInputs
 
 _BATCH_SIZE = 256
 _CONNECT_TIMEOUT_S = 5.0
@@ -229,8 +230,6 @@ def streamed_split(name: str, split: str, *, data_dir: str | None, image_size: i
     images; an image is decoded and resized (as in `load_tfds_multilabel`) when it is indexed.
     """
     import grain
-
-    from sdjax.input_pipeline import StreamedInputs
 
     spec, tfds_split = _spec_and_split(name, split, image_size)
     check_sources_reachable(name, data_dir)

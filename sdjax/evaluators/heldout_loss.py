@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sdjax import input_pipeline, models, objectives
+from sdjax import datasets, models, objectives
 from sdjax.sharding import shard_global_batch
 
 HELDOUT_STEP = -1  # the views' (seed, step) key: no training step uses it
@@ -27,7 +27,7 @@ class HeldoutLoss:
     def __init__(
         self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, examples: dict[str, Any]
     ):
-        modality = input_pipeline.modality_of(config)
+        modality = datasets.modality_of(config)
         size = min(
             config.batch_size, len(examples["labels"]) // jax.device_count() * jax.device_count()
         )

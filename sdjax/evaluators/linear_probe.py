@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sdjax import evaluation, input_pipeline, models
+from sdjax import datasets, evaluation, input_pipeline, models
 from sdjax.sharding import shard_global_batch
 
 
@@ -52,7 +52,7 @@ class LinearProbe:
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         self._config = config
         self._mesh = mesh
-        self._modality = input_pipeline.modality_of(config)
+        self._modality = datasets.modality_of(config)
 
     def features(self, model: nnx.Module, inputs: np.ndarray) -> np.ndarray:
         """Frozen encoder features of every example, on every host (numpy in, numpy out)."""
