@@ -11,7 +11,7 @@ TORCH_VENV := .venv-torch
 TORCH_STAMP := $(TORCH_VENV)/.installed
 WORKDIR ?= workdirs/default
 
-.PHONY: test lint format docs demo bench clean
+.PHONY: test test-fast lint format docs demo bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.12 not found: make PYTHON=/path/to/python3.12" >&2; exit 2; }
@@ -31,8 +31,18 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Two workers; each test file runs whole on one (a file's shared fixtures, a trained run or the
+# built wheel, are made once), the next file going to the first worker free, in the order
+# tests/conftest.py gives them: the longest first.
+PYTEST := $(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder -q
+
 test: lint
-	$(PY) -m pytest -n 2 -q
+	$(PYTEST)
+
+# Without the tests marked slow (venvs, wheels, the docs site, the device kit, whole trainer
+# runs in processes), for iterating. `make test` runs everything.
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow"
 
 # The documentation site, into docs/_build/html: every page re-read (-E), every tutorial run,
 # every warning an error.

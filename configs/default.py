@@ -65,7 +65,7 @@ def get_config(profile: str = "") -> ml_collections.ConfigDict:
     config.compute_dtype = "float32"
     # Gradient caching (sdjax/gradient_cache.py): > 0 embeds, then backpropagates, this many
     # encoder inputs (views) at a time, so activation memory does not grow with batch_size;
-    # the gradient is the same up to float summation order. 0 = off. In-batch only.
+    # the gradient is the same up to float summation order. 0 = off.
     config.embedding_chunk_size = 0
     config.batch_size = 256  # global, split over all devices of all hosts
     config.num_train_steps = 400
@@ -84,9 +84,16 @@ def get_config(profile: str = "") -> ml_collections.ConfigDict:
     config.linear_eval.batch_size = 512
     config.linear_eval.learning_rate = 1e-2
     config.linear_eval.weight_decay = 1e-5
-    config.linear_eval.random_init_baseline = True  # also probe a randomly initialised encoder
-    # Also write workdir/test_outputs.npz: test features, scores and labels.
-    config.linear_eval.save_test_outputs = False
+
+    # The evaluators that score the model after training (sdjax/evaluators/, one module each;
+    # they run in the order of sdjax.evaluators.EVALUATORS), and the results.json entries they add.
+    config.evals = ml_collections.ConfigDict()
+    config.evals.heldout_loss = True  # "heldout_stage1_loss": a held-out batch, initial and final
+    config.evals.linear_probe = True  # "linear_eval": a linear probe of the frozen encoder
+    config.evals.joint_classifier = True  # "classifier": method "joint"'s own classifier
+    config.evals.random_init_probe = True  # "random_init": the probe of the untrained encoder
+    config.evals.save_test_outputs = False  # workdir/test_outputs.npz: features, scores, labels
+    config.evals.long_tail = False  # "long_tail": frequency-third metrics, bootstrapped on test
 
     # What the evaluators score: "test" (and the validation split beside it, if there is one)
     # or "validation" alone, for choosing settings: test is then never loaded.

@@ -74,13 +74,22 @@ api_coverage_modules = [
     "sdjax.losses",
     "sdjax.config_lib",
     "sdjax.train",
+    "sdjax.recipe",
     "sdjax.datasets.registry",
     "sdjax.datasets.sources",
     "sdjax.input_pipeline",
     "sdjax.modalities",
-    "sdjax.evaluation",
+    "sdjax.metrics",
     "sdjax.evaluate",
     "sdjax.evaluators",
+    "sdjax.evaluators.common",
+    "sdjax.evaluators.heldout_loss",
+    "sdjax.evaluators.linear_probe",
+    "sdjax.evaluators.joint_classifier",
+    "sdjax.evaluators.random_init_probe",
+    "sdjax.evaluators.save_test_outputs",
+    "sdjax.evaluators.long_tail",
+    "sdjax.reporting",
 ]
 
 html_theme = "sphinx_book_theme"

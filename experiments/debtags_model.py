@@ -54,7 +54,7 @@ def main(argv):
         config = config_lib.override(
             config_lib.load_config_file(CONFIG),
             seed=seed,
-            **{"dataset.data_dir": FLAGS.data_dir, "linear_eval.random_init_baseline": False},
+            **{"dataset.data_dir": FLAGS.data_dir, "evals.random_init_probe": False},
         )
         results = train.train_and_evaluate(config, Path(FLAGS.workdir) / f"seed_{seed}")
         runs[seed] = {key: results[key] for key in ("linear_eval", "classifier", "stage1_seconds")}

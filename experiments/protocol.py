@@ -31,7 +31,7 @@ new profile.
 - **Confirmation.** The selected configuration of each entry, retrained with every
   confirmation seed (disjoint from the tuning seeds), scored once on test. Each run's record
   keeps the mAP of `Protocol.bootstrap_resamples` resamples of the test examples
-  (`sdjax.evaluation.bootstrap_mean_average_precision`, computed from float32 scores), and
+  (`sdjax.metrics.bootstrap_mean_average_precision`, computed from float32 scores), and
   its float32 test scores go to `<results>/<profile>/test_scores/` (about 2 MB a debtags run:
   kept where they ran, not committed; the report needs only the records).
 - **Ledger.** Every finished run appends one line to `<results>/<profile>/ledger.jsonl`
@@ -180,7 +180,7 @@ ESTIMATED_SECONDS = {
     # shared by about 14 busy processes.
     ("tiny", "yeast"): {"pretrain": 8, "joint": 8, "moco": 8},
 }
-# Per test resample (sdjax.evaluation.bootstrap_mean_average_precision): debtags' 2,400 test
+# Per test resample (sdjax.metrics.bootstrap_mean_average_precision): debtags' 2,400 test
 # examples x 218 tags took 0.11 s with the 2 cores loaded 7x over; Yeast's 917 x 14, 0.004 s.
 BOOTSTRAP_SECONDS = {"debtags": 0.02, "yeast": 0.002}
 

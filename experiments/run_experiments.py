@@ -86,6 +86,7 @@ def run_config(profile: str, run: Run, data_dir: str):
         **run.config_overrides(),
         "seed": run.seed,
         "dataset.data_dir": data_dir,
+        "evals.long_tail": True,
     }
     return config_lib.override(config, **overrides)
 
@@ -93,15 +94,12 @@ def run_config(profile: str, run: Run, data_dir: str):
 def execute(profile: str, run: Run, results_dir: Path, workdir_root: Path, data_dir: str):
     """Trains and evaluates `run`, then writes its result file (and t-SNE inputs if wanted)."""
 
-    from sdjax import evaluation, train
+    from sdjax import train
 
     config = run_config(profile, run, data_dir)
     workdir = workdir_root / profile / run.name
     start = time.time()
     results = train.train_and_evaluate(config, workdir)
-    outputs = np.load(workdir / "test_outputs.npz")
-    scores, labels = outputs["scores"].astype(np.float32), outputs["labels"]
-    groups = evaluation.frequency_groups(outputs["train_label_counts"])
     record = {
         "run": dataclasses.asdict(run),
         "profile": profile,
@@ -109,9 +107,7 @@ def execute(profile: str, run: Run, results_dir: Path, workdir_root: Path, data_
         **({"classifier": results["classifier"]} if "classifier" in results else {}),
         "final_train_loss": results["final_train_loss"],
         "heldout_stage1_loss": results["heldout_stage1_loss"],
-        "train_label_counts": outputs["train_label_counts"].astype(int).tolist(),
-        "label_groups": {g: v.tolist() for g, v in groups.items()},
-        "group_bootstrap": evaluation.bootstrap_group_metrics(scores, labels, groups),
+        **results["long_tail"],  # train_label_counts, label_groups, group_bootstrap
         "wall_seconds": time.time() - start,
         "hardware": hardware_name(),
         "config": f"configs/{CONFIG_FILES[run.dataset]}.py:{PROFILES[profile]['config_profile']}",
@@ -120,10 +116,11 @@ def execute(profile: str, run: Run, results_dir: Path, workdir_root: Path, data_
     if run.method in TSNE_METHODS and run == Run(TSNE_DATASET, run.method, 0):
         path = results_dir / "embeddings" / f"{run.dataset}_{run.method}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
+        outputs = np.load(workdir / "test_outputs.npz")
         np.savez_compressed(
             path,
             features=outputs["features"][:TSNE_POINTS],
-            labels=labels[:TSNE_POINTS],
+            labels=outputs["labels"][:TSNE_POINTS],
         )
     path = result_path(results_dir, run)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +156,7 @@ def text_reference_results(profile: str, run: ProtocolRun, knobs: dict, data_dir
     """The TF-IDF reference's metrics and float32 scores on the protocol's splits, cut to the
     example limits of the profile's debtags config, as the neural runs' are."""
     from experiments import text_reference
-    from sdjax import evaluation
+    from sdjax import metrics
     from sdjax.datasets import debtags
 
     dataset = budgets.load_config(
@@ -180,8 +177,8 @@ def text_reference_results(profile: str, run: ProtocolRun, knobs: dict, data_dir
     train_texts, train_labels = texts.pop("train"), labels.pop("train")
     scores, _ = text_reference.tfidf_scores(train_texts, train_labels, texts, **knobs)
     scores = {role: value.astype(np.float32) for role, value in scores.items()}
-    metrics = {role: evaluation.multilabel_metrics(scores[role], labels[role]) for role in scores}
-    return metrics, scores, labels
+    scored = {role: metrics.multilabel_metrics(scores[role], labels[role]) for role in scores}
+    return scored, scores, labels
 
 
 def execute_protocol_run(
@@ -193,7 +190,7 @@ def execute_protocol_run(
     the scorer's float32 test scores (<results>/test_scores/<run>.npz) and the mAP of every
     test resample.
     """
-    from sdjax import evaluation, train
+    from sdjax import metrics, train
 
     start = time.time()
     scorer = run.scorer
@@ -203,14 +200,14 @@ def execute_protocol_run(
         knobs = protocol.configurations(run.dataset, run.setting, run.entry, budget.num_configs)[
             run.config_id
         ]
-        metrics, scores, labels = text_reference_results(profile, run, knobs, data_dir)
+        scored, scores, labels = text_reference_results(profile, run, knobs, data_dir)
         record |= {
             "knobs": knobs,
             "overrides": knobs,
-            "validation": {scorer: metrics["validation"]},
+            "validation": {scorer: scored["validation"]},
         }
         if run.stage == "confirmation":
-            record["test"] = {scorer: metrics["test"]}
+            record["test"] = {scorer: scored["test"]}
             test_scores, test_labels = scores["test"], labels["test"]
     else:
         config, knobs, overrides = protocol_config(profile, run, data_dir)
@@ -236,7 +233,7 @@ def execute_protocol_run(
     record["validation_mAP"] = record["validation"][scorer]["mAP"]
     if run.stage == "confirmation":
         record["test_mAP"] = record["test"][scorer]["mAP"]
-        record["test_bootstrap_mAP"] = evaluation.bootstrap_mean_average_precision(
+        record["test_bootstrap_mAP"] = metrics.bootstrap_mean_average_precision(
             test_scores, test_labels, num_resamples=PROTOCOLS[profile].bootstrap_resamples
         ).tolist()
         scores_path = results_dir / "test_scores" / f"{run.name}.npz"

@@ -94,8 +94,8 @@ PROFILES = {
 # `full` on the accelerator budget: larger encoders, batches and step counts, in bfloat16.
 PROFILES["gpu"] = {**PROFILES["full"], "config_profile": "gpu"}
 COMMON_OVERRIDES = {
-    "linear_eval.random_init_baseline": False,
-    "linear_eval.save_test_outputs": True,
+    "evals.random_init_probe": False,
+    "evals.save_test_outputs": True,
     "checkpoint_every_steps": 100,
     "log_every_steps": 50,
 }

@@ -1,7 +1,7 @@
 """A non-neural reference for debtags: TF-IDF features and one-vs-rest logistic regression.
 
 It answers "how good is good" for the suite's text results: the same train/test split, the
-same label columns and the same metric code (`sdjax.evaluation.multilabel_metrics`) as the
+same label columns and the same metric code (`sdjax.metrics.multilabel_metrics`) as the
 linear probes of the experiment suite, with whole descriptions instead of 48 tokens.
 `tfidf_scores` is the model; the tuning protocol (experiments/protocol.py) tunes its C and
 n-gram range on the validation split like any other entry, while this command fits it once
@@ -56,7 +56,7 @@ def tfidf_scores(
 
 def main(argv):
     del argv
-    from sdjax import evaluation
+    from sdjax import metrics
     from sdjax.datasets import debtags
 
     start = time.time()
@@ -72,7 +72,7 @@ def main(argv):
         "model": f"TF-IDF (min_df=2, sublinear tf) + one-vs-rest logistic regression, "
         f"C={FLAGS.inverse_regularization}",
         "vocabulary": vocabulary,
-        "test": evaluation.multilabel_metrics(scores["test"], test_labels),
+        "test": metrics.multilabel_metrics(scores["test"], test_labels),
         "wall_seconds": time.time() - start,
     }
     RESULTS.mkdir(exist_ok=True)

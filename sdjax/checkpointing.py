@@ -7,10 +7,12 @@ curve without rewriting any file, and `python -m sdjax.evaluate` needs nothing b
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging as pylogging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,66 @@ def quiet_orbax_logs() -> None:
 class _QuietOrbax(pylogging.Filter):
     def filter(self, record: pylogging.LogRecord) -> bool:
         return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
+class _HeldErrors(pylogging.Filter):
+    """Keeps the error records of orbax (logged through absl) and of the asyncio event loops
+    that orbax runs its writes in, instead of passing them on."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[pylogging.LogRecord] = []
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        if record.levelno >= pylogging.ERROR and (
+            "orbax" in record.pathname or record.name == "asyncio"
+        ):
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def background_errors_held(reported_as: type[Exception]):
+    """Holds back what orbax's and tensorstore's threads report while the block runs, and passes
+    it on when the block ends, unless it raises `reported_as`.
+
+    A save that fails while its files are written logs its error from orbax's threads, several
+    times and each with a traceback, and tensorstore reports the writes still in flight as
+    exceptions it cannot raise anywhere (`sys.unraisablehook`: "Event loop is closed", as orbax
+    closed their event loop at the first error). The error is raised again in the caller's
+    thread at the next save or wait, where the trainer reports it in one line (`reported_as`);
+    what was held would only repeat it.
+    """
+    held = _HeldErrors()
+    unraisable: list = []
+    loggers = [pylogging.getLogger("absl"), pylogging.getLogger("asyncio")]
+    for logger in loggers:
+        logger.addFilter(held)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        yield
+    except reported_as:
+        held.records.clear()
+        unraisable.clear()
+        raise
+    finally:
+        sys.unraisablehook = previous_hook
+        for logger in loggers:
+            logger.removeFilter(held)
+        for record in held.records:
+            pylogging.getLogger(record.name).handle(record)
+        for report in unraisable:
+            previous_hook(report)
+
+
+def check_directory(checkpoints: ocp.CheckpointManager) -> None:
+    """Raises FileNotFoundError when the checkpoints' directory is gone or is not a directory.
+
+    Orbax would make a removed one again and go on, its older checkpoints lost.
+    """
+    if not Path(checkpoints.directory).is_dir():
+        raise FileNotFoundError("the directory was removed or replaced while training")
 
 
 def make_workdir(workdir: Path) -> bool:
@@ -123,6 +185,10 @@ def manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointM
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=config.checkpoint_every_steps,
             max_to_keep=config.max_checkpoints_to_keep,
+            # Each save makes its directories before it returns, so one that cannot be made
+            # (checkpoints/ replaced by a file) fails there, in this thread. Made in the
+            # background, the failure left orbax's writer threads waiting 5 minutes for them.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         ),
     )
 

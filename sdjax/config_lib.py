@@ -52,8 +52,9 @@ RESULT_NEUTRAL_FIELDS = (
     "max_checkpoints_to_keep",
     "dataset.data_dir",
     "dataset.source_dir",
-    "linear_eval.save_test_outputs",
-    "linear_eval.random_init_baseline",
+    "evals.",  # which evaluators run after training
+    "linear_eval.save_test_outputs",  # evals.save_test_outputs before `evals` existed
+    "linear_eval.random_init_baseline",  # evals.random_init_probe before `evals` existed
     "eval_split",
     "multihost.",  # a section: where the processes meet changes nothing they compute
 )
@@ -312,16 +313,16 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
             _fail(field, config[field], f"a multiple of the {num_devices} devices")
         if config[field] % num_processes:
             _fail(field, config[field], f"a multiple of the {num_processes} processes")
-    if config.embedding_chunk_size:  # chunks of the flattened views, split over devices
-        if config.framework != "in_batch" or config.method == "joint":
-            _fail("embedding_chunk_size", config.embedding_chunk_size, "0 with moco or joint")
-        inputs = config.batch_size * (config.num_views if config.method == "contrastive" else 1)
+    if config.embedding_chunk_size:  # chunks of the encoder inputs, split over devices
+        # The trained encoder sees every view in-batch, the queries (view 0) alone with MoCo.
+        views = 1 if config.method == "bce" or config.framework == "moco" else config.num_views
+        inputs = config.batch_size * views
         if inputs % config.embedding_chunk_size or config.embedding_chunk_size % num_devices:
             _fail(
                 "embedding_chunk_size",
                 config.embedding_chunk_size,
-                f"a divisor of the {inputs} encoder inputs per step (batch_size x views) and "
-                f"a multiple of the {num_devices} devices",
+                f"a divisor of the {inputs} encoder inputs per step (batch_size x {views} "
+                f"views) and a multiple of the {num_devices} devices",
             )
     limit = config.dataset.train_examples
     if limit and config.batch_size > limit:

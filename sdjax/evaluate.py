@@ -25,9 +25,17 @@ import ml_collections
 from absl import app, flags, logging
 from flax import nnx
 
-from sdjax import checkpointing, config_lib, datasets, evaluation, metric_writers, objectives
-from sdjax.evaluators import HeldoutLoss, LinearProbe, joint_classifier_scores, save_test_outputs
-from sdjax.sharding import data_parallel_mesh, replicate
+from sdjax import (
+    checkpointing,
+    config_lib,
+    datasets,
+    evaluators,
+    metric_writers,
+    reporting,
+)
+from sdjax.evaluators.common import EvalData
+from sdjax.recipe import Recipe
+from sdjax.sharding import data_parallel_mesh
 
 
 def evaluate(
@@ -38,104 +46,50 @@ def evaluate(
     output_dir: Path | None,
     writer: metric_writers.MetricWriter,
 ) -> dict[str, Any]:
-    """Held-out stage-1 loss (initial and final), linear probes and, if asked, test outputs
-    (into `output_dir`; None writes none).
+    """Runs the evaluators that `config.evals` switches on (`sdjax.evaluators`), in order.
 
     Args:
+      config: the run's config.
+      model: the trained model, replicated on `mesh`.
       data: {"train": arrays, and the scored splits "validation" and/or "test"}, as
         `datasets.run_splits(config)` names them.
+      mesh: the data-parallel mesh.
+      output_dir: where evaluators write files (test_outputs.npz); None writes none.
+      writer: gets every number of the results at step `config.num_train_steps`, named by its
+        path ("linear_eval/mAP", "validation/classifier/mAP", "heldout_stage1_loss/final").
 
     Returns:
-      {"heldout_stage1_loss": {"initial", "final"}, "heldout_split": the split it used,
-      "linear_eval": test metrics,
-      "random_init": test metrics (if `linear_eval.random_init_baseline`), "classifier": the
-      jointly trained classifier's test metrics (`method = "joint"`: end-to-end fine-tuning,
-      the same keys as "linear_eval"), "validation": {"linear_eval", "classifier"} metrics on
-      the validation split (when there is one), "stage2_seconds"}. Test entries are absent
-      when test is not scored (`eval_split = "validation"`). The held-out loss uses the
-      validation split when there is one, else test.
+      Every evaluator's entries (see `sdjax.evaluators`; "validation" gathers the validation
+      split's), then "stage2_seconds", the time all of them took.
     """
     start = time.time()
-    train = data["train"]
-    scored: dict[str, dict[str, Any]] = {
-        split: data[split] for split in ("validation", "test") if split in data
-    }
-    initial_model = objectives.create_model(config, train["labels"].shape[1])
-    nnx.update(initial_model, replicate(nnx.state(initial_model), mesh))
-    heldout_split = next(iter(scored))
-    heldout = HeldoutLoss(config, mesh, scored[heldout_split])
-    results: dict[str, Any] = {
-        "heldout_stage1_loss": {"initial": heldout(initial_model), "final": heldout(model)},
-        "heldout_split": heldout_split,
-    }
-    probe = LinearProbe(config, mesh)
-    probed = {"linear_eval": model}
-    if config.linear_eval.random_init_baseline:
-        probed["random_init"] = initial_model
-    for name, probed_model in probed.items():
-        for split, outcome in probe(probed_model, train, scored).items():
-            split_results = results if split == "test" else results.setdefault(split, {})
-            split_results[name] = outcome.metrics
-            prefix = name if split == "test" else f"{split}/{name}"
-            writer.write_scalars(
-                config.num_train_steps, {f"{prefix}/{k}": v for k, v in outcome.metrics.items()}
-            )
-            if name != "linear_eval":
-                continue
-            classifier_scores = None
-            if config.method == "joint":
-                classifier_scores = joint_classifier_scores(model, outcome.features, mesh)
-                metrics = evaluation.multilabel_metrics(classifier_scores, scored[split]["labels"])
-                split_results["classifier"] = metrics
-                prefix = "classifier" if split == "test" else f"{split}/classifier"
-                writer.write_scalars(
-                    config.num_train_steps, {f"{prefix}/{k}": v for k, v in metrics.items()}
-                )
-            if (
-                split == "test"
-                and config.linear_eval.save_test_outputs
-                and output_dir is not None
-                and jax.process_index() == 0
-            ):
-                save_test_outputs(
-                    Path(output_dir) / "test_outputs.npz",
-                    outcome,
-                    train,
-                    data["test"],
-                    classifier_scores,
-                )
+    shared = EvalData(config, mesh, data, output_dir)
+    results: dict[str, Any] = {}
+    for _, evaluator in evaluators.from_config(config):
+        entries = evaluator.run(model, shared)
+        if scalars := dict(_numbers(entries)):
+            writer.write_scalars(config.num_train_steps, scalars)
+        _merge(results, entries)
     results["stage2_seconds"] = time.time() - start
     return results
 
 
-def write_results(workdir: Path, results: dict) -> None:
-    """Writes `results` to `workdir/results.json`."""
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+def _numbers(entries: dict[str, Any], prefix: str = ""):
+    """(path, value) of every number in nested `entries`."""
+    for key, value in entries.items():
+        if isinstance(value, dict):
+            yield from _numbers(value, f"{prefix}{key}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            yield f"{prefix}{key}", value
 
 
-def plot_training_curve(config: ml_collections.ConfigDict, curve: list[dict], path: Path) -> None:
-    """The logged interval-mean loss and the learning rate against the step."""
-    if not curve:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    title = (
-        config.method
-        if config.method == "bce"
-        else f"{config.loss.positives} loss, τ={config.loss.temperature}"
-    )
-    steps = [entry["step"] for entry in curve]
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax_loss.plot(steps, [entry["train/loss"] for entry in curve])
-    ax_loss.set(xlabel="step", ylabel="training loss (interval mean)", title=title)
-    ax_lr.plot(steps, [entry["train/learning_rate"] for entry in curve])
-    ax_lr.set(xlabel="step", ylabel="learning rate", title="schedule")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _merge(results: dict[str, Any], entries: dict[str, Any]) -> None:
+    """Adds `entries` to `results`; a dict in both (such as "validation") gets the new keys."""
+    for key, value in entries.items():
+        if isinstance(value, dict) and isinstance(results.get(key), dict):
+            _merge(results[key], value)
+        else:
+            results[key] = value
 
 
 class WouldChangeTheRun(ValueError):
@@ -167,10 +121,11 @@ def evaluate_workdir(workdir: str | Path, output_dir: str | Path | None = None) 
     config, _ = checkpointing.stored_config(workdir)
     mesh = data_parallel_mesh()
     data = datasets.load_splits(config.dataset, datasets.run_splits(config))
-    train_state = objectives.create_train_state(config, data["train"]["labels"].shape[1], mesh)
-    step, state = checkpointing.restore_newest(workdir, objectives.checkpoint_state(*train_state))
-    objectives.restore_train_state(state, *train_state)
-    model = train_state[0]
+    recipe = Recipe(config, mesh)
+    state = recipe.create_state(data["train"]["labels"].shape[1])
+    step, restored = checkpointing.restore_newest(workdir, recipe.checkpoint(state))
+    recipe.restore(state, restored)
+    model = state.model
     is_chief = jax.process_index() == 0
     if output_dir is not None and is_chief:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +134,7 @@ def evaluate_workdir(workdir: str | Path, output_dir: str | Path | None = None) 
     results |= evaluate(config, model, data, mesh, output_dir, writer)
     writer.close()
     if output_dir is not None and is_chief:
-        write_results(output_dir, results)
+        reporting.write_results(output_dir, results)
     return results
 
 

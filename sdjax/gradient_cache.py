@@ -19,6 +19,7 @@ independently (GroupNorm, LayerNorm; not BatchNorm).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,14 +29,16 @@ from flax import nnx
 def chunked_value_and_grad(
     model: nnx.Module,
     inputs: jax.Array,
-    loss_of_outputs: Callable[[jax.Array], jax.Array],
+    loss_of_outputs: Callable[[Any], jax.Array],
     chunk_size: int,
+    forward: Callable[[nnx.Module, jax.Array], Any] | None = None,
 ) -> tuple[jax.Array, nnx.State]:
-    """`(loss, grads)` of `loss_of_outputs(model(inputs))`, one chunk of inputs at a time.
+    """`(loss, grads)` of `loss_of_outputs(forward(model, inputs))`, one chunk of inputs at a
+    time.
 
-    Equals `nnx.value_and_grad(lambda model: loss_of_outputs(model(inputs)))(model)` (the same
-    `nnx.State` of `nnx.Param` gradients) up to float summation order, while the encoder's
-    activations are held for `chunk_size` inputs at a time. Call it inside `nnx.jit`.
+    Equals `nnx.value_and_grad(lambda model: loss_of_outputs(forward(model, inputs)))(model)`
+    (the same `nnx.State` of `nnx.Param` gradients) up to float summation order, while the
+    encoder's activations are held for `chunk_size` inputs at a time. Call it inside `nnx.jit`.
 
     Chunk `k` holds inputs `k, k + M/chunk_size, k + 2 M/chunk_size, ...` (M = len(inputs)):
     strided, so that when the batch is sharded in contiguous blocks over devices, every chunk
@@ -48,10 +51,13 @@ def chunked_value_and_grad(
       model: an `nnx.Module` called on a batch of inputs, treating examples independently.
       inputs: [M, ...], every encoder input of the global batch (views flattened into it);
         M must be a multiple of `chunk_size`.
-      loss_of_outputs: the scalar loss of the model's [M, ...] outputs, e.g. the sharded S-D
-        loss of the embeddings reshaped to [N, V, D] with the labels closed over.
+      loss_of_outputs: the scalar loss of the model's outputs for all M inputs, e.g. the
+        sharded S-D loss of the [M, D] embeddings reshaped to [N, V, D], the labels closed over.
       chunk_size: inputs per chunk (across all devices): a divisor of M and, for data
         parallelism, a multiple of the number of devices.
+      forward: `forward(model, inputs)`, the outputs of [m, ...] inputs: one array or a pytree
+        of arrays with m rows, row i a function of input i alone (e.g. a joint model's
+        embeddings and logits). None: `model(inputs)`.
 
     Returns:
       `(loss, grads)`, `grads` an `nnx.State` shaped like `nnx.state(model, nnx.Param)`.
@@ -85,7 +91,8 @@ def chunked_value_and_grad(
     def apply(params, chunk_index, chunk):
         keys = jax.tree.map(lambda key: jax.random.fold_in(key, chunk_index), rng_keys)
         chunk_model = nnx.merge(graphdef, params, keys, rest, copy=True)
-        return chunk_model(chunk), nnx.state(chunk_model, nnx.RngCount)
+        outputs = chunk_model(chunk) if forward is None else forward(chunk_model, chunk)
+        return outputs, nnx.state(chunk_model, nnx.RngCount)
 
     # [M, ...] -> [num_chunks, chunk_size, ...] with chunk k = rows k, k + num_chunks, ...:
     # the chunk axis splits like the batch axis, so each device embeds its own rows.
@@ -96,7 +103,7 @@ def chunked_value_and_grad(
     chunk_outputs, counts = jax.lax.map(
         lambda args: apply(params, *args), (indices, jax.lax.stop_gradient(chunks))
     )
-    outputs = jax.lax.stop_gradient(_from_chunks(chunk_outputs))
+    outputs = jax.lax.stop_gradient(jax.tree.map(_from_chunks, chunk_outputs))
 
     # Phase 2: the loss of the whole batch and its gradient with respect to the outputs.
     loss, output_grads = jax.value_and_grad(loss_of_outputs)(outputs)
@@ -110,7 +117,9 @@ def chunked_value_and_grad(
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, _ = jax.lax.scan(
-        accumulate, zeros, (indices, chunks, _to_chunks(output_grads, num_chunks))
+        accumulate,
+        zeros,
+        (indices, chunks, jax.tree.map(lambda g: _to_chunks(g, num_chunks), output_grads)),
     )
     # Random counters advance as after one forward call (every chunk advanced them alike).
     nnx.update(model, jax.tree.map(lambda count: count[0], counts))

@@ -89,7 +89,8 @@ def _config_problem(argv: list[str], error: Exception) -> str:
     try:
         config = config_lib.load_config_file(path)
     except Exception as failure:
-        return f"--config: {path!r} does not load: {type(failure).__name__}: {failure}"
+        detail = f"{type(failure).__name__}: {config_lib.one_line(failure)}"
+        return f"--config: {path!r} does not load: {detail}"
     for arg in argv:
         if arg.startswith("--config."):
             try:

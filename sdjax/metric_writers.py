@@ -1,4 +1,4 @@
-"""Metric writers that need no TensorFlow: TensorBoard event files, the log, the training curve.
+"""Metric writers that need no TensorFlow: TensorBoard event files and the log.
 
 clu's writers import TensorFlow. These write the same TensorBoard event files through
 tensorboardX, so `tensorboard --logdir WORKDIR` shows a run's scalars and hyperparameters, and a
@@ -70,18 +70,6 @@ class LoggingWriter(MetricWriter):
 
     def write_hparams(self, hparams):
         logging.info("[hparams] %s", ", ".join(f"{k}={v}" for k, v in sorted(hparams.items())))
-
-
-class CurveWriter(MetricWriter):
-    """Keeps the logged `train/*` scalars: the training curve that every checkpoint stores."""
-
-    def __init__(self, entries: list[dict]):
-        self.entries = entries
-
-    def write_scalars(self, step, scalars):
-        curve = {k: float(v) for k, v in scalars.items() if k.startswith("train/")}
-        if curve:
-            self.entries.append({"step": int(step), **curve})
 
 
 class MultiWriter(MetricWriter):

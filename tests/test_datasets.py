@@ -451,11 +451,13 @@ def run_tiny(config_name, workdir, **overrides):
     return results
 
 
+@pytest.mark.slow
 def test_tabular_tiny_config_trains(tmp_path):
     results = run_tiny("yeast", tmp_path / "run", **{"dataset.data_dir": str(tmp_path / "data")})
     assert results["linear_eval"]["num_scored_classes"] == 14
 
 
+@pytest.mark.slow
 def test_text_tiny_config_trains(apt_lists, tmp_path):
     overrides = {"dataset.data_dir": str(tmp_path / "data"), "dataset.source_dir": str(apt_lists)}
     results = run_tiny("debtags", tmp_path / "run", **overrides)

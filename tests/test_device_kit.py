@@ -69,6 +69,7 @@ def rehearsal(image_python, tmp_path_factory):
     return out, results, json.loads((out / "kit.json").read_text())
 
 
+@pytest.mark.slow
 def test_the_environment_is_the_images(image_python):
     probe = (
         "import importlib.util as u, jax; print(u.find_spec('tensorflow'), u.find_spec('torch'), "
@@ -84,6 +85,7 @@ def test_the_environment_is_the_images(image_python):
     assert importlib.util.find_spec("tensorflow") is not None  # here, unlike there
 
 
+@pytest.mark.slow
 def test_every_step_runs_in_order_on_the_images_packages(rehearsal):
     out, _, record = rehearsal
     assert sorted(p.name for p in out.iterdir()) == [
@@ -125,6 +127,7 @@ def test_every_step_runs_in_order_on_the_images_packages(rehearsal):
     assert "outputs/train/bench_train.json" in names
 
 
+@pytest.mark.slow
 def test_the_suite_keeps_each_finished_run(rehearsal):
     _, results, record = rehearsal
     (suite,) = [step for step in record["steps"] if step["name"] == "suite"]
@@ -135,6 +138,7 @@ def test_the_suite_keeps_each_finished_run(rehearsal):
         assert stored["hardware"] == record["hardware"]
 
 
+@pytest.mark.slow
 def test_merging_a_run_again_replaces_it_and_another_run_is_added(rehearsal, tmp_path):
     out, _, record = rehearsal
     results = tmp_path / "results"

@@ -4,11 +4,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from sdjax import config_lib, losses, modalities, models, objectives
+from sdjax import config_lib, losses, models, objectives
 from sdjax.gradient_cache import chunked_value_and_grad
+from sdjax.recipe import Recipe
 from sdjax.sharding import BATCH_AXIS, data_parallel_mesh, replicate, shard_global_batch
 
 NUM_CLASSES = 10
@@ -42,46 +44,65 @@ def assert_grads_close(grads, expected):
 
 
 @pytest.mark.parametrize("num_devices", [1, 8])
-def test_matches_the_trainers_loss_on_the_tiny_config(num_devices):
-    """With augmentations and the sharded S-D loss, as `objectives.make_stage1_loss` has them."""
+def test_the_trainers_cached_gradient_is_that_of_the_loss_on_one_device(num_devices):
+    """The recipe's gradient-cached loss and gradients (its sharded S-D loss of the views'
+    embeddings, chunk by chunk) against the loss's definition on one device, no sharding."""
     config = config_lib.load_config_file("default", "tiny")
-    mesh = data_parallel_mesh(jax.devices()[:num_devices])
     model = models.create_model(config, NUM_CLASSES, seed=0)
-    nnx.update(model, replicate(nnx.state(model), mesh))
     images, labels = tiny_batch(32)
-    inputs, labels = shard_global_batch(images, mesh), shard_global_batch(labels, mesh)
-    step = 3
+    views = Recipe(config, data_parallel_mesh(jax.devices()[:1])).views(jnp.asarray(images), 3)
+    flat_views = views.reshape((-1, *views.shape[2:]))  # each example's 2 views adjacent
 
-    expected_loss, expected_grads = nnx.jit(
-        nnx.value_and_grad(objectives.make_stage1_loss(config, mesh))
-    )(model, inputs, labels, step)
+    def loss_of_views(model):
+        embeddings = model(flat_views).reshape((32, 2, -1))
+        return losses.multilabel_supcon_loss(
+            embeddings,
+            labels,
+            positives=config.loss.positives,
+            temperature=config.loss.temperature,
+            jaccard_threshold=config.loss.jaccard_threshold,
+        )
 
-    sharded_loss = losses.make_sharded_loss(
-        mesh,
-        BATCH_AXIS,
-        positives=config.loss.positives,
-        temperature=float(config.loss.temperature),
-        jaccard_threshold=float(config.loss.jaccard_threshold),
-        block_size=config.loss.block_size or None,
+    expected_loss, expected_grads = nnx.jit(nnx.value_and_grad(loss_of_views))(model)
+
+    mesh = data_parallel_mesh(jax.devices()[:num_devices])
+    nnx.update(model, replicate(nnx.state(model), mesh))
+    inputs, labels = (
+        shard_global_batch(np.asarray(flat_views), mesh),
+        shard_global_batch(labels, mesh),
     )
-
-    @nnx.jit(static_argnums=4)
-    def cached(model, inputs, labels, step, chunk_size):
-        # The views as make_stage1_loss makes them, before the chunking.
-        key = jax.random.fold_in(jax.random.key(config.seed), step)
-        views = modalities.IMAGE.make_views(key, inputs, config.num_views)
-
-        def loss_of_outputs(outputs):
-            return sharded_loss(outputs.reshape((*views.shape[:2], -1)), labels)
-
-        flat_views = views.reshape((-1, *views.shape[2:]))
-        return chunked_value_and_grad(model, flat_views, loss_of_outputs, chunk_size)
-
     for chunk_size in (8, 16, 64):  # 64 = the whole batch of 32 examples x 2 views
-        loss, grads = cached(model, inputs, labels, step, chunk_size)
+        recipe = Recipe(config_lib.override(config, embedding_chunk_size=chunk_size), mesh)
+        loss, grads = nnx.jit(recipe.value_and_grad)(model, inputs, labels, None)
         # One scalar from the same embeddings up to summation order: a few ulps.
         np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
         assert_grads_close(grads, expected_grads)
+
+
+def test_outputs_may_be_a_pytree_of_arrays():
+    """A joint model's embeddings and classifier logits, chunked together: the gradient of a loss
+    of both is the plain one."""
+    config = config_lib.load_config_file("default", "tiny")
+    model = objectives.create_model(config_lib.override(config, method="joint"), NUM_CLASSES)
+    images, labels = tiny_batch(16, seed=2)
+
+    def forward(model, x):
+        return {"embeddings": model(x), "logits": model.classify(x)}
+
+    def loss_of_outputs(outputs):
+        embeddings = outputs["embeddings"] / jnp.linalg.norm(outputs["embeddings"], axis=1)[:, None]
+        similarity = jnp.mean((embeddings @ embeddings.T) ** 2)
+        return similarity + optax.sigmoid_binary_cross_entropy(outputs["logits"], labels).mean()
+
+    expected_loss, expected_grads = nnx.jit(
+        nnx.value_and_grad(lambda model: loss_of_outputs(forward(model, jnp.asarray(images))))
+    )(model)
+    loss, grads = nnx.jit(chunked_value_and_grad, static_argnums=(2, 3, 4))(
+        model, jnp.asarray(images), loss_of_outputs, 4, forward
+    )
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    assert set(grads) == {"encoder", "head", "classifier"}
+    assert_grads_close(grads, expected_grads)
 
 
 def test_sums_chunks_of_a_bfloat16_model_in_float32():

@@ -18,7 +18,8 @@ LAYERS = {
     "core": (
         "sdjax",
         "sdjax.losses",
-        "sdjax.evaluation",
+        "sdjax.metrics",
+        "sdjax.reporting",
         "sdjax.tokenizer",
         "sdjax.sharding",
         "sdjax.gradient_cache",
@@ -36,7 +37,7 @@ LAYERS = {
     # the encoders abstractly), and the multi-host set-up that a config asks for.
     "config": ("sdjax.config_lib", "sdjax.multihost"),
     # The training recipe, its checkpoints, and the evaluators run on its models.
-    "recipe": ("sdjax.objectives", "sdjax.checkpointing", "sdjax.evaluators"),
+    "recipe": ("sdjax.objectives", "sdjax.recipe", "sdjax.checkpointing", "sdjax.evaluators"),
     # The trainer and the entry points.
     "trainer": ("sdjax.train", "sdjax.evaluate", "sdjax.main"),
 }

@@ -18,18 +18,20 @@ from sdjax import (
     checkpointing,
     config_lib,
     datasets,
-    evaluation,
     losses,
+    metrics,
     modalities,
     objectives,
     train,
 )
+from sdjax.models import MomentumEncoder
+from sdjax.recipe import Recipe
 from sdjax.sharding import BATCH_AXIS, data_parallel_mesh
 
 MOCO = {"framework": "moco", "moco.queue_size": 128, "moco.momentum": 0.9}
 # The CLI runs need one probe only.
 MOCO_FLAGS = [f"--config.{k}={v}" for k, v in MOCO.items()]
-MOCO_FLAGS.append("--config.linear_eval.random_init_baseline=False")
+MOCO_FLAGS.append("--config.evals.random_init_probe=False")
 # float32 losses of a few hundred terms computed in another order (sharded vs one device, or
 # this file's direct formula): rounding differs by a few ulps of values near 1.
 RTOL = 1e-5
@@ -40,9 +42,9 @@ def batch_of(config, data_dir, size=32):
     return modalities.to_float(data["inputs"][:size]), data["labels"][:size]
 
 
-def moco_state(config, num_classes, num_devices):
-    mesh = data_parallel_mesh(jax.devices()[:num_devices])
-    return mesh, objectives.create_train_state(config, num_classes, mesh)
+def moco_recipe(config, num_classes, num_devices):
+    recipe = Recipe(config, data_parallel_mesh(jax.devices()[:num_devices]))
+    return recipe, recipe.create_state(num_classes)
 
 
 def test_moco_steps_match_the_query_key_loss_with_an_ema_encoder_and_a_fifo_queue(data_dir):
@@ -51,17 +53,16 @@ def test_moco_steps_match_the_query_key_loss_with_an_ema_encoder_and_a_fifo_queu
     the earlier batches' keys (newest overwrite the oldest), empty entries left out."""
     config = tiny_config(data_dir, **{**MOCO, "moco.queue_size": 64})
     images, labels = batch_of(config, data_dir)
-    mesh, (model, optimizer, momentum_encoder) = moco_state(config, labels.shape[1], 8)
-    step_fn = train.make_train_step(config, mesh)
-    views_fn = objectives.make_views_fn(config)
-    sharding = NamedSharding(mesh, P(BATCH_AXIS))
+    recipe, state = moco_recipe(config, labels.shape[1], 8)
+    model, momentum_encoder = state.model, state.momentum_encoder
+    sharding = NamedSharding(recipe.mesh, P(BATCH_AXIS))
     ema = nnx.state(model, nnx.Param)  # the key encoder starts as a copy
     queue_keys, queue_labels = [], []  # what the queue should hold, oldest first
     momentum = config.moco.momentum
     for step in range(3):
         params = nnx.state(model, nnx.Param)
         ema = jax.tree.map(lambda k, q: momentum * k + (1 - momentum) * q, ema, params)
-        views = views_fn(jnp.asarray(images), step)
+        views = recipe.views(jnp.asarray(images), step)
         key_model = nnx.clone(model)
         nnx.update(key_model, ema)
         keys = np.asarray(key_model(views[:, 1]))
@@ -78,13 +79,11 @@ def test_moco_steps_match_the_query_key_loss_with_an_ema_encoder_and_a_fifo_queu
                 sample_ids=np.concatenate([np.arange(32), np.full(32 * held, -1)]),
             ),
         )
-        got = step_fn(
-            model,
-            optimizer,
+        got = recipe.train_step(
+            state,
             jax.device_put(images, sharding),
             jax.device_put(labels, sharding),
             jnp.int32(step),
-            momentum_encoder,
         )
         np.testing.assert_allclose(float(got.loss.compute()), float(expected), rtol=RTOL)
         queue_keys.append(keys)
@@ -108,10 +107,10 @@ def test_a_partly_filled_queue_masks_its_empty_entries(data_dir):
     config = tiny_config(data_dir, **MOCO)
     _, labels = batch_of(config, data_dir, size=8)
     model = objectives.create_model(config, labels.shape[1])
-    encoder = objectives.MomentumEncoder(model, queue_size=24, num_classes=labels.shape[1])
+    encoder = MomentumEncoder(model, queue_size=24, num_classes=labels.shape[1])
     keys = jnp.ones((8, config.model.projection_dim))
     encoder.enqueue(keys, labels)
-    contrast = encoder.contrast_set(2 * keys, labels)
+    contrast = objectives.MoCo.contrast_with_queue(encoder, 2 * keys, labels)
     assert contrast.features.shape == (32, config.model.projection_dim)
     np.testing.assert_array_equal(contrast.mask, [True] * 16 + [False] * 16)
     np.testing.assert_array_equal(contrast.sample_ids, [*range(8)] + [-1] * 24)
@@ -122,10 +121,10 @@ def test_a_partly_filled_queue_masks_its_empty_entries(data_dir):
 def test_joint_loss_is_bce_plus_weighted_contrastive_loss(data_dir):
     config = tiny_config(data_dir, method="joint", **{"loss.joint_weight": 0.3})
     images, labels = batch_of(config, data_dir, size=16)
-    mesh = data_parallel_mesh(jax.devices()[:1])
-    model = objectives.create_model(config, labels.shape[1])
-    got = objectives.make_stage1_loss(config, mesh)(model, jnp.asarray(images), labels, 5)
-    views = objectives.make_views_fn(config)(jnp.asarray(images), 5)  # [16, 2, ...]
+    recipe = Recipe(config, data_parallel_mesh(jax.devices()[:1]))
+    model = recipe.create_model(labels.shape[1])
+    got = recipe.loss(model, jnp.asarray(images), labels, 5)
+    views = recipe.views(jnp.asarray(images), 5)  # [16, 2, ...]
     contrastive = losses.multilabel_supcon_loss(
         jnp.stack([model(views[:, v]) for v in range(2)], axis=1),
         labels,
@@ -137,18 +136,18 @@ def test_joint_loss_is_bce_plus_weighted_contrastive_loss(data_dir):
     np.testing.assert_allclose(float(got), float(bce + 0.3 * contrastive), rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_joint_run_reports_the_classifier_and_the_linear_probe(data_dir, tmp_path):
     config = tiny_config(data_dir, method="joint", **MOCO)
     results = train.train_and_evaluate(config, tmp_path)
     assert set(results["classifier"]) == set(results["linear_eval"])
     # The classifier's metrics, recomputed from the checkpointed model on the raw test inputs.
-    mesh = data_parallel_mesh()
+    recipe = Recipe(config, data_parallel_mesh())
     test = datasets.load_split(config.dataset.name, "test", data_dir=data_dir)
-    train_state = objectives.create_train_state(config, test["labels"].shape[1], mesh)
-    state = checkpointing.restore_state(tmp_path, 24, objectives.checkpoint_state(*train_state))
-    objectives.restore_train_state(state, *train_state)
-    scores = jax.nn.sigmoid(train_state[0].classify(modalities.to_float(test["inputs"])))
-    expected = evaluation.multilabel_metrics(np.asarray(scores), test["labels"])
+    state = recipe.create_state(test["labels"].shape[1])
+    recipe.restore(state, checkpointing.restore_state(tmp_path, 24, recipe.checkpoint(state)))
+    scores = jax.nn.sigmoid(state.model.classify(modalities.to_float(test["inputs"])))
+    expected = metrics.multilabel_metrics(np.asarray(scores), test["labels"])
     for name, value in expected.items():
         # Same classifier; the features come in batches of 128 over 8 devices there.
         np.testing.assert_allclose(results["classifier"][name], value, rtol=1e-4, atol=1e-4)
@@ -157,6 +156,7 @@ def test_joint_run_reports_the_classifier_and_the_linear_probe(data_dir, tmp_pat
     assert stored["classifier"] == results["classifier"]
 
 
+@pytest.mark.slow
 def test_moco_run_resumes_identically_after_sigkill(data_dir, tmp_path):
     code, output = run_main(tmp_path / "straight", data_dir, *MOCO_FLAGS)
     assert code == 0, output[-3000:]

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from sdjax import config_lib, losses, models
-from sdjax.evaluators import HeldoutLoss
+from sdjax.evaluators.heldout_loss import HeldoutLoss
 from sdjax.evaluators.linear_probe import LinearProbe
 from sdjax.models import bag_of_ngrams
 from sdjax.sharding import data_parallel_mesh

@@ -4,10 +4,12 @@ pinned JAX and on the oldest that pyproject.toml promises; the training extra tr
 config file that loads the config files it builds on.
 
 Slow (fresh venvs, pip installs; pip's cache and the local wheel index keep them off the
-network where they can): deselect with -m "not slow".
+network where they can; the wheel's dependencies are installed once per set, see `wheel_venv`):
+deselect with -m "not slow".
 """
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -97,6 +99,60 @@ def fresh_venv(path: Path, python_version: str, *requirements: str) -> Path:
     return venv_python
 
 
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdjax"
+
+
+def wheel_venv(path: Path, python_version: str, wheel: Path, extras: str, *pins: str) -> Path:
+    """A new virtual environment at `path` holding `wheel` (with `extras`) and what pip resolves
+    for it under `pins`, as `fresh_venv(path, python_version, "wheel[extras]", *pins)` makes it;
+    returns its python.
+
+    The dependencies are installed once per (Python, the wheel's Requires-Dist, `extras`, the
+    pins and the files they name) into a cached environment, which each call hard-links into
+    `path` (copies across file systems) before it installs the wheel itself there. What a new
+    install brings is what the cached one brought: a changed dependency or pin makes a new one.
+    """
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = Parser().parsestr(
+            archive.read(f"sdjax-{sdjax.__version__}.dist-info/METADATA").decode()
+        )
+    interpreter = python(python_version)
+    key_parts = [
+        run([interpreter, "-c", "import sys; print(sys.version)"], ROOT).stdout,
+        "\n".join(sorted(metadata.get_all("Requires-Dist") or [])),
+        metadata["Requires-Python"],
+        extras,
+        *(Path(pin).read_text() if os.path.isfile(pin) else pin for pin in pins),
+    ]
+    key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:12]
+    cached = CACHE / f"wheel-venv-{python_version}-{key}"
+    if not (cached / "complete").exists():
+        building = cached.with_name(f"{cached.name}.{os.getpid()}")
+        shutil.rmtree(building, ignore_errors=True)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        requirement = f"{wheel}[{extras}]" if extras else str(wheel)
+        building_python = fresh_venv(building, python_version, requirement, *pins)
+        run([str(building_python), "-m", "pip", "uninstall", "-q", "-y", "sdjax"], building)
+        (building / "complete").touch()
+        try:
+            building.rename(cached)  # whole or not at all
+        except OSError:  # a concurrent maker's, as good
+            shutil.rmtree(building)
+    shutil.copytree(cached, path, symlinks=True, copy_function=link_or_copy)
+    (path / "complete").unlink()
+    venv_python = path / "bin" / "python"
+    pip = [str(venv_python), "-m", "pip", "install", "-q", "--no-compile", "--no-deps"]
+    run([*pip, str(wheel)], path)
+    return venv_python
+
+
+def link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
 def installed(venv_python: Path) -> set[str]:
     listing = run([str(venv_python), "-m", "pip", "list", "--format=json"], cwd=venv_python.parent)
     return {normalized(entry["name"]) for entry in json.loads(listing.stdout)}
@@ -177,7 +233,7 @@ def test_the_core_wheel_alone_passes_the_loss_tests(dists, tmp_path, python_vers
     outside the clone; on the oldest promised jax, tests/test_losses.py then runs against the
     installed package (the main suite runs it on the newest)."""
     _, wheel = dists
-    venv_python = fresh_venv(tmp_path / "venv", python_version, str(wheel), "pytest==9.2.0", *pins)
+    venv_python = wheel_venv(tmp_path / "venv", python_version, wheel, "", "pytest==9.2.0", *pins)
     extra = installed(venv_python) - CORE_DISTRIBUTIONS - VENV_AND_TEST_RUNNER
     assert not extra, f"the core install brought {sorted(extra)}"
 
@@ -221,8 +277,9 @@ def test_the_wheel_with_the_train_extra_trains_from_outside_the_clone(dists, tmp
     configs/yeast.py, which loads configs/default.py, all copied to a directory of the user's;
     the dataset is built into an empty data dir (tfds needs importlib_resources for that)."""
     _, wheel = dists
-    requirement = f"{wheel}[{TRAIN_EXTRAS}]"
-    venv_python = fresh_venv(tmp_path / "venv", "3.12", requirement, "-c", str(REQUIREMENTS))
+    venv_python = wheel_venv(
+        tmp_path / "venv", "3.12", wheel, TRAIN_EXTRAS, "-c", str(REQUIREMENTS)
+    )
     assert "importlib-resources" in installed(venv_python)
 
     user = tmp_path / "user"

@@ -348,7 +348,7 @@ def test_dry_run_lists_both_profiles_with_their_hours(tmp_path):
 
 def test_protocol_runs_train_score_and_record(tmp_path, monkeypatch):
     from experiments import run_experiments
-    from sdjax import datasets, evaluation
+    from sdjax import datasets, metrics
     from sdjax.datasets import registry
 
     loaded = []
@@ -378,7 +378,7 @@ def test_protocol_runs_train_score_and_record(tmp_path, monkeypatch):
     saved = np.load(results_dir / "test_scores" / f"{confirmation.name}.npz")
     assert saved["scores"].dtype == np.float32 and saved["labels"].shape == (917, 14)
     np.testing.assert_allclose(
-        evaluation.multilabel_metrics(saved["scores"], saved["labels"])["mAP"],
+        metrics.multilabel_metrics(saved["scores"], saved["labels"])["mAP"],
         record["test"]["classifier"]["mAP"],
         rtol=1e-12,
     )
@@ -392,7 +392,7 @@ def test_protocol_runs_train_score_and_record(tmp_path, monkeypatch):
 
 def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
     from experiments import run_experiments
-    from sdjax import evaluation
+    from sdjax import metrics
     from sdjax.datasets import debtags
 
     rng = np.random.default_rng(0)
@@ -431,7 +431,7 @@ def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
     np.testing.assert_array_equal(saved["labels"], corpus["test"][1])
     np.testing.assert_allclose(
         record["test"]["tfidf"]["mAP"],
-        evaluation.multilabel_metrics(saved["scores"], corpus["test"][1])["mAP"],
+        metrics.multilabel_metrics(saved["scores"], corpus["test"][1])["mAP"],
         rtol=1e-12,
     )
     assert len(record["test_bootstrap_mAP"]) == 1001

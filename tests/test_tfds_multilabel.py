@@ -237,6 +237,7 @@ def test_voc_streamed_split_resizes_and_multi_hots_each_example():
         np.testing.assert_array_equal(split["inputs"][np.array([i])][0], expected)
 
 
+@pytest.mark.slow
 def test_voc_config_trains_end_to_end_on_mock_data(tmp_path):
     config = config_lib.load_config_file("voc2007", "tiny")
     config.dataset.data_dir = str(tmp_path)

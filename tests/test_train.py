@@ -21,19 +21,15 @@ from ml_collections import config_flags
 from tiny_run import REPO, run_main, tiny_config, wait_for_checkpoint
 
 from sdjax import checkpointing, config_lib, datasets, modalities, models, objectives, train
+from sdjax.recipe import Recipe
 from sdjax.sharding import BATCH_AXIS, data_parallel_mesh, replicate
 
 LARGE_STEP = 1000.0  # SGD rate that makes one step's update large enough to compare
 
 
-@pytest.fixture(scope="module")
-def tiny_results(data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny")
-    return workdir, train.train_and_evaluate(tiny_config(data_dir), workdir)
-
-
-def test_tiny_run_trains_and_writes_its_outputs(tiny_results, data_dir):
-    tmp_path, results = tiny_results
+@pytest.mark.slow
+def test_tiny_run_trains_and_writes_its_outputs(finished_run, data_dir):
+    tmp_path, results = finished_run
 
     config, step = checkpointing.stored_config(tmp_path)
     stored_fields = config_lib.flat_fields(config)
@@ -63,9 +59,10 @@ def test_tiny_run_trains_and_writes_its_outputs(tiny_results, data_dir):
     )
 
 
+@pytest.mark.slow
 def test_bce_baseline_runs_through_the_same_trainer(data_dir, tmp_path):
     results = train.train_and_evaluate(
-        tiny_config(data_dir, method="bce", **{"linear_eval.random_init_baseline": False}),
+        tiny_config(data_dir, method="bce", **{"evals.random_init_probe": False}),
         tmp_path,
     )
     assert np.isfinite(results["final_train_loss"]) and "random_init" not in results
@@ -126,9 +123,10 @@ def test_bad_config_on_the_command_line_exits_with_a_clear_message(data_dir, tmp
 
 
 # Long enough that SIGTERM after checkpoint 16 lands in stage 1; one probe is enough here.
-LONGER = ("--config.num_train_steps=32", "--config.linear_eval.random_init_baseline=False")
+LONGER = ("--config.num_train_steps=32", "--config.evals.random_init_probe=False")
 
 
+@pytest.mark.slow
 def test_kill_and_sigterm_then_resume_give_identical_results(data_dir, tmp_path):
     code, output = run_main(tmp_path / "straight", data_dir, *LONGER)
     assert code == 0, output[-3000:]
@@ -160,34 +158,35 @@ def test_kill_and_sigterm_then_resume_give_identical_results(data_dir, tmp_path)
 
 
 def one_training_step(data_dir, num_devices, **overrides):
-    """(loss, parameter update) of one SGD step of the tiny model on 32 training mosaics."""
+    """(loss, parameter update) of one SGD step of the tiny model on 32 training mosaics; with
+    MoCo, the momentum encoder's state after the step (EMA copy and queue) too."""
     config = tiny_config(data_dir, **overrides)
     batch = datasets.load_split(config.dataset.name, "train", data_dir=data_dir)
     images = modalities.to_float(batch["inputs"][:32])
     labels = batch["labels"][:32]
     mesh = data_parallel_mesh(jax.devices()[:num_devices])
-    model = models.create_model(config, labels.shape[1], config.seed)
-    initial = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # donated
-    optimizer = nnx.Optimizer(model, optax.sgd(LARGE_STEP), wrt=nnx.Param)
-    nnx.update(model, replicate(nnx.state(model), mesh))
-    nnx.update(optimizer, replicate(nnx.state(optimizer), mesh))
+    recipe = Recipe(config, mesh)
+    state = recipe.create_state(labels.shape[1])
+    state.optimizer = nnx.Optimizer(state.model, optax.sgd(LARGE_STEP), wrt=nnx.Param)
+    nnx.update(state.optimizer, replicate(nnx.state(state.optimizer), mesh))
+    initial = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(state.model, nnx.Param)))
     sharding = NamedSharding(mesh, P(BATCH_AXIS))
-    step_metrics = train.make_train_step(config, mesh)(
-        model,
-        optimizer,
-        jax.device_put(images, sharding),
-        jax.device_put(labels, sharding),
-        jnp.int32(3),
+    step_metrics = recipe.train_step(
+        state, jax.device_put(images, sharding), jax.device_put(labels, sharding), jnp.int32(3)
     )
-    update = jax.tree.map(np.subtract, nnx.to_pure_dict(nnx.state(model, nnx.Param)), initial)
+    update = jax.tree.map(np.subtract, nnx.to_pure_dict(nnx.state(state.model, nnx.Param)), initial)
     largest = max(float(np.abs(u).max()) for u in jax.tree.leaves(update))
     assert largest > 0.1  # the step did move the parameters
+    if state.momentum_encoder is not None:  # the EMA copy and the queue (floats, to compare)
+        moco = nnx.state(state.momentum_encoder, nnx.Any(nnx.Param, models.QueueState))
+        update["moco"] = jax.tree.map(lambda x: np.asarray(x, np.float32), nnx.to_pure_dict(moco))
     return float(step_metrics.loss.compute()), update
 
 
 def assert_same_step(step, reference):
     """Losses of float32 sums in another order agree to 1e-5; the updates, LARGE_STEP times
-    gradients of O(1e-3), to 1e-4 absolute (gradients that nearly cancel lose relative digits)."""
+    gradients of O(1e-3), to 1e-4 absolute (gradients that nearly cancel lose relative digits);
+    MoCo's EMA weights and queued keys, computed before the update, hold to that too."""
     np.testing.assert_allclose(step[0], reference[0], rtol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), step[1], reference[1]
@@ -204,24 +203,44 @@ def test_ring_exchange_step_matches_all_gather(data_dir):
     assert_same_step(ring, one_training_step(data_dir, 4))
 
 
-def test_gradient_cached_step_matches_the_plain_step(data_dir):
-    """Embeddings 16 views at a time (2 per device), then the backward pass chunk by chunk."""
-    plain = one_training_step(data_dir, 8)
-    assert_same_step(one_training_step(data_dir, 8, embedding_chunk_size=16), plain)
+MOCO = {"framework": "moco", "moco.queue_size": 64, "moco.momentum": 0.9}
 
 
+@pytest.mark.parametrize(
+    ("overrides", "chunk_size"),
+    [
+        ({}, 16),  # 64 views, 2 per device and chunk
+        (MOCO, 8),  # the 32 queries alone go through the trained encoder: 1 per device
+        ({"method": "joint"}, 16),  # embeddings and the classifier's logits, chunk by chunk
+        ({"method": "joint", **MOCO}, 16),
+        ({"method": "bce", "num_views": 1}, 8),
+    ],
+    ids=["contrastive", "moco", "joint", "joint_moco", "bce"],
+)
+def test_gradient_cached_step_matches_the_plain_step(data_dir, overrides, chunk_size):
+    """Gradient caching on 8 devices gives the plain step of one device: the same loss,
+    parameter update and (MoCo) momentum encoder and queue, for every method and framework."""
+    plain = one_training_step(data_dir, 1, **overrides)
+    cached = one_training_step(data_dir, 8, **overrides, embedding_chunk_size=chunk_size)
+    assert_same_step(cached, plain)
+    if "framework" in overrides:  # the step enqueued this batch's 32 keys
+        assert int(cached[1]["moco"]["queue_pointer"]) == 32
+
+
+@pytest.mark.slow
 def test_bfloat16_tiny_run_trains(data_dir, tmp_path):
     config = tiny_config(data_dir, compute_dtype="bfloat16")
-    config_lib.override(config, **{"linear_eval.random_init_baseline": False})
+    config_lib.override(config, **{"evals.random_init_probe": False})
     results = train.train_and_evaluate(config, tmp_path)
     heldout = results["heldout_stage1_loss"]
     assert heldout["final"] < heldout["initial"] - 0.01, heldout
     assert np.isfinite(results["linear_eval"]["mAP"])
 
 
-def test_evaluation_runs_from_a_checkpoint_alone(tiny_results, tmp_path):
+@pytest.mark.slow
+def test_evaluation_runs_from_a_checkpoint_alone(finished_run, tmp_path):
     """`python -m sdjax.evaluate --workdir DIR`: the stored config and the newest checkpoint."""
-    workdir, trained = tiny_results
+    workdir, trained = finished_run
     copy = tmp_path / "copy"
     shutil.copytree(workdir / "checkpoints", copy / "checkpoints")  # nothing else travels
     process = subprocess.run(

@@ -53,6 +53,7 @@ def train_without_tensorflow(config_file, workdir, data_dir):
     )
 
 
+@pytest.mark.slow
 def test_tiny_run_prepares_trains_and_evaluates_without_tensorflow(tmp_path):
     data_dir, workdir = tmp_path / "tfds", tmp_path / "run"
     code, err = train_without_tensorflow("default.py:tiny", workdir, data_dir)

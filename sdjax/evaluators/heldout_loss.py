@@ -1,4 +1,8 @@
-"""The stage-1 loss of a fixed held-out batch: comparable before and after training."""
+"""The stage-1 loss of a fixed held-out batch: comparable before and after training.
+
+Results: "heldout_stage1_loss" {"initial", "final"}, the loss of the model before training and
+of the evaluated one, and "heldout_split", the split whose first examples make the batch.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sdjax import datasets, models, objectives
+from sdjax import datasets, evaluators, models
+from sdjax.evaluators.common import EvalData
+from sdjax.recipe import Recipe
 from sdjax.sharding import shard_global_batch
 
 HELDOUT_STEP = -1  # the views' (seed, step) key: no training step uses it
@@ -35,7 +41,26 @@ class HeldoutLoss:
             shard_global_batch(modality.model_inputs(examples["inputs"][:size]), mesh),
             shard_global_batch(np.asarray(examples["labels"][:size]), mesh),
         )
-        self._loss = nnx.jit(objectives.make_stage1_loss(config, mesh))
+        self._loss = nnx.jit(Recipe(config, mesh).loss)
 
     def __call__(self, model: nnx.Module) -> float:
         return float(self._loss(models.evaluation_view(model), *self._batch, HELDOUT_STEP))
+
+
+class Evaluator(evaluators.Evaluator):
+    """`HeldoutLoss` of the initial and the evaluated model, on the validation split when there
+    is one, else test."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self._config = config
+
+    def run(self, model: nnx.Module, data: EvalData) -> dict[str, Any]:
+        split = next(iter(data.scored))
+        heldout = HeldoutLoss(self._config, data.mesh, data.scored[split])
+        return {
+            "heldout_stage1_loss": {
+                "initial": heldout(data.initial_model()),
+                "final": heldout(model),
+            },
+            "heldout_split": split,
+        }

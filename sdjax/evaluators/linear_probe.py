@@ -1,4 +1,8 @@
-"""Linear evaluation: a sigmoid-BCE linear classifier on frozen encoder features."""
+"""Linear evaluation: a sigmoid-BCE linear classifier on frozen encoder features.
+
+Results: "linear_eval", the test metrics of the probe of the evaluated model, and
+"validation": {"linear_eval": ...}, its validation metrics, for each split that is scored.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +17,15 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sdjax import datasets, evaluation, input_pipeline, models
+from sdjax import datasets, evaluators, input_pipeline, metrics, models
+from sdjax.evaluators.common import EvalData
 from sdjax.sharding import shard_global_batch
 
 
 class ProbeResult(NamedTuple):
     """What `LinearProbe` returns for one scored split: its metrics, scores and features."""
 
-    metrics: dict  # sdjax.evaluation.multilabel_metrics of the scored split's scores
+    metrics: dict  # sdjax.metrics.multilabel_metrics of the scored split's scores
     scores: np.ndarray  # float32 [N, C], sigmoid outputs
     features: np.ndarray  # float32 [N, F], the frozen encoder's
 
@@ -76,8 +81,8 @@ class LinearProbe:
         for split, examples in scored.items():
             features = self.features(model, examples["inputs"])
             scores = classify(features)
-            metrics = evaluation.multilabel_metrics(scores, examples["labels"])
-            results[split] = ProbeResult(metrics, scores, features)
+            scored = metrics.multilabel_metrics(scores, examples["labels"])
+            results[split] = ProbeResult(scored, scores, features)
         return results
 
     def fit(
@@ -106,3 +111,35 @@ class LinearProbe:
             return np.asarray(jax.nn.sigmoid(classifier(jnp.asarray((features - mean) / std))))
 
         return classify
+
+
+def outcomes(model: nnx.Module, data: EvalData) -> dict[str, ProbeResult]:
+    """`LinearProbe` of `model` on every scored split of `data`, computed once per evaluation
+    (the joint classifier, the test outputs and the long tail use its features and scores)."""
+    return data.once(
+        ("linear_probe", id(model)),
+        lambda: LinearProbe(data.config, data.mesh)(model, data.train, data.scored),
+    )
+
+
+def split_entries(name: str, metrics_by_split: dict[str, dict]) -> dict[str, Any]:
+    """{name: test metrics, "validation": {name: validation metrics}}, as results.json holds
+    them, for the splits that `metrics_by_split` has."""
+    entries: dict[str, Any] = {}
+    for split, split_metrics in metrics_by_split.items():
+        if split == "test":
+            entries[name] = split_metrics
+        else:
+            entries.setdefault(split, {})[name] = split_metrics
+    return entries
+
+
+class Evaluator(evaluators.Evaluator):
+    """The linear probe of the evaluated model, with `config.linear_eval`'s settings."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        del config  # `outcomes` reads the settings
+
+    def run(self, model: nnx.Module, data: EvalData) -> dict[str, Any]:
+        probed = outcomes(model, data)
+        return split_entries("linear_eval", {split: probed[split].metrics for split in probed})

@@ -17,8 +17,8 @@ from sdjax.losses._types import POSITIVES, Keys, LabelIndices, _dtype_error, _sh
 
 _ARGUMENTS = ("features", "labels", "sample_mask", "label_weights")
 
-P = ParamSpec("P")
-R = TypeVar("R")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 # The keyword arguments that the keys replaced (sdjax 0.x before `Keys`).
 _REMOVED_KEY_ARGUMENTS = (
@@ -38,12 +38,12 @@ def _reject_removed_arguments(names: Iterable[str]) -> None:
             )
 
 
-def _takes_keys(fn: Callable[P, R]) -> Callable[P, R]:
+def _takes_keys(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """`fn`, with a one-line TypeError for the removed `contrast_*` keyword arguments (rather
     than Python's, which does not say what replaced them)."""
 
     @functools.wraps(fn)
-    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         _reject_removed_arguments(kwargs)
         return fn(*args, **kwargs)
 

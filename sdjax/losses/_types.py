@@ -1,4 +1,5 @@
-"""The public types and value lists of the loss family, and the one form of its errors."""
+"""The public types and value lists of the loss family, the defaults its functions share, and
+the one form of its errors."""
 
 from __future__ import annotations
 

@@ -4,9 +4,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdjax.models.bag_of_ngrams import BagOfNgramsEncoder
-from sdjax.models.contrastive import ContrastiveModel
+from sdjax.models.contrastive import ContrastiveModel, JointModel
 from sdjax.models.heads import LinearClassifier, ProjectionHead
 from sdjax.models.mlp import MLPEncoder
+from sdjax.models.momentum_encoder import MomentumEncoder, QueueState
 from sdjax.models.resnet import ResNetEncoder
 from sdjax.models.transformer import TextTransformerEncoder
 
@@ -14,9 +15,12 @@ __all__ = [
     "COMPUTE_DTYPES",
     "BagOfNgramsEncoder",
     "ContrastiveModel",
+    "JointModel",
     "LinearClassifier",
     "MLPEncoder",
+    "MomentumEncoder",
     "ProjectionHead",
+    "QueueState",
     "ResNetEncoder",
     "TextTransformerEncoder",
     "compute_dtype",
@@ -49,8 +53,11 @@ def evaluation_view(model: nnx.Module) -> nnx.Module:
     return model
 
 
-def create_model(config, num_classes: int, seed: int) -> ContrastiveModel:
-    """Encoder plus the stage-1 head: projection (contrastive) or linear classifier (bce).
+def create_model(
+    config, num_classes: int, seed: int, *, classifier_head: bool = False
+) -> ContrastiveModel:
+    """Encoder plus a stage-1 head: the projection head of `config.model`, or with
+    `classifier_head` a linear classifier over `num_classes` (the BCE baseline's).
 
     Both compute in `config.compute_dtype` (absent: "float32"); their parameters are float32.
     """
@@ -58,7 +65,7 @@ def create_model(config, num_classes: int, seed: int) -> ContrastiveModel:
     dtype = compute_dtype(config.get("compute_dtype", "float32"))
     encoder = create_encoder(config.model.encoder, rngs=rngs, dtype=dtype)
     head: nnx.Module
-    if config.method == "bce":
+    if classifier_head:
         head = LinearClassifier(encoder.features_dim, num_classes, rngs=rngs, dtype=dtype)
     else:
         head = ProjectionHead(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn import metrics
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 
 def precision_at_k(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -38,11 +38,11 @@ def multilabel_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float 
     scored = (positives_per_class > 0) & (positives_per_class < labels.shape[0])
     scored_labels, scored_scores = labels[:, scored], scores[:, scored]
     result = {
-        "micro_f1": metrics.f1_score(labels, predictions, average="micro", zero_division=0),
-        "macro_f1": metrics.f1_score(labels, predictions, average="macro", zero_division=0),
-        "mAP": metrics.average_precision_score(scored_labels, scored_scores, average="macro"),
-        "micro_auc": metrics.roc_auc_score(scored_labels, scored_scores, average="micro"),
-        "macro_auc": metrics.roc_auc_score(scored_labels, scored_scores, average="macro"),
+        "micro_f1": f1_score(labels, predictions, average="micro", zero_division=0),
+        "macro_f1": f1_score(labels, predictions, average="macro", zero_division=0),
+        "mAP": average_precision_score(scored_labels, scored_scores, average="macro"),
+        "micro_auc": roc_auc_score(scored_labels, scored_scores, average="micro"),
+        "macro_auc": roc_auc_score(scored_labels, scored_scores, average="macro"),
         "num_scored_classes": int(scored.sum()),
     }
     for k in (1, 3):
