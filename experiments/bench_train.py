@@ -100,21 +100,12 @@ def make_batch(batch_size: int, image_size: int, seed: int = 0):
 # --------------------------------------------------------------------------------------------
 
 
-def sdjax_train_step(arch: str, batch_size: int, image_size: int, chunk_size: int, gpu: bool):
-    """`(train_step, args)`: the jitted step and its arguments (model, optimizer, views, labels)."""
-    import jax
+def sdjax_config(arch: str, gpu: bool):
+    """The benchmark's sdjax model config (`sdjax.models.create_model`'s)."""
     import ml_collections
-    import optax
-    from flax import nnx
 
-    from sdjax import losses, models
-    from sdjax.gradient_cache import chunked_value_and_grad
-
-    expected = "gpu" if gpu else "cpu"
-    if jax.default_backend() != expected:
-        raise RuntimeError(f"jax runs on {jax.default_backend()}, expected {expected}.")
     stage_sizes, block = ARCHS[arch]
-    config = ml_collections.ConfigDict(
+    return ml_collections.ConfigDict(
         {
             "method": "contrastive",
             "compute_dtype": "bfloat16" if gpu else "float32",
@@ -132,27 +123,47 @@ def sdjax_train_step(arch: str, batch_size: int, image_size: int, chunk_size: in
             },
         }
     )
-    model = models.create_model(config, NUM_CLASSES, seed=0)
+
+
+def sdjax_loss_of_outputs(outputs, labels):
+    """The benchmark's S-D loss of the model's outputs, views of an example adjacent."""
+    from sdjax import losses
+
+    embeddings = outputs.reshape((labels.shape[0], NUM_VIEWS, -1))
+    return losses.multilabel_supcon_loss(
+        embeddings, labels, positives="sd", temperature=TEMPERATURE
+    )
+
+
+def sdjax_train_step(arch: str, batch_size: int, image_size: int, chunk_size: int, gpu: bool):
+    """`(train_step, args)`: the jitted step and its arguments (model, optimizer, views, labels)."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from sdjax import models
+    from sdjax.gradient_cache import chunked_value_and_grad
+
+    expected = "gpu" if gpu else "cpu"
+    if jax.default_backend() != expected:
+        raise RuntimeError(f"jax runs on {jax.default_backend()}, expected {expected}.")
+    model = models.create_model(sdjax_config(arch, gpu), NUM_CLASSES, seed=0)
     optimizer = nnx.Optimizer(
         model, optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY), wrt=nnx.Param
     )
     views, labels = (jax.device_put(a) for a in make_batch(batch_size, image_size))
-
-    def loss_of_outputs(outputs, labels):
-        embeddings = outputs.reshape((labels.shape[0], NUM_VIEWS, -1))
-        return losses.multilabel_supcon_loss(
-            embeddings, labels, positives="sd", temperature=TEMPERATURE
-        )
 
     @nnx.jit(donate_argnums=(0, 1))
     def train_step(model, optimizer, views, labels):
         flat = views.reshape((-1, *views.shape[2:]))
         if chunk_size:
             loss, grads = chunked_value_and_grad(
-                model, flat, lambda outputs: loss_of_outputs(outputs, labels), chunk_size
+                model, flat, lambda outputs: sdjax_loss_of_outputs(outputs, labels), chunk_size
             )
         else:
-            loss, grads = nnx.value_and_grad(lambda m: loss_of_outputs(m(flat), labels))(model)
+            loss, grads = nnx.value_and_grad(lambda m: sdjax_loss_of_outputs(m(flat), labels))(
+                model
+            )
         optimizer.update(model, grads)
         return loss
 

@@ -13,21 +13,24 @@ from sdjax.models import conv
 NHWC = ("NHWC", "HWIO", "NHWC")
 UNIT_ROUNDOFF = 2.0**-24  # float32
 
-# (images, kernel, stride, padding): the ResNets' shapes that go to im2col on 64 px images
-# (stage 4 at 2x2, its strided entry from 4x4, 1x1 maps), the edge cases of the padding, and
-# shapes that stay convolutions (the 4x4 patchify stem, 3x3 over 8x8, strided 1x1 shortcuts).
+# (images, kernel, stride, padding): the shapes that go to im2col, a matmul: the ResNets' on
+# 64 px images (stage 4 at 2x2, its strided entry from 4x4, 1x1 maps; 1x1 kernels, strided as
+# in the shortcuts), the edge cases of the padding; and shapes that stay convolutions (the 4x4
+# patchify stem, 3x3 over 8x8).
 IM2COL_CASES = [
     ((3, 2, 2, 8), (3, 3, 8, 6), 1, "SAME"),
     ((3, 4, 4, 8), (3, 3, 8, 6), 2, "SAME"),
     ((3, 1, 1, 8), (3, 3, 8, 6), 1, "SAME"),
     ((3, 5, 5, 8), (3, 3, 8, 6), 2, "VALID"),
     ((3, 3, 3, 8), (3, 3, 8, 6), 1, ((2, 0), (0, 1))),
+    ((3, 8, 8, 8), (1, 1, 8, 6), 1, "SAME"),
+    ((3, 8, 7, 8), (1, 1, 8, 6), 2, "SAME"),
+    ((3, 5, 4, 8), (1, 1, 8, 6), 2, ((1, 0), (0, 2))),
 ]
 CONV_CASES = [
     ((3, 16, 16, 3), (4, 4, 3, 6), 4, "SAME"),
     ((3, 8, 8, 8), (3, 3, 8, 6), 1, "SAME"),
     ((3, 9, 9, 8), (3, 3, 8, 6), 2, "SAME"),
-    ((3, 8, 7, 8), (1, 1, 8, 6), 2, "SAME"),
     ((3, 8, 8, 8), (3, 3, 8, 6), 1, ((2, 0), (0, 1))),
 ]
 
