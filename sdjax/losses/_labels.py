@@ -132,7 +132,8 @@ def _shared_counts(anchor_ids: jax.Array, candidate_slots: jax.Array) -> jax.Arr
     # The first pass starts the sum, so that the carry varies over devices as the data do.
     counts = jax.lax.scan(add_pass, count(passes[0]), passes[1:])[0]
     # Materialised once: XLA would otherwise fuse the comparisons into each of their consumers.
-    return jax.lax.optimization_barrier(counts)  # type: ignore[no-untyped-call]
+    materialised: jax.Array = jax.lax.optimization_barrier(counts)  # type: ignore[no-untyped-call]
+    return materialised
 
 
 def _as_labels(labels: Any, dtype: Any, label_weights: jax.Array | None) -> _Labels:
