@@ -569,7 +569,7 @@ def write_report(profile: str, results_dir: Path, readme: Path | None = None) ->
         f"# Every finished run of the {profile} profile\n\n" + "\n".join(runs) + "\n"
     )
     body = [
-        f"## Results: the `{profile}` profile",
+        f"## Appendix: results of the `{profile}` profile (tuned on test)",
         "",
         f"{len(records)} finished runs, {total_seconds / 3600:.2f} h of run time in all, on "
         f"{'; '.join(sorted(hardware)) or '–'}. Every run's wall time and hardware: "

@@ -808,7 +808,9 @@ def test_runner_finishing_a_profile_reports_into_its_own_results_dir(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "171 runs planned, 1 to do." in done.stdout
     report = (custom / "quick" / "report.md").read_text()
-    assert report.startswith("## Results: the `quick` profile\n\n171 finished runs, 0.10 h")
+    assert report.startswith(
+        "## Appendix: results of the `quick` profile (tuned on test)\n\n171 finished runs, 0.10 h"
+    )
     assert (copy / "README.md").read_bytes() == readme
 
 
@@ -828,7 +830,7 @@ def test_report_command_needs_a_complete_profile_and_the_committed_dir_for_the_r
     write_fake_profile(custom / "quick")
     done = run_entry_point(copy, "experiment_report", "--profiles=quick", f"--results_dir={custom}")
     assert done.returncode == 0, done.stderr
-    assert (custom / "quick" / "report.md").read_text().startswith("## Results: the `quick`")
+    assert (custom / "quick" / "report.md").read_text().startswith("## Appendix: results of the `quick`")
     assert (copy / "README.md").read_text() == readme
     # Without --profiles: every profile that has result files there, and only those.
     done = run_entry_point(copy, "experiment_report", f"--results_dir={custom}")
