@@ -39,10 +39,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-if __package__ in (None, ""):  # run as a script: import from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from experiments.suite import cpu_model
+from sdjax.losses import POSITIVES
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "experiments" / "results"
@@ -52,16 +50,6 @@ LABELS_PER_SAMPLE = 16
 TEMPERATURE = 0.1
 NUM_DEVICES = 8
 RESUMED: dict[tuple[str, ...], dict] = {}
-POSITIVES = (
-    "sd",
-    "all",
-    "any",
-    "jaccard",
-    "mulsupcon",
-    "sd_similarity_only",
-    "sd_dissimilarity_only",
-    "sd_swapped",
-)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("part", "both", ["both", "labels", "devices"], "Which measurement to run.")
