@@ -1,7 +1,7 @@
 """Tables, significance tests and figures from the suite's result files, into the README.
 
 COMMAND:
-  python -m experiments.experiment_report         # every profile with results, README included
+  python -m experiments.experiment_report         # every complete profile, README included
   python -m experiments.experiment_report --profiles=full --results_dir=/tmp/suite
 
 The report of a profile is built only from a complete profile (every run has its result file).
@@ -630,8 +630,17 @@ def main(argv):
         raise app.UsageError(f"--profiles: got {sorted(unknown)}, expected some of {known}")
     results_root = Path(FLAGS.results_dir).resolve()
     profiles = FLAGS.profiles or [p for p in known if (results_root / p / "runs").is_dir()]
+    if not FLAGS.profiles:  # by default, a protocol profile still running is left out, and said so
+        for profile in [p for p in profiles if p in PROTOCOLS]:
+            results_dir = results_root / profile
+            missing = protocol_report.missing_runs(
+                profile, results_dir, protocol_report.uses_moco(results_dir)
+            )
+            if missing:
+                print(f"left out: {profile}, {len(missing)} runs still missing", flush=True)
+                profiles.remove(profile)
     if not profiles:
-        sys.exit(f"No profile has result files in {results_root}; expected <profile>/runs/.")
+        sys.exit(f"No complete profile has result files in {results_root}; expected <profile>/runs/.")
     for profile in profiles:  # all complete, or nothing is written
         results_dir = results_root / profile
         if profile in PROTOCOLS:

@@ -341,6 +341,41 @@ def test_dry_run_lists_both_profiles_with_their_hours(tmp_path):
         assert "later  confirmation/debtags/pretrain/sd/<selected>" in listing
 
 
+def test_the_default_report_leaves_out_a_protocol_profile_still_running(tmp_path):
+    """`experiment_report` without --profiles skips an incomplete protocol profile and says so;
+    named explicitly, the same profile is refused."""
+    (tmp_path / "protocol_quick" / "runs").mkdir(parents=True)
+    planned = len(
+        protocol_report.missing_runs("protocol_quick", tmp_path / "protocol_quick", False)
+    )
+    root = Path(protocol.__file__).parents[1]
+
+    def report(*flags):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "experiments.experiment_report",
+                f"--results_dir={tmp_path}",
+                *flags,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=root,
+        )
+
+    default = report()
+    assert default.returncode == 1
+    assert f"left out: protocol_quick, {planned} runs still missing" in default.stdout
+    assert "No complete profile has result files" in default.stderr
+    named = report("--profiles=protocol_quick")
+    assert (
+        named.returncode == 1 and "profile in" in named.stderr and "is incomplete" in named.stderr
+    )
+    assert not (tmp_path / "protocol_quick" / "report.md").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Two real runs: a tuning run never loads test; a confirmation run keeps float32 test scores
 # ---------------------------------------------------------------------------------------------
