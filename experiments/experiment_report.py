@@ -640,7 +640,9 @@ def main(argv):
                 print(f"left out: {profile}, {len(missing)} runs still missing", flush=True)
                 profiles.remove(profile)
     if not profiles:
-        sys.exit(f"No complete profile has result files in {results_root}; expected <profile>/runs/.")
+        sys.exit(
+            f"No complete profile has result files in {results_root}; expected <profile>/runs/."
+        )
     for profile in profiles:  # all complete, or nothing is written
         results_dir = results_root / profile
         if profile in PROTOCOLS:

@@ -830,7 +830,11 @@ def test_report_command_needs_a_complete_profile_and_the_committed_dir_for_the_r
     write_fake_profile(custom / "quick")
     done = run_entry_point(copy, "experiment_report", "--profiles=quick", f"--results_dir={custom}")
     assert done.returncode == 0, done.stderr
-    assert (custom / "quick" / "report.md").read_text().startswith("## Appendix: results of the `quick`")
+    assert (
+        (custom / "quick" / "report.md")
+        .read_text()
+        .startswith("## Appendix: results of the `quick`")
+    )
     assert (copy / "README.md").read_text() == readme
     # Without --profiles: every profile that has result files there, and only those.
     done = run_entry_point(copy, "experiment_report", f"--results_dir={custom}")
