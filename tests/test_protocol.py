@@ -315,12 +315,12 @@ def test_report_states_the_preregistered_comparison(tmp_path, test_profile):
 
 
 def test_dry_run_lists_both_profiles_with_their_hours(tmp_path):
-    script = Path(protocol.__file__).with_name("run_experiments.py")
     for profile in ("protocol", "protocol_quick"):
         listing = subprocess.run(
             [
                 sys.executable,
-                script,
+                "-m",
+                "experiments.run_experiments",
                 f"--profile={profile}",
                 "--dry_run",
                 f"--results_dir={tmp_path}",
@@ -329,6 +329,7 @@ def test_dry_run_lists_both_profiles_with_their_hours(tmp_path):
             text=True,
             timeout=300,
             check=True,
+            cwd=Path(protocol.__file__).parents[1],
         ).stdout
         tuning = [line for line in listing.splitlines() if line.startswith("to do  tuning/")]
         spec = PROTOCOLS[profile]
