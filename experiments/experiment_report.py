@@ -630,26 +630,16 @@ def main(argv):
         raise app.UsageError(f"--profiles: got {sorted(unknown)}, expected some of {known}")
     results_root = Path(FLAGS.results_dir).resolve()
     profiles = FLAGS.profiles or [p for p in known if (results_root / p / "runs").is_dir()]
-    if not FLAGS.profiles:  # by default, a protocol profile still running is left out, and said so
-        for profile in [p for p in profiles if p in PROTOCOLS]:
-            results_dir = results_root / profile
-            missing = protocol_report.missing_runs(
-                profile, results_dir, protocol_report.uses_moco(results_dir)
-            )
-            if missing:
-                print(f"left out: {profile}, {len(missing)} runs still missing", flush=True)
-                profiles.remove(profile)
-    if not profiles:
-        sys.exit(
-            f"No complete profile has result files in {results_root}; expected <profile>/runs/."
-        )
-    for profile in profiles:  # all complete, or nothing is written
+    for profile in list(profiles):  # all complete, or nothing is written
         results_dir = results_root / profile
         if profile in PROTOCOLS:
             missing = protocol_report.missing_runs(
                 profile, results_dir, protocol_report.uses_moco(results_dir)
             )
-            if missing:
+            if missing and not FLAGS.profiles:  # by default, one still running is left out
+                print(f"left out: {profile}, {len(missing)} runs still missing", flush=True)
+                profiles.remove(profile)
+            elif missing:
                 sys.exit(
                     f"The {profile} profile in {results_dir} is incomplete: {len(missing)} "
                     f"runs missing (e.g. {missing[0]}); finish it with `python -m "
@@ -660,6 +650,10 @@ def main(argv):
         missing = missing_runs(profile, results_dir)
         if missing:
             sys.exit(incomplete_profile_message(profile, results_dir, missing))
+    if not profiles:
+        sys.exit(
+            f"No complete profile has result files in {results_root}; expected <profile>/runs/."
+        )
     committed = results_root == COMMITTED_RESULTS.resolve()
     for profile in profiles:
         build = protocol_report.write_report if profile in PROTOCOLS else write_report
