@@ -103,6 +103,21 @@ def background_errors_held(reported_as: type[Exception]):
             previous_hook(report)
 
 
+def drop_background_reports() -> None:
+    """Drops, for the rest of the process, what orbax's and tensorstore's background work still
+    reports after a failed checkpoint write was reported in one line.
+
+    `background_errors_held` covers the training loop only. Writes still in flight when the
+    trainer returns end later, and asyncio logs each task whose exception nobody retrieved
+    ("Task exception was never retrieved") when it is collected, often at interpreter exit,
+    after the one line. For a command that is about to exit with the failure it reported.
+    """
+    dropped = _HeldErrors()  # its records are never passed on
+    for name in ("absl", "asyncio"):
+        pylogging.getLogger(name).addFilter(dropped)
+    sys.unraisablehook = lambda report: None
+
+
 def check_directory(checkpoints: ocp.CheckpointManager) -> None:
     """Raises FileNotFoundError when the checkpoints' directory is gone or is not a directory.
 

@@ -134,6 +134,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
         print(f"Cannot run: {config_lib.one_line(error)}", file=sys.stderr, flush=True)
         return 2
     except (train.NonFiniteLoss, train.CheckpointWriteFailed) as error:
+        if isinstance(error, train.CheckpointWriteFailed):
+            checkpointing.drop_background_reports()  # they would only repeat the line below
         print(f"Training failed: {config_lib.one_line(error)}", file=sys.stderr, flush=True)
         return 1
     except train.Preempted as stop:

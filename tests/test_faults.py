@@ -1,7 +1,9 @@
 """One test per fault of issue 13: each asserts what a user gets, not the absence of a crash."""
 
+import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -449,6 +451,34 @@ def test_held_background_errors_are_passed_on_unless_the_failure_is_reported(cap
         raise KeyError("the failure, reported in one line")
     assert caplog.messages == ["write failed"] and reported == ["Event loop is closed"]
     assert sys.unraisablehook == reported.append
+
+
+def test_after_a_reported_write_failure_tasks_collected_later_report_nothing(caplog, monkeypatch):
+    """The failed write's asyncio tasks can be collected after the one line, at exit (it
+    happened under load): asyncio then logs "Task exception was never retrieved"."""
+
+    def collect_a_failed_task():
+        async def write_fragment():
+            raise ValueError("NOT_FOUND: Error writing")
+
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(write_fragment())
+        loop.run_until_complete(asyncio.wait([task]))  # done; its exception never retrieved
+        loop.close()
+        del task
+        gc.collect()
+
+    reported: list = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    for name in ("absl", "asyncio"):
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])  # restored afterwards
+    collect_a_failed_task()
+    assert any("Task exception was never retrieved" in m for m in caplog.messages)
+    caplog.clear()
+    checkpointing.drop_background_reports()
+    collect_a_failed_task()
+    sys.unraisablehook("Event loop is closed")
+    assert caplog.messages == [] and reported == []
 
 
 def test_the_summary_prints_counts_as_ints_and_a_logdir_a_shell_can_take(tmp_path):
