@@ -39,8 +39,9 @@ PYTEST := $(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder -q
 test: lint
 	$(PYTEST)
 
-# Without the tests marked slow (venvs, wheels, the docs site, the device kit, whole trainer
-# runs in processes), for iterating. `make test` runs everything.
+# Without the tests marked slow (venvs, wheels, the docs site, the device kit, processes,
+# compiled training steps and multi-device programs): about 2 minutes, for iterating.
+# `make test` runs everything.
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow"
 

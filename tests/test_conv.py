@@ -48,6 +48,7 @@ def uses_lax_conv(images, kernel, stride, padding) -> bool:
     return "conv_general_dilated" in str(jaxpr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", IM2COL_CASES + CONV_CASES)
 def test_equals_lax_conv_forward_and_gradients(case):
     images_shape, kernel_shape, stride, padding = case
@@ -108,6 +109,7 @@ def smooth_encoder_loss(encoder_graph, rest, probe):
     return loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", ["basic", "bottleneck"])
 def test_encoder_gradients_match_float64_as_closely_as_with_lax_convolutions(block):
     """16 px images through a stem of stride 4 reach 4x4, 2x2 and 1x1 maps: im2col in the

@@ -420,6 +420,7 @@ def test_tabular_views_add_noise_and_drop_features():
     assert 0.08 < noise.std() < 0.12 and abs(noise.mean()) < 0.01
 
 
+@pytest.mark.slow
 def test_text_encoder_ignores_padding():
     encoder = models.TextTransformerEncoder(
         vocab_size=50, max_length=10, width=16, depth=2, num_heads=2, mlp_dim=32, rngs=nnx.Rngs(0)

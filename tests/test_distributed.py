@@ -54,6 +54,7 @@ def test_shard_map_matches_single_device(positives):
     assert float(want) > 0 and np.abs(want_grad).max() > 1e-3  # the check is not vacuous
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("positives", ["sd", "mulsupcon", "all"])
 def test_pmap_matches_single_device(positives):
     features, labels, mask, _ = make_batch(2, num_views=3)
@@ -120,6 +121,7 @@ def test_param_grads_inside_pmap_need_a_psum():
     np.testing.assert_allclose(summed[3], want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_size", [1, 5, 7])
 def test_blockwise_under_shard_map_matches_dense(block_size):
     features, labels, mask, _ = make_batch(4, num_samples=32)
@@ -156,6 +158,7 @@ def test_forgetting_axis_name_inside_shard_map_is_an_error():
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 
 
+@pytest.mark.slow
 def test_two_processes_over_loopback_match_single_process(tmp_path):
     run_two_processes(WORKER, tmp_path, timeout=120)
 
@@ -179,6 +182,7 @@ def sharded_value_and_grads(features, labels, mask, exchange, **kwargs):
     )(features, jnp.asarray(0.2, features.dtype))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("positives", losses.POSITIVES)
 def test_ring_equals_all_gather(positives):
     """In float64 (the float32 ring is checked by the query/key and loopback tests): the ring on

@@ -150,6 +150,7 @@ class RecordingWriter:
             self.scalars[name] = (step, value)
 
 
+@pytest.mark.slow
 def test_the_evaluators_results_match_the_test_outputs_they_save(tmp_path):
     """Every evaluator switched on, on an untrained joint Yeast MLP (a classifier of its own) and
     random data with a validation split: each entry is recomputed from test_outputs.npz by the
@@ -219,6 +220,7 @@ def test_the_evaluators_results_match_the_test_outputs_they_save(tmp_path):
     assert not any(name.startswith(("long_tail", "heldout_split")) for name in writer.scalars)
 
 
+@pytest.mark.slow
 def test_no_test_split_no_test_entries_and_no_outputs(tmp_path):
     """eval_split = "validation": the evaluators that need test add nothing and write nothing;
     a model without a classifier of its own gets no "classifier" entry."""

@@ -144,6 +144,7 @@ def test_seed_summary_against_the_reference():
     assert "interval_95" not in debtags_model.against_reference([0.47], reference)
 
 
+@pytest.mark.slow
 def test_report_means_bold_and_holm_corrected_tests(tmp_path):
     rng = np.random.default_rng(0)
     values, probes = {}, {}  # probes: the linear probes of classifier-scored (joint) runs

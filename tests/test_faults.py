@@ -53,6 +53,7 @@ def test_resuming_with_a_result_changing_config_names_the_fields(data_dir, finis
     assert results["linear_eval"] == finished_run[1]["linear_eval"]
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_workdir_in_use_is_refused(data_dir, tmp_path):
     with checkpointing.WorkdirLock(tmp_path):  # this process holds the workdir
         code, output = run_main(tmp_path, data_dir)
@@ -145,6 +146,7 @@ def test_evaluate_falls_back_past_a_damaged_checkpoint_and_never_changes_the_run
     assert not chatter, chatter[:3]
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_missing_workdir_is_one_line_and_creates_nothing(tmp_path):
     workdir = tmp_path / "nonexistent" / "run"
     done = run_evaluate(f"--workdir={workdir}")
@@ -272,6 +274,7 @@ for fields in (
 """
 
 
+@pytest.mark.slow
 def test_multihost_fields_that_cannot_work_are_one_bad_config_line(tmp_path):
     done = subprocess.run(
         [sys.executable, "-c", MULTIHOST_CASES, str(tmp_path / "run")],
@@ -295,6 +298,7 @@ def test_multihost_fields_that_cannot_work_are_one_bad_config_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_misspelt_field_is_one_line_with_a_suggestion(data_dir, tmp_path):
     with pytest.raises(config_lib.ConfigError, match=re.escape('did you mean "loss.positives"?')):
         tiny_config(data_dir, **{"loss.positvies": "any"})
@@ -307,6 +311,7 @@ def test_a_misspelt_field_is_one_line_with_a_suggestion(data_dir, tmp_path):
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_a_field_or_config_file_that_does_not_exist_is_one_line(tmp_path):
     workdir = tmp_path / "run"
     broken = tmp_path / "broken.py"
@@ -539,6 +544,7 @@ def test_a_peer_that_never_starts_is_a_clear_error_within_the_timeout(data_dir, 
     assert f"did not meet all peers at coordinator {address} within 3 s" in process.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_while_data_is_prepared_is_honoured_at_once(tmp_path):
     # An empty data dir: the run builds the dataset first (seconds), and SIGTERM arrives then,
     # as soon as the run holds its workdir (just before it loads data).
@@ -796,6 +802,7 @@ def write_fake_profile(results_dir, profile="quick", skip=()):
                 write(results_dir, run, 0.5)
 
 
+@pytest.mark.slow
 def test_runner_on_a_subset_writes_no_report_and_leaves_tracked_files_alone(tmp_path):
     copy = experiments_copy(tmp_path)
     tracked = [copy / "README.md", copy / "results" / "quick" / "report.md"]
@@ -822,6 +829,7 @@ def test_runner_on_a_subset_writes_no_report_and_leaves_tracked_files_alone(tmp_
     assert sorted(p.name for p in (copy / "results" / "quick").iterdir()) == ["report.md", "runs"]
 
 
+@pytest.mark.slow
 def test_runner_finishing_a_profile_reports_into_its_own_results_dir(tmp_path):
     copy = experiments_copy(tmp_path)
     readme = (copy / "README.md").read_bytes()
@@ -844,6 +852,7 @@ def test_runner_finishing_a_profile_reports_into_its_own_results_dir(tmp_path):
     assert (copy / "README.md").read_bytes() == readme
 
 
+@pytest.mark.slow
 def test_report_command_needs_a_complete_profile_and_the_committed_dir_for_the_readme(tmp_path):
     copy = experiments_copy(tmp_path)
     readme = (copy / "README.md").read_text()
@@ -887,6 +896,7 @@ def test_report_command_needs_a_complete_profile_and_the_committed_dir_for_the_r
     assert block.replace("(results/quick/", "(") == report[:-1]
 
 
+@pytest.mark.slow
 def test_dry_run_lists_finished_runs_as_done(tmp_path):
     copy = experiments_copy(tmp_path)
     results_dir = tmp_path / "results"
@@ -977,6 +987,7 @@ def test_axis_name_outside_a_mapped_context_is_an_error_naming_axis_name(block_s
         losses.multilabel_supcon_loss(features, labels, axis_name="data", block_size=block_size)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("positives", losses.POSITIVES)
 def test_float64_inputs_compute_in_float64_under_x64(positives):
     features, labels = loss_case(7)

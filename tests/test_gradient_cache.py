@@ -43,6 +43,7 @@ def assert_grads_close(grads, expected):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_devices", [1, 8])
 def test_the_trainers_cached_gradient_is_that_of_the_loss_on_one_device(num_devices):
     """The recipe's gradient-cached loss and gradients (its sharded S-D loss of the views'
@@ -79,6 +80,7 @@ def test_the_trainers_cached_gradient_is_that_of_the_loss_on_one_device(num_devi
         assert_grads_close(grads, expected_grads)
 
 
+@pytest.mark.slow
 def test_outputs_may_be_a_pytree_of_arrays():
     """A joint model's embeddings and classifier logits, chunked together: the gradient of a loss
     of both is the plain one."""
@@ -105,6 +107,7 @@ def test_outputs_may_be_a_pytree_of_arrays():
     assert_grads_close(grads, expected_grads)
 
 
+@pytest.mark.slow
 def test_sums_chunks_of_a_bfloat16_model_in_float32():
     config = config_lib.load_config_file("default", "tiny")
     config.compute_dtype = "bfloat16"
@@ -136,6 +139,7 @@ def test_sums_chunks_of_a_bfloat16_model_in_float32():
         assert float(cosine) > 0.95
 
 
+@pytest.mark.slow
 def test_dropout_masks_agree_between_the_two_forward_passes():
     """With dropout, the gradient is that of the loss the chunked forward pass computed.
 

@@ -47,6 +47,7 @@ def moco_recipe(config, num_classes, num_devices):
     return recipe, recipe.create_state(num_classes)
 
 
+@pytest.mark.slow
 def test_moco_steps_match_the_query_key_loss_with_an_ema_encoder_and_a_fifo_queue(data_dir):
     """Three steps on 8 devices against the loss computed on one device from its definition:
     queries = view 0 through the trained model, keys = view 1 through the EMA copy, the queue =
@@ -103,6 +104,7 @@ def test_moco_steps_match_the_query_key_loss_with_an_ema_encoder_and_a_fifo_queu
     assert queue.sharding.is_equivalent_to(sharding, 2)  # still split over the 8 devices
 
 
+@pytest.mark.slow
 def test_a_partly_filled_queue_masks_its_empty_entries(data_dir):
     config = tiny_config(data_dir, **MOCO)
     _, labels = batch_of(config, data_dir, size=8)
@@ -118,6 +120,7 @@ def test_a_partly_filled_queue_masks_its_empty_entries(data_dir):
     assert int(encoder.queue_pointer.value) == 8
 
 
+@pytest.mark.slow
 def test_joint_loss_is_bce_plus_weighted_contrastive_loss(data_dir):
     config = tiny_config(data_dir, method="joint", **{"loss.joint_weight": 0.3})
     images, labels = batch_of(config, data_dir, size=16)
@@ -201,6 +204,7 @@ def test_mulsupcon_setting_takes_every_profile():
         assert config.loss.temperature == 0.1 and config.moco.momentum == 0.999
 
 
+@pytest.mark.slow
 def test_the_joint_classifier_can_have_its_own_learning_rate(data_dir):
     """AdamW's update is proportional to its learning rate: with a classifier rate 10x the
     encoder's, one step moves the classifier exactly as AdamW at 10x moves it."""

@@ -20,6 +20,7 @@ def encoder_config(**fields):
     return ml_collections.ConfigDict(fields)
 
 
+@pytest.mark.slow
 def test_resnet_family_shapes_and_determinism():
     for stage_sizes, width, dim in [((1,), 8, 8), ((1, 1), 16, 32), ((2, 1, 1), 8, 32)]:
         config = encoder_config(name="resnet", stage_sizes=stage_sizes, width=width, in_channels=1)
@@ -181,6 +182,7 @@ def mixed_precision_inputs(name):
     return jax.random.uniform(jax.random.key(1), shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MIXED_PRECISION_ENCODERS))
 def test_bfloat16_keeps_float32_parameters_and_close_outputs(name):
     x = mixed_precision_inputs(name)
@@ -242,6 +244,7 @@ def sd_loss_trajectory(compute_dtype: str, steps: int) -> list[float]:
     return values
 
 
+@pytest.mark.slow
 def test_a_bfloat16_training_step_reduces_the_sd_loss_as_float32_does():
     # bfloat16 rounding sends the run along another path, so it is held to the float32 run's
     # progress, not to its values: at least half of float32's decrease over the same steps
@@ -410,6 +413,7 @@ def test_bag_of_ngrams_layer_norm_and_hidden_layer(fields):
     np.testing.assert_allclose(got, want, rtol=0, atol=2**-14)
 
 
+@pytest.mark.slow
 def test_debtags_joint_config_builds_its_encoder_in_every_profile():
     for profile in config_lib.PROFILES:
         config = config_lib.load_config_file("debtags_joint", profile)
@@ -448,6 +452,7 @@ def test_probe_features_are_the_encoder_without_dropout():
     np.testing.assert_allclose(got, want, rtol=0, atol=16 * 2**-24 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_heldout_loss_is_the_model_without_dropout():
     config, model = yeast_model_with_dropout(0.5)
     config_without, plain = yeast_model_with_dropout(0.0)

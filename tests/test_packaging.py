@@ -230,8 +230,11 @@ print(jax.__version__)
 )
 def test_the_core_wheel_alone_passes_the_loss_tests(dists, tmp_path, python_version, pins):
     """The wheel with its core dependencies only, and pytest: the doctests run from a directory
-    outside the clone; on the oldest promised jax, tests/test_losses.py then runs against the
-    installed package (the main suite runs it on the newest)."""
+    outside the clone; on the oldest promised jax, the tests of tests/test_losses.py that check
+    values against the float64 oracle (every `positives`, label format, gradient) then run
+    against the installed package. The main suite runs the whole file on the newest jax; the
+    rest of it (errors, padding, blockwise against dense, jit/vmap compositions) would add
+    about 66 s of CPU time here, outside the CI budget."""
     _, wheel = dists
     venv_python = wheel_venv(tmp_path / "venv", python_version, wheel, "", "pytest==9.2.0", *pins)
     extra = installed(venv_python) - CORE_DISTRIBUTIONS - VENV_AND_TEST_RUNNER
@@ -249,8 +252,10 @@ def test_the_core_wheel_alone_passes_the_loss_tests(dists, tmp_path, python_vers
     if (python_version, pins) == NEWEST_CORE:
         return  # the main suite runs tests/test_losses.py on this very jax already
     pytest_command = [str(venv_python), "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    tests = run([*pytest_command, str(ROOT / "tests" / "test_losses.py")], elsewhere)
-    assert re.search(r"\d+ passed", tests.stdout) and " failed" not in tests.stdout
+    tests = run(
+        [*pytest_command, str(ROOT / "tests" / "test_losses.py"), "-k", "oracle"], elsewhere
+    )
+    assert re.search(r"[1-9]\d+ passed", tests.stdout) and " failed" not in tests.stdout
 
 
 def pinned(name: str) -> str:

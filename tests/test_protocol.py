@@ -314,6 +314,7 @@ def test_report_states_the_preregistered_comparison(tmp_path, test_profile):
         protocol_report.write_report(TEST_PROFILE, tmp_path)
 
 
+@pytest.mark.slow
 def test_dry_run_lists_both_profiles_with_their_hours(tmp_path):
     for profile in ("protocol", "protocol_quick"):
         listing = subprocess.run(
@@ -382,6 +383,7 @@ def test_the_default_report_leaves_out_a_protocol_profile_still_running(tmp_path
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_protocol_runs_train_score_and_record(tmp_path, monkeypatch):
     from experiments import run_experiments
     from sdjax import datasets, metrics

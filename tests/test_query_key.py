@@ -228,6 +228,7 @@ def shard_case(seed, num_samples=16, num_keys=24):
     return jax.tree.map(jnp.asarray, case)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exchange", losses.EXCHANGES)
 @pytest.mark.parametrize("positives", losses.POSITIVES)
 def test_sharded_query_key_matches_single_device(positives, exchange):
@@ -281,6 +282,7 @@ def test_sharded_query_key_matches_single_device(positives, exchange):
     assert np.abs(want_grads[1]).max() > 1e-3 and abs(float(want_grads[2])) > 1e-3
 
 
+@pytest.mark.slow
 def test_sharded_in_batch_loss_learns_its_temperature():
     case = shard_case(5)
     features, labels, mask = case["features"], case["labels"], case["sample_mask"]

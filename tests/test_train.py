@@ -193,10 +193,12 @@ def assert_same_step(step, reference):
     )
 
 
+@pytest.mark.slow
 def test_data_parallel_step_matches_single_device(data_dir):
     assert_same_step(one_training_step(data_dir, 4), one_training_step(data_dir, 1))
 
 
+@pytest.mark.slow
 def test_ring_exchange_step_matches_all_gather(data_dir):
     """config.loss.exchange reaches the loss: the ring gives the all_gather step."""
     ring = one_training_step(data_dir, 4, **{"loss.exchange": "ring"})
@@ -217,6 +219,7 @@ MOCO = {"framework": "moco", "moco.queue_size": 64, "moco.momentum": 0.9}
     ],
     ids=["contrastive", "moco", "joint", "joint_moco", "bce"],
 )
+@pytest.mark.slow
 def test_gradient_cached_step_matches_the_plain_step(data_dir, overrides, chunk_size):
     """Gradient caching on 8 devices gives the plain step of one device: the same loss,
     parameter update and (MoCo) momentum encoder and queue, for every method and framework."""
@@ -267,6 +270,7 @@ def test_evaluation_runs_from_a_checkpoint_alone(finished_run, tmp_path):
     assert evaluated["random_init"] == trained["random_init"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("only_matrices", [False, True])
 def test_weight_decay_skips_vectors_only_when_asked(only_matrices):
     # Embeddings, kernels, and vectors: token weights, LayerNorm, biases.
