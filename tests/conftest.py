@@ -1,6 +1,8 @@
 """Every test process sees 8 fake CPU devices, so the cross-device tests can run."""
 
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -8,18 +10,29 @@ import pytest
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", False)
 
+# One JAX compilation cache for the whole test run: the pytest processes (xdist's workers) and
+# the trainer processes that tests start. Most of a tiny run, in a process or in a test, is
+# compiling programs that an earlier one compiled too (each `train_and_evaluate` jits anew).
+# The first pytest process of the run makes it (xdist's workers inherit the variable) and
+# removes it at the end. Set here, before this process compiles anything.
+_CACHE_VARIABLE = "SDJAX_TESTS_JAX_CACHE"
+_MADE_THE_CACHE = _CACHE_VARIABLE not in os.environ
+if _MADE_THE_CACHE:
+    os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="sdjax-tests-jax-cache-")
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+
+
+def pytest_unconfigure(config):
+    if _MADE_THE_CACHE:
+        shutil.rmtree(os.environ.pop(_CACHE_VARIABLE), ignore_errors=True)
+
 
 @pytest.fixture(scope="session", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-    """The trainer processes that tests start share one JAX compilation cache for the test run.
-
-    Most of a tiny run's start-up is compiling programs that the previous run compiled too. Only
-    child processes see it: this process read its JAX settings at import.
-    """
-    base = tmp_path_factory.getbasetemp()
-    run_root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+def shared_compilation_cache():
+    """The processes that tests start use the run's compilation cache too."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(run_root / "jax_cache"))
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", os.environ[_CACHE_VARIABLE])
         patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
         yield
 
