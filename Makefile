@@ -36,7 +36,8 @@ format: $(STAMP)
 # Two workers; each test file runs whole on one (a file's shared fixtures, a trained run or the
 # built wheel, are made once), the next file going to the first worker free, in the order
 # tests/conftest.py gives them: the longest first.
-PYTEST := $(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder -q
+# --durations: the slowest tests in every log, to keep CI within its budget (~10 minutes).
+PYTEST := $(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder -q --durations=25
 
 test: lint
 	$(PYTEST)
