@@ -52,6 +52,11 @@ class _QuietOrbax(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
 
 
+# Where orbax's background errors arrive: absl's logger (orbax logs through absl) and asyncio's
+# (the event loops orbax runs its writes in).
+_BACKGROUND_LOGGERS = ("absl", "asyncio")
+
+
 class _HeldErrors(pylogging.Filter):
     """Keeps the error records of orbax (logged through absl) and of the asyncio event loops
     that orbax runs its writes in, instead of passing them on."""
@@ -83,7 +88,7 @@ def background_errors_held(reported_as: type[Exception]):
     """
     held = _HeldErrors()
     unraisable: list = []
-    loggers = [pylogging.getLogger("absl"), pylogging.getLogger("asyncio")]
+    loggers = [pylogging.getLogger(name) for name in _BACKGROUND_LOGGERS]
     for logger in loggers:
         logger.addFilter(held)
     previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
@@ -113,7 +118,7 @@ def drop_background_reports() -> None:
     after the one line. For a command that is about to exit with the failure it reported.
     """
     dropped = _HeldErrors()  # its records are never passed on
-    for name in ("absl", "asyncio"):
+    for name in _BACKGROUND_LOGGERS:
         pylogging.getLogger(name).addFilter(dropped)
     sys.unraisablehook = lambda report: None
 
