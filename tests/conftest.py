@@ -14,27 +14,25 @@ jax.config.update("jax_enable_x64", False)
 # the trainer processes that tests start. Most of a tiny run, in a process or in a test, is
 # compiling programs that an earlier one compiled too (each `train_and_evaluate` jits anew).
 # The first pytest process of the run makes it (xdist's workers inherit the variable) and
-# removes it at the end. Set here, before this process compiles anything.
+# removes it at the end. The processes tests start read JAX's variables at import; this one
+# has imported jax already, so it takes the same values through jax.config, before it compiles
+# anything.
 _CACHE_VARIABLE = "SDJAX_TESTS_JAX_CACHE"
 _MADE_THE_CACHE = _CACHE_VARIABLE not in os.environ
 if _MADE_THE_CACHE:
     os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="sdjax-tests-jax-cache-")
-jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_VARIABLE]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
 
 
 def pytest_unconfigure(config):
     if _MADE_THE_CACHE:
         shutil.rmtree(os.environ.pop(_CACHE_VARIABLE), ignore_errors=True)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def shared_compilation_cache():
-    """The processes that tests start use the run's compilation cache too."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("JAX_COMPILATION_CACHE_DIR", os.environ[_CACHE_VARIABLE])
-        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
-        yield
 
 
 @pytest.fixture(scope="session")
