@@ -389,6 +389,24 @@ def index_lists(labels, width, seed=0):
     return losses.LabelIndices(np.array(rows, np.int32))
 
 
+def assert_index_lists_match_the_oracle_and_multi_hot(
+    features, indices, labels, block_size, kwargs
+):
+    """The loss of `indices` equals the oracle's and that of the multi-hot `labels`, in value
+    and gradient, on a case where both are far from zero."""
+    want = oracle(features, labels, **kwargs)[0]
+    value, grad = jax.value_and_grad(
+        lambda f: losses.multilabel_supcon_loss(f, indices, block_size=block_size, **kwargs)
+    )(features)
+    dense_value, dense_grad = jax.value_and_grad(
+        lambda f: losses.multilabel_supcon_loss(f, labels, block_size=block_size, **kwargs)
+    )(features)
+    np.testing.assert_allclose(value, want, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(value, dense_value, rtol=1e-6)
+    np.testing.assert_allclose(grad, dense_grad, rtol=1e-5, atol=1e-7)
+    assert want > 0 and np.abs(dense_grad).max() > 1e-3
+
+
 @pytest.mark.parametrize("positives", losses.POSITIVES)
 def test_label_indices_match_the_oracle_and_multi_hot(positives):
     features, labels, mask, label_weights = random_case(12, num_samples=8, num_classes=6)
@@ -399,23 +417,13 @@ def test_label_indices_match_the_oracle_and_multi_hot(positives):
         label_weights=label_weights,
         jaccard_threshold=0.3,
     )
-    want = oracle(features, labels, **kwargs)[0]
     indices = index_lists(labels, width=8)
-    value, grad = jax.value_and_grad(
-        lambda f: losses.multilabel_supcon_loss(f, indices, block_size=3, **kwargs)
-    )(features)
-    dense_value, dense_grad = jax.value_and_grad(
-        lambda f: losses.multilabel_supcon_loss(f, labels, block_size=3, **kwargs)
-    )(features)
-    np.testing.assert_allclose(value, want, rtol=2e-5, atol=1e-6)
-    np.testing.assert_allclose(value, dense_value, rtol=1e-6)
-    np.testing.assert_allclose(grad, dense_grad, rtol=1e-5, atol=1e-7)
+    assert_index_lists_match_the_oracle_and_multi_hot(features, indices, labels, 3, kwargs)
     np.testing.assert_allclose(
         losses.pair_weights(indices, positives=positives, num_views=2, label_weights=label_weights),
         losses.pair_weights(labels, positives=positives, num_views=2, label_weights=label_weights),
         rtol=1e-6,
     )
-    assert want > 0 and np.abs(dense_grad).max() > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -437,18 +445,8 @@ def test_unweighted_index_lists_count_shared_labels_exactly(
     kwargs = dict(positives=positives, temperature=0.2, sample_mask=mask, jaccard_threshold=0.2)
     indices = index_lists(labels, width=width, seed=1)
     indices = losses.LabelIndices(indices.indices.astype(id_dtype))
-    want = oracle(features, labels, **kwargs)[0]
-    value, grad = jax.value_and_grad(
-        lambda f: losses.multilabel_supcon_loss(f, indices, block_size=4, **kwargs)
-    )(features)
-    dense_value, dense_grad = jax.value_and_grad(
-        lambda f: losses.multilabel_supcon_loss(f, labels, block_size=4, **kwargs)
-    )(features)
-    np.testing.assert_allclose(value, want, rtol=2e-5, atol=1e-6)
-    np.testing.assert_allclose(value, dense_value, rtol=1e-6)
-    np.testing.assert_allclose(grad, dense_grad, rtol=1e-5, atol=1e-7)
+    assert_index_lists_match_the_oracle_and_multi_hot(features, indices, labels, 4, kwargs)
     np.testing.assert_array_equal(losses.label_relations(indices), losses.label_relations(labels))
-    assert want > 0 and np.abs(dense_grad).max() > 1e-3
 
 
 def test_label_indices_from_multi_hot_and_relations():
