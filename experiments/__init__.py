@@ -10,6 +10,7 @@ The experiment suite and the tuning protocol:
 - `protocol_report`: the report of a protocol profile, from its result files alone.
 - `stats`: Holm's correction, the two-stage paired bootstrap, TOST.
 - `text_reference`: a TF-IDF + logistic-regression reference on debtags.
+- `joint_head`: why debtags' joint classifiers trail probes on their own encoders, on validation.
 - `debtags_model`: the best debtags model against the TF-IDF reference, over seeds.
 - `dataset_stats`: the table and histograms of the embedded datasets.
 
@@ -18,6 +19,7 @@ Benchmarks, which write their results into experiments/results/:
 - `bench_loss_scaling`: the loss at the paper's scale, thousands of labels, batches over devices.
 - `bench_streaming`: per-host memory while training batches stream through grain.
 - `bench_train`: stage-1 training throughput and peak memory against a PyTorch peer.
+- `profile_train_step`: where a CPU training step's time goes, sdjax's against PyTorch's.
 - `conv_repro`: XLA:CPU's slow convolutions, reproduced.
 - `device_kit`: every accelerator measurement in one short call, packed here, run there.
 """

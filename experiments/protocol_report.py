@@ -212,8 +212,12 @@ def joint_head_section(confirmation, datasets) -> list[str]:
         "### Joint classifiers against probes on their own encoders (validation)",
         "",
         "Mean validation mAP over confirmation seeds of each `joint` entry's classifier and",
-        "of a linear probe fitted on the same frozen encoder. A classifier below its probe is",
-        "not trained to convergence, and its `joint` row understates the encoder.",
+        "of a linear probe fitted on the same frozen encoder, on standardised features. Where",
+        "a classifier is below its probe, its `joint` row understates the encoder. On debtags",
+        "[results/joint_head.md](results/joint_head.md) traces the gap to the probe's",
+        "standardisation: the classifier fits the training split about as well as the probe, a",
+        "probe on unstandardised features scores what the classifier scores, and a 10× learning",
+        "rate, no weight decay or features without dropout do not close it.",
         "",
         "| dataset | entry | classifier | probe | classifier − probe |",
         "|---|---|---|---|---|",
@@ -340,8 +344,8 @@ def write_report(profile: str, results_dir: Path, readme: Path | None = None) ->
                 "",
                 *metrics_table(confirmation, dataset, setting),
             ]
-    # report.md lies in results/<profile>/: its links are relative to that folder.
-    report = "\n".join(body).replace(f"(results/{profile}/", "(")
+    # report.md lies in results/{profile}/: its links drop that prefix, or go up to results/.
+    report = "\n".join(body).replace(f"(results/{profile}/", "(").replace("(results/", "(../")
     (results_dir / "report.md").write_text(
         report.replace("(protocol.py)", "(../../protocol.py)") + "\n"
     )

@@ -18,7 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -92,6 +92,33 @@ def _merge(results: dict[str, Any], entries: dict[str, Any]) -> None:
             results[key] = value
 
 
+class RestoredRun(NamedTuple):
+    config: ml_collections.ConfigDict  # the run's own, stored in its workdir
+    model: nnx.Module  # replicated on `mesh`
+    data: dict[str, dict[str, Any]]  # as `evaluate` takes it
+    mesh: jax.sharding.Mesh
+    step: int  # the restored checkpoint's
+
+
+def restore_workdir(workdir: str | Path) -> RestoredRun:
+    """The model of the newest checkpoint of `workdir` that restores, with the run's stored
+    config and its data, reading nothing but the workdir and the dataset.
+
+    Raises:
+      checkpointing.NoCheckpoint: `workdir` does not exist or no checkpoint restores.
+      datasets.DataUnavailable: the dataset's source files are missing.
+    """
+    workdir = Path(workdir)
+    config, _ = checkpointing.stored_config(workdir)
+    mesh = data_parallel_mesh()
+    data = datasets.load_splits(config.dataset, datasets.run_splits(config))
+    recipe = Recipe(config, mesh)
+    state = recipe.create_state(data["train"]["labels"].shape[1])
+    step, restored = checkpointing.restore_newest(workdir, recipe.checkpoint(state))
+    recipe.restore(state, restored)
+    return RestoredRun(config, state.model, data, mesh, step)
+
+
 class WouldChangeTheRun(ValueError):
     """An output directory inside the workdir that is evaluated."""
 
@@ -118,19 +145,13 @@ def evaluate_workdir(workdir: str | Path, output_dir: str | Path | None = None) 
                 f"--output_dir {output_dir} lies inside the workdir {workdir}; evaluating never "
                 "writes into the run it evaluates: pass a directory outside it."
             )
-    config, _ = checkpointing.stored_config(workdir)
-    mesh = data_parallel_mesh()
-    data = datasets.load_splits(config.dataset, datasets.run_splits(config))
-    recipe = Recipe(config, mesh)
-    state = recipe.create_state(data["train"]["labels"].shape[1])
-    step, restored = checkpointing.restore_newest(workdir, recipe.checkpoint(state))
-    recipe.restore(state, restored)
-    model = state.model
+    restored = restore_workdir(workdir)
+    config, model, data, mesh = restored.config, restored.model, restored.data, restored.mesh
     is_chief = jax.process_index() == 0
     if output_dir is not None and is_chief:
         output_dir.mkdir(parents=True, exist_ok=True)
     writer = metric_writers.create_default_writer(output_dir, just_logging=not is_chief)
-    results = {"evaluated_step": step, "config": config.to_dict()}
+    results = {"evaluated_step": restored.step, "config": config.to_dict()}
     results |= evaluate(config, model, data, mesh, output_dir, writer)
     writer.close()
     if output_dir is not None and is_chief:

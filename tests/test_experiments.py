@@ -341,3 +341,83 @@ def test_every_budget_of_every_config_file_passes_the_checks(budget):
         assert all(
             flat[field] == json.loads(json.dumps(value)) for field, value in overrides.items()
         )
+
+
+@pytest.fixture(scope="module")
+def joint_text_model():
+    """A joint model of configs/debtags.py:tiny with dropout 0.5, and a batch of its tokens."""
+    from sdjax import config_lib, objectives
+
+    config = budgets.load_config(suite.CONFIG_FILES["debtags"], "tiny")
+    config = config_lib.override(config, method="joint", **{"model.encoder.dropout_rate": 0.5})
+    model = objectives.Joint(config).create_model(num_classes=5)
+    tokens = np.random.default_rng(0).integers(1, 256, size=(6, 32), dtype=np.int32)
+    return config, model, tokens
+
+
+def bce_grads(model, tokens, reads):
+    """Gradients of the BCE of `joint_head.joint_outputs(reads)`'s logits (labels all 1)."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from experiments import joint_head
+
+    outputs = joint_head.joint_outputs(reads)
+
+    def bce(model):
+        logits = outputs(None, model, tokens)["logits"]
+        return optax.sigmoid_binary_cross_entropy(logits, jnp.ones_like(logits)).mean()
+
+    return nnx.grad(bce)(model)
+
+
+def largest(tree) -> float:
+    import jax
+
+    return max(float(np.abs(np.asarray(leaf)).max()) for leaf in jax.tree.leaves(tree))
+
+
+def test_a_detached_joint_classifier_sends_no_gradient_into_the_encoder(joint_text_model):
+    _, model, tokens = joint_text_model
+    attached, detached = bce_grads(model, tokens, "features"), bce_grads(model, tokens, "detached")
+    assert largest(attached["encoder"]) > 1e-4
+    assert largest(detached["encoder"]) == 0.0
+    assert largest(detached["classifier"]) > 1e-4
+
+
+def test_a_joint_classifier_without_dropout_reads_the_probes_features(joint_text_model):
+    from experiments import joint_head
+    from sdjax import models
+
+    _, model, tokens = joint_text_model
+    logits = joint_head.joint_outputs("features_without_dropout")(None, model, tokens)["logits"]
+    expected = model.classifier(models.evaluation_view(model).encode(tokens))
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(expected))
+    dropped = joint_head.joint_outputs("features")(None, model, tokens)["logits"]
+    assert not np.allclose(np.asarray(dropped), np.asarray(expected))  # dropout 0.5 is on
+
+
+def test_the_optimizer_without_classifier_decay_decays_every_other_matrix(joint_text_model):
+    """Zero gradients: AdamW's update is its decay alone, lr x weight decay x the parameter."""
+    import jax
+    from flax import nnx
+
+    from experiments import joint_head
+
+    config, model, _ = joint_text_model
+    model = nnx.clone(model)
+    optimizer = joint_head.optimizer_without_classifier_decay(config, model)
+    before = nnx.clone(model)
+    zeros = jax.tree.map(np.zeros_like, nnx.state(model, nnx.Param))
+    for _ in range(config.optimizer.warmup_steps + 1):  # past the warm-up's zero rate
+        optimizer.update(model, zeros)
+    kernel, kernel_before = (
+        model.classifier.linear.kernel[...],
+        before.classifier.linear.kernel[...],
+    )
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(kernel_before))
+    embedding = np.asarray(model.encoder.token_embedding.embedding[...])
+    embedding_before = np.asarray(before.encoder.token_embedding.embedding[...])
+    assert np.all(np.abs(embedding) < np.abs(embedding_before) + 1e-12)
+    assert not np.array_equal(embedding, embedding_before)

@@ -90,7 +90,7 @@ class LinearProbe:
     ) -> Callable[[np.ndarray], np.ndarray]:
         """Fits the classifier on training features; returns `features [N, F] -> scores [N, C]`."""
         config, settings = self._config, self._config.linear_eval
-        mean, std = train_features.mean(axis=0), train_features.std(axis=0) + 1e-6
+        mean, std = standardisation(train_features)
         train_x = jnp.asarray((train_features - mean) / std)
         train_y = jnp.asarray(train_labels)
         classifier = models.LinearClassifier(
@@ -111,6 +111,12 @@ class LinearProbe:
             return np.asarray(jax.nn.sigmoid(classifier(jnp.asarray((features - mean) / std))))
 
         return classify
+
+
+def standardisation(train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The probe's per-feature (mean, std) of the training features [N, F]: it fits and scores
+    `(features - mean) / std`."""
+    return train_features.mean(axis=0), train_features.std(axis=0) + 1e-6
 
 
 def outcomes(model: nnx.Module, data: EvalData) -> dict[str, ProbeResult]:

@@ -1,0 +1,214 @@
+"""Where a CPU training step's time goes: sdjax's against eager PyTorch's, by kind of operation.
+
+`bench_train` times whole steps; this profiles them. The same step as bench_train's (64 px,
+batch 32 x 2 views, float32), each implementation in its own process:
+- sdjax under `jax.profiler`: the time of each XLA operation of the compiled step, grouped into
+  convolutions and matmuls (YNNPACK fusions, dots, convolutions), and everything else
+  (GroupNorm, ReLU, AdamW, copies);
+- PyTorch eager under `torch.profiler`: the self time of oneDNN's convolutions (forward and
+  backward), GroupNorm (forward and backward), and everything else;
+- sdjax's step again with XLA:CPU's dots and convolutions handed to each library it can use
+  (`XLA_FLAG_VARIANTS`), `--flag_rounds` times, the variants alternating.
+XLA runs independent operations on both cores at once, so sdjax's operation times can add up
+to more than its step. Writes `results/profile_train_step.{json,md}`. About 10 minutes on the
+2-core CPU; run it with nothing else on the machine.
+
+COMMAND:
+  python -m experiments.profile_train_step --profile_archs=resnet50,resnet18
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+from absl import app, flags
+
+if __package__ in (None, ""):  # run as a script (the PyTorch worker): import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import bench_train
+from experiments.bench_loss import cpu_model, interpreter, torch_version, worker_json
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("profile_archs", ["resnet50"], f"Networks, from {sorted(bench_train.ARCHS)}.")
+flags.DEFINE_list("flag_archs", ["resnet50"], "Networks timed under each XLA flag variant.")
+flags.DEFINE_integer("flag_rounds", 2, "Rounds of the XLA flag variants.")
+flags.DEFINE_string("profile_worker", "", "Internal: IMPL,ARCH, one profile.")
+flags.DEFINE_string("time_worker", "", "Internal: ARCH, sdjax's step time alone.")
+
+BATCH_SIZE, IMAGE_SIZE, WARMUP_STEPS, TIMED_STEPS, PROFILED_STEPS = 32, 64, 2, 5, 2
+SDJAX_MATMULS = re.compile(r"^(ynn_fusion|dot|conv|convolution|.*_dot_|.*convolution)")
+TORCH_KINDS = {
+    "aten::mkldnn_convolution": "convolutions and matmuls",
+    "aten::convolution_backward": "convolutions and matmuls",
+    "aten::mm": "convolutions and matmuls",
+    "aten::addmm": "convolutions and matmuls",
+    "aten::native_group_norm": "GroupNorm",
+    "aten::native_group_norm_backward": "GroupNorm",
+}
+KINDS = ("convolutions and matmuls", "GroupNorm", "everything else")
+# Which library XLA:CPU hands its dots and convolutions to: sdjax's step under each, each in
+# its own process, the variants alternating.
+XLA_FLAG_VARIANTS = {
+    "default (YNNPACK)": "",
+    "YNNPACK for dots only": "--xla_cpu_experimental_ynn_fusion_type=individual_dot",
+    "no YNNPACK (XLA's own)": "--xla_cpu_experimental_ynn_fusion_type=",
+    "oneDNN for dots": "--xla_cpu_experimental_ynn_fusion_type= "
+    "--xla_cpu_experimental_onednn_fusion_type=dot",
+    "XNNPACK for dots": "--xla_cpu_experimental_ynn_fusion_type= "
+    "--xla_cpu_experimental_xnn_fusion_type=dot",
+}
+
+
+def median_step_ms(run) -> float:
+    """The median of `TIMED_STEPS` steps after the warm-up, unprofiled: a profiler slows
+    Python (nnx's graph traversal under jax.profiler), not the operations."""
+    for _ in range(WARMUP_STEPS):
+        run()
+    times = []
+    for _ in range(TIMED_STEPS):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def sdjax_profile(arch: str) -> dict:
+    import jax
+
+    run, _, _ = bench_train.sdjax_step(arch, BATCH_SIZE, IMAGE_SIZE, 0, False)
+    step_ms = median_step_ms(run)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(PROFILED_STEPS):
+                run()
+        (trace,) = Path(trace_dir).rglob("*.trace.json.gz")
+        events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    kinds: collections.Counter = collections.Counter()
+    for event in events:
+        name = event.get("name", "")
+        # XLA's operations: complete events of the compiled program, not Python's ("$...")
+        # nor the runtime's (ThunkExecutor, the thread pool, the jit dispatch).
+        if event.get("ph") != "X" or name.startswith("$") or "::" in name or " " in name:
+            continue
+        if name.startswith(("PjitFunction", "ThunkExecutor", "SlinkyThreadPool")):
+            continue
+        kind = "convolutions and matmuls" if SDJAX_MATMULS.match(name) else "everything else"
+        kinds[kind] += event["dur"] / 1e3 / PROFILED_STEPS
+    return {"step_ms": step_ms, "kinds_ms": dict(kinds)}
+
+
+def torch_profile(arch: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    run, _ = bench_train.torch_step(arch, BATCH_SIZE, IMAGE_SIZE, False, False)
+    step_ms = median_step_ms(run)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(PROFILED_STEPS):
+            run()
+    kinds: collections.Counter = collections.Counter()
+    for average in profiler.key_averages():
+        kind = TORCH_KINDS.get(average.key, "everything else")
+        kinds[kind] += average.self_cpu_time_total / 1e3 / PROFILED_STEPS
+    return {"step_ms": step_ms, "kinds_ms": dict(kinds)}
+
+
+def time_flag_variants(arch: str, rounds: int) -> dict[str, list[float]]:
+    """{variant: sdjax's median step (ms) in each round} under each of `XLA_FLAG_VARIANTS`."""
+    command = [interpreter("sdjax"), "-m", "experiments.profile_train_step"]
+    steps: dict[str, list[float]] = {variant: [] for variant in XLA_FLAG_VARIANTS}
+    for _ in range(rounds):
+        for variant, xla_flags in XLA_FLAG_VARIANTS.items():
+            print(f"{arch} sdjax, {variant}: timing", flush=True)
+            with mock.patch.dict(os.environ, {"XLA_FLAGS": xla_flags}):
+                timed = worker_json([*command, f"--time_worker={arch}"], gpu=False)
+            steps[variant].append(timed["step_ms"])
+    return steps
+
+
+def write_outputs(rows: list[dict], flag_steps: dict, header: list[str]) -> None:
+    results = bench_train.RESULTS
+    (results / "profile_train_step.json").write_text(
+        json.dumps({"header": header, "rows": rows, "xla_flags": flag_steps}, indent=1) + "\n"
+    )
+    lines = [f"# Where a CPU training step's time goes ({cpu_model()})", "", *header, ""]
+    lines += [
+        "| network | implementation | step (ms) | "
+        + " | ".join(f"{kind} (ms)" for kind in KINDS)
+        + " |",
+        "|---|---|---:|" + "---:|" * len(KINDS),
+    ]
+    for row in rows:
+        # sdjax's GroupNorm is fused with its neighbours: not a kind of its own there.
+        cells = [f"{row['kinds_ms'][k]:.0f}" if k in row["kinds_ms"] else "–" for k in KINDS]
+        lines.append(
+            f"| {row['arch']} | {row['impl']} | {row['step_ms']:.0f} | " + " | ".join(cells) + " |"
+        )
+    for arch, steps in flag_steps.items():
+        lines += [
+            "",
+            f"sdjax's {arch} step (ms) with XLA:CPU's dots and convolutions in each library "
+            "(`XLA_FLAGS`), one process per round and variant:",
+            "",
+            "| variant | XLA_FLAGS | step in each round | median |",
+            "|---|---|---|---:|",
+        ]
+        for variant, times in steps.items():
+            shown = ", ".join(f"{t:.0f}" for t in times)
+            flags_shown = f"`{XLA_FLAG_VARIANTS[variant]}`" if XLA_FLAG_VARIANTS[variant] else ""
+            lines.append(f"| {variant} | {flags_shown} | {shown} | {np.median(times):.0f} |")
+    (results / "profile_train_step.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv):
+    del argv
+    if FLAGS.time_worker:
+        run, _, _ = bench_train.sdjax_step(FLAGS.time_worker, BATCH_SIZE, IMAGE_SIZE, 0, False)
+        print(json.dumps({"step_ms": median_step_ms(run)}))
+        return
+    if FLAGS.profile_worker:
+        impl, arch = FLAGS.profile_worker.split(",")
+        profiled = sdjax_profile(arch) if impl == "sdjax" else torch_profile(arch)
+        print(json.dumps(profiled))
+        return
+    rows = []
+    for arch in FLAGS.profile_archs:
+        for impl in ("sdjax", "torch_eager"):
+            command = [interpreter(impl)] + (
+                ["-m", "experiments.profile_train_step"] if impl == "sdjax" else [__file__]
+            )
+            print(f"{arch} {impl}: profiling", flush=True)
+            profiled = worker_json([*command, f"--profile_worker={impl},{arch}"], gpu=False)
+            rows.append({"arch": arch, "impl": impl, **profiled})
+    flag_steps = {arch: time_flag_variants(arch, FLAGS.flag_rounds) for arch in FLAGS.flag_archs}
+    import jax
+
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = [
+        f"- date: {now}, jax {jax.__version__}, torch {torch_version()}",
+        f"- {IMAGE_SIZE}x{IMAGE_SIZE}x3 images, batch {BATCH_SIZE} x 2 views, float32, the step "
+        "of `experiments.bench_train`",
+        f"- step: the median of {TIMED_STEPS} unprofiled steps after {WARMUP_STEPS} warm-up "
+        f"steps; then {PROFILED_STEPS} profiled steps, times per step. "
+        "sdjax: XLA's operation times (both cores run operations at once, so they can add up to "
+        "more than the step); PyTorch: operators' self CPU time",
+        "- command: `python -m experiments.profile_train_step "
+        f"--profile_archs={','.join(FLAGS.profile_archs)} "
+        f"--flag_archs={','.join(FLAGS.flag_archs)} --flag_rounds={FLAGS.flag_rounds}`",
+    ]
+    write_outputs(rows, flag_steps, header)
+
+
+if __name__ == "__main__":
+    app.run(main)
