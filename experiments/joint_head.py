@@ -33,6 +33,7 @@ COMMAND:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import time
@@ -57,19 +58,26 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", "", "tfds data dir; '' = $TFDS_DATA_DIR or the sdjax cache.")
 
 
-# name: (classifier rate as a multiple of the encoder's or None, decay the classifier,
-#        what the classifier reads: "features", "features_without_dropout", "detached",
-#        standardise the probe's features)
+@dataclasses.dataclass(frozen=True)
+class Remedy:
+    classifier_rate: float | None = None  # a multiple of the encoder's; None: the config's
+    decay_classifier: bool = True
+    classifier_reads: str = "features"  # or "features_without_dropout", "detached"
+    standardise_probe: bool = True
+
+
 REMEDIES = {
-    "baseline": (None, True, "features", True),
-    "classifier_rate_10x": (10.0, True, "features", True),
-    "classifier_not_decayed": (None, False, "features", True),
-    "classifier_rate_10x_not_decayed": (10.0, False, "features", True),
-    "classifier_without_dropout": (None, True, "features_without_dropout", True),
-    "classifier_without_dropout_rate_10x": (10.0, True, "features_without_dropout", True),
-    "classifier_detached": (None, True, "detached", True),
-    "classifier_detached_rate_10x": (10.0, True, "detached", True),
-    "probe_unstandardised": (None, True, "features", False),
+    "baseline": Remedy(),
+    "classifier_rate_10x": Remedy(classifier_rate=10.0),
+    "classifier_not_decayed": Remedy(decay_classifier=False),
+    "classifier_rate_10x_not_decayed": Remedy(classifier_rate=10.0, decay_classifier=False),
+    "classifier_without_dropout": Remedy(classifier_reads="features_without_dropout"),
+    "classifier_without_dropout_rate_10x": Remedy(
+        classifier_rate=10.0, classifier_reads="features_without_dropout"
+    ),
+    "classifier_detached": Remedy(classifier_reads="detached"),
+    "classifier_detached_rate_10x": Remedy(classifier_rate=10.0, classifier_reads="detached"),
+    "probe_unstandardised": Remedy(standardise_probe=False),
 }
 
 
@@ -127,7 +135,7 @@ def run_remedy(name: str, workdir: Path, data_dir: str) -> dict:
     from sdjax import config_lib, objectives, train
     from sdjax.evaluators import linear_probe
 
-    rate, decayed, reads, standardised = REMEDIES[name]
+    remedy = REMEDIES[name]
     config = budgets.load_config(CONFIG_FILES["debtags"], "")
     overrides = {
         **COMMON_OVERRIDES,
@@ -138,26 +146,29 @@ def run_remedy(name: str, workdir: Path, data_dir: str) -> dict:
         "dataset.validation": True,
         "dataset.data_dir": data_dir,
     }
-    if rate:
-        overrides["optimizer.classifier_learning_rate"] = rate * config.optimizer.learning_rate
+    if remedy.classifier_rate:
+        rate = remedy.classifier_rate * config.optimizer.learning_rate
+        overrides["optimizer.classifier_learning_rate"] = rate
     config = config_lib.override(config, **overrides)
     with contextlib.ExitStack() as patches:
-        patches.enter_context(mock.patch.object(objectives.Joint, "outputs", joint_outputs(reads)))
-        if not decayed:
+        patches.enter_context(
+            mock.patch.object(objectives.Joint, "outputs", joint_outputs(remedy.classifier_reads))
+        )
+        if not remedy.decay_classifier:
             patched = mock.patch.object(
                 objectives, "create_optimizer", optimizer_without_classifier_decay
             )
             patches.enter_context(patched)
-        if not standardised:
+        if not remedy.standardise_probe:
             patched = mock.patch.object(linear_probe, "standardisation", features_as_they_are)
             patches.enter_context(patched)
         start = time.perf_counter()
         results = train.train_and_evaluate(config, workdir / name)
     return {
-        "probe_standardised": standardised,
-        "classifier_rate_multiple": rate or 1.0,
-        "classifier_decayed": decayed,
-        "classifier_reads": reads,
+        "probe_standardised": remedy.standardise_probe,
+        "classifier_rate_multiple": remedy.classifier_rate or 1.0,
+        "classifier_decayed": remedy.decay_classifier,
+        "classifier_reads": remedy.classifier_reads,
         "classifier_mAP": results["validation"]["classifier"]["mAP"],
         "probe_mAP": results["validation"]["linear_eval"]["mAP"],
         "seconds": round(time.perf_counter() - start),
