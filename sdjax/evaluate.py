@@ -93,6 +93,8 @@ def _merge(results: dict[str, Any], entries: dict[str, Any]) -> None:
 
 
 class RestoredRun(NamedTuple):
+    """A trained run as `restore_workdir` restores it, ready for `evaluate`."""
+
     config: ml_collections.ConfigDict  # the run's own, stored in its workdir
     model: nnx.Module  # replicated on `mesh`
     data: dict[str, dict[str, Any]]  # as `evaluate` takes it
