@@ -13,6 +13,7 @@ import logging as pylogging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -113,14 +114,16 @@ def drop_background_reports() -> None:
     reports after a failed checkpoint write was reported in one line.
 
     `background_errors_held` covers the training loop only. Writes still in flight when the
-    trainer returns end later, and asyncio logs each task whose exception nobody retrieved
-    ("Task exception was never retrieved") when it is collected, often at interpreter exit,
-    after the one line. For a command that is about to exit with the failure it reported.
+    trainer returns end later, and when they are collected, often at interpreter exit, after
+    the one line, asyncio logs each task whose exception nobody retrieved ("Task exception was
+    never retrieved") and Python warns of each write coroutine never awaited. For a command
+    that is about to exit with the failure it reported.
     """
     dropped = _HeldErrors()  # its records are never passed on
     for name in _BACKGROUND_LOGGERS:
         pylogging.getLogger(name).addFilter(dropped)
     sys.unraisablehook = lambda report: None
+    warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
 
 
 def check_directory(checkpoints: ocp.CheckpointManager) -> None:

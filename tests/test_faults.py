@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -473,17 +474,30 @@ def test_after_a_reported_write_failure_tasks_collected_later_report_nothing(cap
         del task
         gc.collect()
 
+    def collect_a_coroutine_never_awaited():
+        async def write_fragment():
+            pass
+
+        write_fragment()  # created, never awaited: collected at once
+        gc.collect()
+
     reported: list = []
     monkeypatch.setattr(sys, "unraisablehook", reported.append)
     for name in ("absl", "asyncio"):
         monkeypatch.setattr(logging.getLogger(name), "filters", [])  # restored afterwards
     collect_a_failed_task()
     assert any("Task exception was never retrieved" in m for m in caplog.messages)
-    caplog.clear()
-    checkpointing.drop_background_reports()
-    collect_a_failed_task()
+    with warnings.catch_warnings(record=True) as warned:  # the filters restored afterwards
+        warnings.simplefilter("always")
+        collect_a_coroutine_never_awaited()
+        assert any("was never awaited" in str(w.message) for w in warned)
+        warned.clear()
+        caplog.clear()
+        checkpointing.drop_background_reports()
+        collect_a_failed_task()
+        collect_a_coroutine_never_awaited()
     sys.unraisablehook("Event loop is closed")
-    assert caplog.messages == [] and reported == []
+    assert caplog.messages == [] and reported == [] and warned == []
 
 
 def test_the_summary_prints_counts_as_ints_and_a_logdir_a_shell_can_take(tmp_path):
