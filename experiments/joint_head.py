@@ -21,8 +21,9 @@ Then, from the baseline's final checkpoint, how well each classifier fits the tr
 against how well it scores validation: the joint classifier, the probe, and the probe on
 unstandardised features (`results/joint_head_fit.json`).
 
-The remedies that need code (the last three) patch `Joint.outputs` or `create_optimizer` here,
-for this diagnosis only; the library is unchanged. Results accumulate in
+The remedies that need code patch, for this diagnosis only, `Joint.outputs` (what the
+classifier reads), `create_optimizer` (with a decay mask that leaves the classifier out) or the
+probe's `standardisation`; the library's behaviour is unchanged. Results accumulate in
 `results/joint_head.json` (a finished remedy is skipped, so an interrupted run continues) and
 `results/joint_head.md`. About 3 minutes a remedy on the 2-core CPU, 30 minutes in all.
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import time
 from pathlib import Path
@@ -98,30 +100,15 @@ def joint_outputs(reads: str):
     return outputs
 
 
-def optimizer_without_classifier_decay(config, model):
-    """`objectives.create_optimizer` with the classifier's parameters left out of the decay."""
-    import optax
-    from flax import nnx
-
+def decayed_outside_classifier(params):
+    """A `create_optimizer` decay mask: every matrix except the classifier's parameters."""
     from sdjax import objectives
 
-    def decayed(params):
-        return jax.tree.map(
-            lambda matrix, classifier: matrix and not classifier,
-            objectives.matrix_parameters(params),
-            objectives.classifier_parameters(params),
-        )
-
-    transform = optax.adamw(
-        objectives.learning_rate_schedule(config),
-        weight_decay=config.optimizer.weight_decay,
-        mask=decayed,
+    return jax.tree.map(
+        lambda matrix, classifier: matrix and not classifier,
+        objectives.matrix_parameters(params),
+        objectives.classifier_parameters(params),
     )
-    if config.optimizer.classifier_learning_rate:
-        ratio = config.optimizer.classifier_learning_rate / config.optimizer.learning_rate
-        scaled = optax.masked(optax.scale(ratio), objectives.classifier_parameters)
-        transform = optax.chain(transform, scaled)
-    return nnx.Optimizer(model, transform, wrt=nnx.Param)
 
 
 def features_as_they_are(train_features):
@@ -155,9 +142,10 @@ def run_remedy(name: str, workdir: Path, data_dir: str) -> dict:
             mock.patch.object(objectives.Joint, "outputs", joint_outputs(remedy.classifier_reads))
         )
         if not remedy.decay_classifier:
-            patched = mock.patch.object(
-                objectives, "create_optimizer", optimizer_without_classifier_decay
+            optimizer = functools.partial(
+                objectives.create_optimizer, decay_mask=decayed_outside_classifier
             )
+            patched = mock.patch.object(objectives, "create_optimizer", optimizer)
             patches.enter_context(patched)
         if not remedy.standardise_probe:
             patched = mock.patch.object(linear_probe, "standardisation", features_as_they_are)

@@ -284,19 +284,32 @@ def matrix_parameters(params):
     return jax.tree.map(lambda param: param.ndim >= 2, params)
 
 
-def create_optimizer(config: ml_collections.ConfigDict, model) -> nnx.Optimizer:
+def create_optimizer(
+    config: ml_collections.ConfigDict, model, *, decay_mask: Callable | None = None
+) -> nnx.Optimizer:
     """AdamW with linear warmup and cosine decay over the parameters of `model`.
 
     With `config.optimizer.decay_only_matrices`, weight decay skips parameters of fewer than two
     dimensions: biases, normalisation scales and per-token weights. For a `JointModel` with
     `optimizer.classifier_learning_rate` > 0, the classifier's updates are scaled to that peak
     learning rate (AdamW's update, decay included, is proportional to the learning rate).
+
+    Args:
+      config: the run's config; `config.optimizer` holds the rates, warm-up and decay.
+      model: the model whose `nnx.Param`s are optimised.
+      decay_mask: a function of the parameters to a tree of booleans, True where weight decay
+        applies (for example `matrix_parameters`); it replaces the config's
+        `decay_only_matrices` choice. None: that choice.
+
+    Returns:
+      The `nnx.Optimizer` over `model`'s parameters.
     """
-    only_matrices = config.optimizer.get("decay_only_matrices", False)  # absent in older configs
+    if decay_mask is None and config.optimizer.get("decay_only_matrices", False):
+        decay_mask = matrix_parameters  # the field is absent in older configs
     transform = optax.adamw(
         learning_rate_schedule(config),
         weight_decay=config.optimizer.weight_decay,
-        mask=matrix_parameters if only_matrices else None,
+        mask=decay_mask,
     )
     classifier_rate = config.optimizer.get("classifier_learning_rate", 0.0)
     if isinstance(model, models.JointModel) and classifier_rate:

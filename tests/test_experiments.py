@@ -404,10 +404,13 @@ def test_the_optimizer_without_classifier_decay_decays_every_other_matrix(joint_
     from flax import nnx
 
     from experiments import joint_head
+    from sdjax import objectives
 
     config, model, _ = joint_text_model
     model = nnx.clone(model)
-    optimizer = joint_head.optimizer_without_classifier_decay(config, model)
+    optimizer = objectives.create_optimizer(
+        config, model, decay_mask=joint_head.decayed_outside_classifier
+    )
     before = nnx.clone(model)
     zeros = jax.tree.map(np.zeros_like, nnx.state(model, nnx.Param))
     for _ in range(config.optimizer.warmup_steps + 1):  # past the warm-up's zero rate
