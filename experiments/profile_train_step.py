@@ -93,20 +93,27 @@ def sdjax_profile(arch: str) -> dict:
         with jax.profiler.trace(trace_dir):
             for _ in range(PROFILED_STEPS):
                 run()
-        (trace,) = Path(trace_dir).rglob("*.trace.json.gz")
-        events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+        events = trace_events(Path(trace_dir))
+    return {"step_ms": step_ms, "kinds_ms": xla_operation_ms(events, PROFILED_STEPS)}
+
+
+def trace_events(trace_dir: Path) -> list[dict]:
+    """The events of the one trace that `jax.profiler.trace(trace_dir)` wrote."""
+    (trace,) = trace_dir.rglob("*.trace.json.gz")
+    return json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+
+
+def xla_operation_ms(events: list[dict], steps: int) -> dict[str, float]:
+    """{kind: milliseconds per step} of the compiled program's operations among `events`: those
+    that name their HLO operation, not Python's nor the runtime's (dispatch, buffers, threads).
+    A dot or convolution, YNNPACK's fusions included, is "convolutions and matmuls"."""
     kinds: collections.Counter = collections.Counter()
     for event in events:
-        name = event.get("name", "")
-        # XLA's operations: complete events of the compiled program, not Python's ("$...")
-        # nor the runtime's (ThunkExecutor, the thread pool, the jit dispatch).
-        if event.get("ph") != "X" or name.startswith("$") or "::" in name or " " in name:
+        if event.get("ph") != "X" or "hlo_op" not in event.get("args", {}):
             continue
-        if name.startswith(("PjitFunction", "ThunkExecutor", "SlinkyThreadPool")):
-            continue
-        kind = "convolutions and matmuls" if SDJAX_MATMULS.match(name) else "everything else"
-        kinds[kind] += event["dur"] / 1e3 / PROFILED_STEPS
-    return {"step_ms": step_ms, "kinds_ms": dict(kinds)}
+        kind = "convolutions and matmuls" if SDJAX_MATMULS.match(event["name"]) else KINDS[-1]
+        kinds[kind] += event["dur"] / 1e3 / steps
+    return dict(kinds)
 
 
 def torch_profile(arch: str) -> dict:

@@ -424,3 +424,34 @@ def test_the_optimizer_without_classifier_decay_decays_every_other_matrix(joint_
     embedding_before = np.asarray(before.encoder.token_embedding.embedding[...])
     assert np.all(np.abs(embedding) < np.abs(embedding_before) + 1e-12)
     assert not np.array_equal(embedding, embedding_before)
+
+
+def test_the_step_profile_sorts_the_programs_operations_into_kinds(tmp_path):
+    """A traced program of one matmul and one elementwise fusion: the matmul's time is a
+    "convolutions and matmuls", the fusion's "everything else", the runtime's events neither."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import profile_train_step
+
+    program = jax.jit(lambda a: jnp.tanh(a @ a) + 1.0)
+    matrix = jnp.ones((256, 256))
+    program(matrix).block_until_ready()
+    with jax.profiler.trace(str(tmp_path)):
+        for _ in range(2):
+            program(matrix).block_until_ready()
+    events = profile_train_step.trace_events(tmp_path)
+    operations = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    matmuls = [e for e in operations if e["args"]["hlo_op"].startswith(("ynn", "dot"))]
+    others = [e for e in operations if e not in matmuls]
+    assert len(matmuls) == 2 and len(others) == 2, [e["name"] for e in operations]
+    runtime = [e for e in events if e.get("ph") == "X" and e not in operations]
+    assert sum(e["dur"] for e in runtime if not e["name"].startswith("$")) > 0  # dispatch etc.
+
+    kinds = profile_train_step.xla_operation_ms(events, steps=2)
+    assert kinds == pytest.approx(
+        {
+            "convolutions and matmuls": sum(e["dur"] for e in matmuls) / 1e3 / 2,
+            "everything else": sum(e["dur"] for e in others) / 1e3 / 2,
+        }
+    )
