@@ -21,5 +21,6 @@ Benchmarks, which write their results into experiments/results/:
 - `bench_train`: stage-1 training throughput and peak memory against a PyTorch peer.
 - `profile_train_step`: where a CPU training step's time goes, sdjax's against PyTorch's.
 - `conv_repro`: XLA:CPU's slow convolutions, reproduced.
+- `kernel_grads`: ResNet-50's 3x3 kernel gradients, XLA's forms against PyTorch's oneDNN.
 - `device_kit`: every accelerator measurement in one short call, packed here, run there.
 """

@@ -455,3 +455,32 @@ def test_the_step_profile_sorts_the_programs_operations_into_kinds(tmp_path):
             "everything else": sum(e["dur"] for e in others) / 1e3 / 2,
         }
     )
+
+
+@pytest.mark.parametrize(("stride", "padding"), [(1, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1)))])
+def test_every_kernel_gradient_form_timed_is_the_convolutions_kernel_gradient(stride, padding):
+    """experiments/kernel_grads' XLA forms against JAX's own gradient of lax's convolution."""
+    import jax
+    from jax import lax
+
+    from experiments import kernel_grads
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(3, 6, 6, 4)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 4, 5)).astype(np.float32)
+    strides = (stride, stride)
+
+    def forward(kernel):
+        return lax.conv_general_dilated(
+            images, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    outputs, pullback = jax.vjp(forward, kernel)
+    assert outputs.shape[1:3] == kernel_grads.output_hw(images.shape, stride)
+    output_grad = rng.normal(size=outputs.shape).astype(np.float32)
+    (expected,) = pullback(output_grad)
+    forms = kernel_grads.xla_kernel_gradients()
+    assert list(forms) == list(kernel_grads.XLA_FORMS)
+    for form, fn in forms.items():
+        got = fn(images, output_grad, strides, padding)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=form)
