@@ -36,8 +36,14 @@ if __package__ in (None, ""):  # run as a script (the PyTorch worker): import fr
 from experiments.bench_loss import cpu_model, interpreter, torch_version, worker_json
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("rounds", 3, "Rounds, each timing both frameworks in turn.")
-flags.DEFINE_string("framework_worker", "", "Internal: xla or torch, one round in this process.")
+
+
+def define_flags() -> None:
+    """This script's flags, defined when it runs (other experiments define their own
+    `--rounds`, and a process may import several of them)."""
+    flags.DEFINE_integer("rounds", 3, "Rounds, each timing both frameworks in turn.")
+    flags.DEFINE_string("framework_worker", "", "Internal: xla or torch, one round here.")
+
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALLS = 7
@@ -255,4 +261,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
