@@ -1,9 +1,9 @@
 """ResNet-50's 3x3 kernel gradients on the CPU: XLA's forms against PyTorch's oneDNN.
 
-A profile of sdjax's ResNet-50 step (`experiments.profile_train_step`, op by op) shows the
-kernel gradients of the 3x3 convolutions in the first two stages running at a third of the
-forward convolutions' rate. This times them alone, at the training benchmark's sizes (64 px,
-batch 32 x 2 views), each layer's kernel gradient computed:
+In a profile of sdjax's ResNet-50 step op by op (`jax.profiler`, time per HLO operation), the
+kernel gradients of the 3x3 convolutions in the first two stages were its slowest operations,
+at a quarter to half of the forward convolutions' rate. This times them alone, at the training
+benchmark's sizes (64 px, batch 32 x 2 views), each layer's kernel gradient computed:
 
 - by XLA, in every form of the same sums: sdjax's (a canonical convolution with the batch as
   its channels, `sdjax.models.conv`), im2col then one matmul, one matmul per tap, and the taps
@@ -96,25 +96,6 @@ def xla_kernel_gradients() -> dict:
     def kernel_shape(images, output_grad):
         return (3, 3, images.shape[3], output_grad.shape[3])
 
-    def taps(images, output_grad, strides, padding):
-        """The kernel's 9 taps: strided views of the padded images, of the output's size."""
-        height, width = output_grad.shape[1:3]
-        padded = jnp.pad(images, ((0, 0), *padding, (0, 0)))
-        return [
-            lax.slice(
-                padded,
-                (0, i, j, 0),
-                (
-                    images.shape[0],
-                    i + strides[0] * (height - 1) + 1,
-                    j + strides[1] * (width - 1) + 1,
-                    images.shape[3],
-                ),
-                (1, *strides, 1),
-            )
-            for i, j in np.ndindex(3, 3)
-        ]
-
     def sdjax_form(images, output_grad, strides, padding):
         shape = kernel_shape(images, output_grad)
         return conv._kernel_grad(images, output_grad, shape, strides, padding, None)
@@ -128,12 +109,12 @@ def xla_kernel_gradients() -> dict:
         contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
         grads = [
             lax.dot_general(tap, output_grad, contract)
-            for tap in taps(images, output_grad, strides, padding)
+            for tap in conv._taps(images, (3, 3), strides, padding)
         ]
         return jnp.stack(grads).reshape(kernel_shape(images, output_grad))
 
     def batched(images, output_grad, strides, padding):
-        stacked = jnp.stack(taps(images, output_grad, strides, padding))
+        stacked = jnp.stack(conv._taps(images, (3, 3), strides, padding))
         grads = lax.dot_general(stacked, output_grad, (((1, 2, 3), (0, 1, 2)), ((), ())))
         return grads.reshape(kernel_shape(images, output_grad))
 
@@ -147,6 +128,9 @@ def xla_round() -> dict:
     import jax
     from jax import lax
 
+    def waited(fn):
+        return lambda *args: jax.block_until_ready(fn(*args))
+
     forms, rng, times = xla_kernel_gradients(), np.random.default_rng(0), {}
     for layer, shape, stride, padding in LAYERS:
         images = rng.normal(size=shape).astype(np.float32)
@@ -154,17 +138,13 @@ def xla_round() -> dict:
         output_grad = rng.normal(size=(shape[0], *output_hw(shape, stride), shape[3]))
         output_grad = output_grad.astype(np.float32)
         strides = (stride, stride)
-
-        def waited(fn):
-            return lambda *args: jax.block_until_ready(fn(*args))
-
         compiled = {
             form: waited(jax.jit(functools.partial(fn, strides=strides, padding=padding)))
             for form, fn in forms.items()
         }
         reference = np.asarray(compiled[XLA_FORMS[0]](images, output_grad))
+        scale = np.abs(reference).max()
         for fn in compiled.values():
-            scale = np.abs(reference).max()
             np.testing.assert_allclose(fn(images, output_grad), reference, atol=1e-5 * scale)
         times[layer] = {form: median_ms(fn, images, output_grad) for form, fn in compiled.items()}
         forward = functools.partial(

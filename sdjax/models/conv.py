@@ -126,6 +126,15 @@ def im2col_conv(
 def _patches(images, kernel_hw, strides, padding) -> jax.Array:
     """[N, H, W, C] -> [N, H', W', KH * KW * C]: the taps side by side (one tap: the strided
     input, no copy)."""
+    taps = _taps(images, kernel_hw, strides, padding)
+    if len(taps) == 1:
+        return taps[0]
+    return jnp.stack(taps, axis=3).reshape((*taps[0].shape[:3], -1))
+
+
+def _taps(images, kernel_hw, strides, padding) -> list[jax.Array]:
+    """[N, H, W, C] -> KH * KW of [N, H', W', C]: the strided views of the padded images that
+    each of the kernel's taps sees, in the kernel's (KH, KW) order."""
     (kernel_h, kernel_w), (stride_h, stride_w) = kernel_hw, strides
     out_h, out_w = _output_size(images.shape[1:3], kernel_hw, strides, padding)
     padded = lax.pad(
@@ -133,7 +142,7 @@ def _patches(images, kernel_hw, strides, padding) -> jax.Array:
         jnp.zeros((), images.dtype),
         ((0, 0, 0), *((low, high, 0) for low, high in padding), (0, 0, 0)),
     )
-    taps = [
+    return [
         lax.slice(
             padded,
             (0, i, j, 0),
@@ -148,9 +157,6 @@ def _patches(images, kernel_hw, strides, padding) -> jax.Array:
         for i in range(kernel_h)
         for j in range(kernel_w)
     ]
-    if len(taps) == 1:
-        return taps[0]
-    return jnp.stack(taps, axis=3).reshape((*taps[0].shape[:3], -1))
 
 
 def _im2col_grads(images, kernel, output_grad, strides, padding, precision):
