@@ -10,7 +10,9 @@ benchmark's sizes (64 px, batch 32 x 2 views), each layer's kernel gradient comp
   stacked under one batched matmul (each checked against sdjax's before it is timed);
 - by PyTorch, `aten::convolution_backward` for the weight alone (oneDNN, channels-last);
 
-and each layer's forward convolution in both, for the rate to compare with. Each framework
+and each layer's forward convolution in both, for the rate to compare with, and the im2col
+form's matmul alone in both, its patches given (XLA's dot kernel against PyTorch's at the
+kernel gradient's shape). Each framework
 runs in its own process, the two alternating round after round; a time is the median of
 `CALLS` calls in a round, the table shows each round's. Writes `results/kernel_grads.{md,json}`.
 About 2 minutes on the 2-core CPU; run it with nothing else on the machine.
@@ -63,6 +65,9 @@ XLA_FORMS = (
     "one matmul per tap",
     "taps stacked, one batched matmul",
 )
+# The im2col form's matmul with its patches already built, in both frameworks: XLA's dot
+# kernel against PyTorch's BLAS at the kernel gradient's shape ([9C, B*H*W] @ [B*H*W, C]).
+MATMUL = "matmul alone ([9C, BHW] @ [BHW, C], patches given)"
 
 
 def output_hw(shape, stride) -> tuple[int, int]:
@@ -154,7 +159,17 @@ def xla_round() -> dict:
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         times[layer]["forward"] = median_ms(waited(jax.jit(forward)), images, kernel)
+        patches_t, output_grad_2d = matmul_operands(shape, stride, rng)
+        matmul = waited(jax.jit(lambda a, b: a @ b))
+        times[layer][MATMUL] = median_ms(matmul, patches_t, output_grad_2d)
     return times
+
+
+def matmul_operands(shape, stride, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Random operands of the layer's kernel gradient as one matmul, each contiguous."""
+    rows = shape[0] * int(np.prod(output_hw(shape, stride)))
+    patches_t = rng.normal(size=(9 * shape[3], rows)).astype(np.float32)
+    return patches_t, rng.normal(size=(rows, shape[3])).astype(np.float32)
 
 
 def torch_round() -> dict:
@@ -162,7 +177,7 @@ def torch_round() -> dict:
     import torch
 
     torch.manual_seed(0)
-    times = {}
+    times, rng = {}, np.random.default_rng(0)
     for layer, shape, stride, _ in LAYERS:
         batch, height, width, channels = shape
         images = torch.randn(batch, channels, height, width).to(memory_format=torch.channels_last)
@@ -183,6 +198,8 @@ def torch_round() -> dict:
         with torch.no_grad():
             assert tuple(forward().shape[2:]) == output_hw(shape, stride)
             times[layer] = {"oneDNN": median_ms(weight_grad), "forward": median_ms(forward)}
+            patches_t, output_grad_2d = map(torch.from_numpy, matmul_operands(shape, stride, rng))
+            times[layer][MATMUL] = median_ms(lambda a=patches_t, b=output_grad_2d: a @ b)
     return times
 
 
@@ -196,12 +213,14 @@ def write_outputs(rounds: list[dict], header: list[str]) -> None:
         "|---|---|---|---|---:|---:|",
     ]
     for layer, shape, stride, _ in LAYERS:
-        rows = [("XLA", form) for form in (*XLA_FORMS, "forward")]
-        rows += [("PyTorch", form) for form in ("oneDNN", "forward")]
+        rows = [("XLA", form) for form in (*XLA_FORMS, "forward", MATMUL)]
+        rows += [("PyTorch", form) for form in ("oneDNN", "forward", MATMUL)]
         for framework, form in rows:
             times = [r[framework][layer][form] for r in rounds]
             median = float(np.median(times))
-            shown = "forward convolution" if form == "forward" else f"kernel gradient: {form}"
+            shown = {"forward": "forward convolution", MATMUL: MATMUL}.get(
+                form, f"kernel gradient: {form}"
+            )
             lines.append(
                 f"| {layer} | {framework} | {shown} | {', '.join(f'{t:.1f}' for t in times)} "
                 f"| {median:.1f} | {flops(shape, stride) / median / 1e6:.0f} |"
