@@ -309,7 +309,9 @@ class Kit:
             "PYTHONPATH": os.pathsep.join([str(self.site), str(REPOSITORY)]),
             "TFDS_DATA_DIR": str(self.data),
             "PYTHONUNBUFFERED": "1",
-            "JAX_COMPILATION_CACHE_DIR": str(work_dir / "jax_cache"),
+            # One the caller chose (a rehearsal's: the tests' cache), else the work dir's.
+            "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
+            or str(work_dir / "jax_cache"),
             # A benchmark's parent process holds JAX too (device names, a matmul rate): without
             # this it would take 75% of the GPU before its workers start.
             "XLA_PYTHON_CLIENT_PREALLOCATE": "false",

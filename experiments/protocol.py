@@ -35,7 +35,9 @@ new profile.
   its float32 test scores go to `<results>/<profile>/test_scores/` (about 2 MB a debtags run:
   kept where they ran, not committed; the report needs only the records).
 - **Ledger.** Every finished run appends one line to `<results>/<profile>/ledger.jsonl`
-  (configuration, overrides, seed, validation mAP); the file is only appended to.
+  (configuration, overrides, seed, validation mAP); the file is only appended to. On debtags
+  it also keeps the SHA-256 of the prepared data (apt lists change between machines), and a
+  run on other data is refused (`check_data`): its scores could not be compared.
 - **Statistics** (`experiments.stats`, `experiments.protocol_report`): the primary family is
   S-D against each other entry, in each primary setting, on `PRIMARY_DATASET`: 14 contrasts,
   Holm-corrected together. Intervals come from a two-stage paired bootstrap (seeds, then test
@@ -405,11 +407,26 @@ def append_to_ledger(results_dir: Path, record: dict) -> None:
         "scored_by": record["scored_by"],
         "validation_mAP": record["validation_mAP"],
         "hardware": record["hardware"],
+        **({"data_sha256": record["data_sha256"]} if "data_sha256" in record else {}),
         "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     with open(results_dir / "ledger.jsonl", "a") as ledger:
         ledger.write(json.dumps(row) + "\n")
+
+
+def check_data(ledger: list[dict], dataset: str, data_sha256: str | None) -> None:
+    """Refuses to add runs of `dataset` on data other than the ledger's runs of it trained on:
+    their scores could not be compared. Rows without a digest (before it was kept) pass."""
+    for row in ledger:
+        recorded = row.get("data_sha256")
+        if row["dataset"] == dataset and data_sha256 and recorded and recorded != data_sha256:
+            raise ValueError(
+                f"{dataset}: the data prepared here has SHA-256 {data_sha256[:16]}..., expected "
+                f"{recorded[:16]}..., the data that {row['run']} in the ledger trained on. "
+                "Prepare it from the same sources (debtags: the same apt lists) or start a new "
+                "profile."
+            )
 
 
 def read_ledger(results_dir: Path) -> list[dict]:

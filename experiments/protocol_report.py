@@ -291,8 +291,10 @@ def write_report(profile: str, results_dir: Path, readme: Path | None = None) ->
         "",
         *(
             [
-                f"**Caveat: the runs ran on {len(hardware)} kinds of hardware**, so paired runs "
-                "can differ in the last digits for that reason alone.",
+                f"**Caveat: the runs ran on {len(hardware)} kinds of hardware.** A run repeats "
+                "bit for bit on the same CPU model; on another, float rounding differs and "
+                "training amplifies it (experiments/README.md: one debtags run's validation mAP "
+                "0.4047 on an Intel Xeon, 0.4056 on an AMD EPYC), noise that seeds add too.",
                 "",
             ]
             if len(hardware) > 1

@@ -181,14 +181,30 @@ def text_reference_results(profile: str, run: ProtocolRun, knobs: dict, data_dir
     return scored, scores, labels
 
 
+def data_digest(profile: str, dataset: str, data_dir: str) -> str | None:
+    """The SHA-256 of a dataset's prepared examples where they depend on the machine (debtags:
+    its apt lists); None where they come from files that a pinned package ships."""
+    if dataset != "debtags":
+        return None
+    from sdjax.datasets import debtags
+
+    config = budgets.load_config(CONFIG_FILES[dataset], PROTOCOLS[profile].config_profile)
+    return debtags.digest(data_dir, config.dataset.source_dir)
+
+
 def execute_protocol_run(
-    profile: str, run: ProtocolRun, results_dir: Path, workdir_root: Path, data_dir: str
+    profile: str,
+    run: ProtocolRun,
+    results_dir: Path,
+    workdir_root: Path,
+    data_dir: str,
+    data_sha256: str | None = None,
 ) -> dict:
     """Runs one protocol run, writes its result file and appends it to the ledger.
 
     A tuning run scores the validation split only; a confirmation run also scores test, keeps
     the scorer's float32 test scores (<results>/test_scores/<run>.npz) and the mAP of every
-    test resample.
+    test resample. `data_sha256` (`data_digest`) goes into the record and the ledger.
     """
     from sdjax import metrics, train
 
@@ -196,6 +212,8 @@ def execute_protocol_run(
     scorer = run.scorer
     budget = PROTOCOLS[profile].budgets[run.dataset]
     record = {"name": run.name, "run": dataclasses.asdict(run), "profile": profile}
+    if data_sha256:
+        record["data_sha256"] = data_sha256
     if run.entry == protocol.TEXT_REFERENCE:
         knobs = protocol.configurations(run.dataset, run.setting, run.entry, budget.num_configs)[
             run.config_id
@@ -288,17 +306,20 @@ def run_protocol(profile: str, results_dir: Path) -> None:
     if FLAGS.dry_run:
         print(dry_run_listing(profile, results_dir, datasets, moco), flush=True)
         return
-    finished = 0
+    finished, digests = 0, {}
     while True:  # confirmation runs become known as tuning completes
         runs, waiting = protocol.plan(profile, results_dir, datasets, moco)
         pending = [r for r in runs if not protocol.result_path(results_dir, r).exists()]
         print(f"{len(runs)} runs planned, {len(pending)} to do.", flush=True)
         if not pending:
             break
+        for dataset in {run.dataset for run in pending} - set(digests):
+            digests[dataset] = data_digest(profile, dataset, FLAGS.data_dir)
+            protocol.check_data(protocol.read_ledger(results_dir), dataset, digests[dataset])
         start = time.time()
         for i, run in enumerate(pending):
             record = execute_protocol_run(
-                profile, run, results_dir, Path(FLAGS.workdir), FLAGS.data_dir
+                profile, run, results_dir, Path(FLAGS.workdir), FLAGS.data_dir, digests[run.dataset]
             )
             finished += 1
             eta = (time.time() - start) / (i + 1) * (len(pending) - i - 1)
@@ -319,18 +340,16 @@ def run_protocol(profile: str, results_dir: Path) -> None:
 def main(argv):
     del argv
     results_dir = Path(FLAGS.results_dir) / FLAGS.profile
-    if FLAGS.profile in PROTOCOLS:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", str(Path(FLAGS.workdir) / "jax_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-        run_protocol(FLAGS.profile, results_dir)
-        return
     import jax
 
-    # Runs that differ only in the loss share the probe's and the encoder's compiled programs.
-    jax.config.update("jax_compilation_cache_dir", str(Path(FLAGS.workdir) / "jax_cache"))
+    # Runs that differ only in the loss share the probe's and the encoder's compiled programs:
+    # in the cache that JAX_COMPILATION_CACHE_DIR names, else in the workdir's.
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(Path(FLAGS.workdir) / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if FLAGS.profile in PROTOCOLS:
+        run_protocol(FLAGS.profile, results_dir)
+        return
     # Two passes: the temperature sweep is planned once the comparison has picked a baseline.
     finished = 0
     for _ in range(2):

@@ -1,8 +1,8 @@
 """Every test process sees 8 fake CPU devices, so the cross-device tests can run."""
 
+import importlib.util
 import os
-import shutil
-import tempfile
+from pathlib import Path
 
 import jax
 import pytest
@@ -10,17 +10,20 @@ import pytest
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", False)
 
-# One JAX compilation cache for the whole test run: the pytest processes (xdist's workers) and
-# the trainer processes that tests start. Most of a tiny run, in a process or in a test, is
-# compiling programs that an earlier one compiled too (each `train_and_evaluate` jits anew).
-# The first pytest process of the run makes it (xdist's workers inherit the variable) and
-# removes it at the end. The processes tests start read JAX's variables at import; this one
-# has imported jax already, so it takes the same values through jax.config, before it compiles
-# anything.
+# One JAX compilation cache for every test run on this machine, kept between runs as pip's
+# cache is, and shared by the pytest processes (xdist's workers) and the processes tests start
+# (trainers, the docs build, the device kit's rehearsal): most of a tiny run is compiling
+# programs that an earlier one compiled. JAX keys an entry by the program, jax's version, its
+# flags and the devices, so a hit is exactly what this code would compile. The pytest
+# processes keep it under CACHE_MAX_BYTES, least recently used out (JAX needs `filelock` for
+# that; the core wheel's test venvs lack it, and only read and add). This process has imported
+# jax already, so it takes JAX's variables through jax.config too, before compiling anything.
+# A run that compiles everything: `SDJAX_TESTS_JAX_CACHE=$(mktemp -d) make test`.
 _CACHE_VARIABLE = "SDJAX_TESTS_JAX_CACHE"
-_MADE_THE_CACHE = _CACHE_VARIABLE not in os.environ
-if _MADE_THE_CACHE:
-    os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="sdjax-tests-jax-cache-")
+CACHE_MAX_BYTES = 4 * 2**30
+_cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+os.environ.setdefault(_CACHE_VARIABLE, str(_cache_home / "sdjax" / "tests-jax-cache"))
+Path(os.environ[_CACHE_VARIABLE]).mkdir(parents=True, exist_ok=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_VARIABLE]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
@@ -28,11 +31,8 @@ jax.config.update(
     "jax_persistent_cache_min_compile_time_secs",
     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
 )
-
-
-def pytest_unconfigure(config):
-    if _MADE_THE_CACHE:
-        shutil.rmtree(os.environ.pop(_CACHE_VARIABLE), ignore_errors=True)
+if importlib.util.find_spec("filelock") is not None:
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
 
 
 @pytest.fixture(scope="session")

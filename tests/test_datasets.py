@@ -280,6 +280,25 @@ def test_debtags_builder_stores_inputs_and_multi_hot_labels(apt_lists, tmp_path)
     assert str(builder.info.version) == "1.3.0"
 
 
+def test_debtags_digest_tells_apart_data_from_different_apt_lists(apt_lists, tmp_path):
+    same = debtags.digest(str(tmp_path / "a"), str(apt_lists))
+    assert len(same) == 64 and debtags.digest(str(tmp_path / "b"), str(apt_lists)) == same
+    packages = fake_corpus()
+    name, md5, synopsis, text, tags = packages[5]
+    new_tag = next(t for t in TOPIC_TAGS if t not in tags)
+    variants = [
+        (name, md5, synopsis, text + " again", tags),  # one description changed
+        (name, md5, synopsis, text, sorted([*tags, new_tag])),  # one tag added
+        None,  # one package fewer
+    ]
+    digests = set()
+    for i, variant in enumerate(variants):
+        lists = tmp_path / f"lists{i}"
+        write_apt_lists(lists, [*packages[:5], *([variant] if variant else []), *packages[6:]])
+        digests.add(debtags.digest(str(tmp_path / f"data{i}"), str(lists)))
+    assert same not in digests and len(digests) == len(variants)
+
+
 def test_debtags_loads_token_ids_and_multi_hot_tags(apt_lists, tmp_path):
     options = dict(data_dir=str(tmp_path), source_dir=str(apt_lists), vocab_size=64, max_length=12)
     train = datasets.load_split("debtags", "train", **options)

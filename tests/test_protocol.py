@@ -456,8 +456,12 @@ def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
     results_dir = tmp_path / "results"
     run = ProtocolRun("debtags", "reference", "tfidf", 1, 1000, "tuning")
     knobs = protocol.configurations("debtags", "reference", "tfidf", 2)[1]
-    record = run_experiments.execute_protocol_run("protocol_quick", run, results_dir, tmp_path, "")
+    digest = "5d" * 32
+    record = run_experiments.execute_protocol_run(
+        "protocol_quick", run, results_dir, tmp_path, "", digest
+    )
     assert asked == [["train_without_validation", "validation"]] and "test" not in record
+    assert record["data_sha256"] == digest
     assert record["knobs"] == knobs and record["scored_by"] == "tfidf"
     assert record["validation_mAP"] > 0.9  # each tag has its telling word
     confirmation = dataclasses.replace(run, seed=0, stage="confirmation")
@@ -473,10 +477,30 @@ def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
         rtol=1e-12,
     )
     assert len(record["test_bootstrap_mAP"]) == 1001
-    assert [row["run"] for row in protocol.read_ledger(results_dir)] == [
-        run.name,
-        confirmation.name,
+    ledger = protocol.read_ledger(results_dir)
+    assert [row["run"] for row in ledger] == [run.name, confirmation.name]
+    assert [row.get("data_sha256") for row in ledger] == [digest, None]
+
+
+def test_the_ledger_refuses_runs_on_other_data():
+    ledger = [
+        {"run": "tuning/debtags/pretrain/sd/c0_s1000", "dataset": "debtags"},  # before digests
+        {
+            "run": "tuning/debtags/pretrain/sd/c1_s1000",
+            "dataset": "debtags",
+            "data_sha256": "a" * 64,
+        },
+        {"run": "tuning/yeast/pretrain/sd/c0_s1000", "dataset": "yeast"},
     ]
+    protocol.check_data(ledger, "debtags", "a" * 64)
+    protocol.check_data(ledger, "yeast", None)
+    protocol.check_data(ledger, "yeast", "b" * 64)
+    with pytest.raises(
+        ValueError,
+        match=r"^debtags: the data prepared here has SHA-256 bbbbbbbbbbbbbbbb\.\.\., expected "
+        r"aaaaaaaaaaaaaaaa\.\.\., the data that tuning/debtags/pretrain/sd/c1_s1000 in the ledger",
+    ):
+        protocol.check_data(ledger, "debtags", "b" * 64)
 
 
 @pytest.mark.parametrize(

@@ -310,6 +310,26 @@ def corpus(
     return texts_and_labels, list(source.dataset_info.metadata["tags"])
 
 
+def digest(data_dir: str = "", source_dir: str = "") -> str:
+    """SHA-256 of the prepared data: the tag names, then each split's packages, texts and tags.
+
+    Apt lists change with Debian's updates, so two machines may prepare different data; equal
+    digests mean the same examples in the same order. Experiments that span machines record it.
+    """
+    data_dir = data_dir or sources.default_data_dir()
+    sha = hashlib.sha256()
+    for split in ("train", "test"):
+        source = sources.tfds_source("debtags/default", split, data_dir, source_dir)
+        if split == "train":
+            sha.update("\n".join(source.dataset_info.metadata["tags"]).encode())
+        examples = sources.stack(source)
+        sha.update(f"\0{split}:{len(examples['labels'])}".encode())
+        for name, text in zip(examples["package"], examples["inputs"], strict=True):
+            sha.update(b"\0%d:%s\0%d:%s" % (len(name), name, len(text), text))
+        sha.update(np.ascontiguousarray(examples["labels"], np.float32).tobytes())
+    return sha.hexdigest()
+
+
 def load_tokens(split: str, *, data_dir: str, source_dir: str, options: dict) -> dict:
     """Debtags token ids (SentencePiece trained on the train split) and multi-hot tags.
 
