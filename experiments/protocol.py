@@ -397,6 +397,10 @@ def select(records: list[dict]) -> dict[tuple[str, str, str], int]:
     }
 
 
+LEDGER = "ledger.jsonl"  # every finished run, one line each; only ever appended to
+RERUNS = "reruns.jsonl"  # finished runs run again (`--rerun`): then and now, outside the results
+
+
 def append_to_ledger(results_dir: Path, record: dict) -> None:
     """One line per finished run; the file is only ever appended to."""
     row = {
@@ -408,11 +412,23 @@ def append_to_ledger(results_dir: Path, record: dict) -> None:
         "validation_mAP": record["validation_mAP"],
         "hardware": record["hardware"],
         **({"data_sha256": record["data_sha256"]} if "data_sha256" in record else {}),
-        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    results_dir.mkdir(parents=True, exist_ok=True)
-    with open(results_dir / "ledger.jsonl", "a") as ledger:
-        ledger.write(json.dumps(row) + "\n")
+    append_line(results_dir / LEDGER, row)
+
+
+def append_line(path: Path, row: dict) -> None:
+    """Appends `row`, stamped with the time it finished, as one JSON line."""
+    row = {**row, "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lines:
+        lines.write(json.dumps(row) + "\n")
+
+
+def read_lines(path: Path) -> list[dict]:
+    """The JSON lines of `path`; none if it does not exist."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def check_data(ledger: list[dict], dataset: str, data_sha256: str | None) -> None:
@@ -430,10 +446,7 @@ def check_data(ledger: list[dict], dataset: str, data_sha256: str | None) -> Non
 
 
 def read_ledger(results_dir: Path) -> list[dict]:
-    path = results_dir / "ledger.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_lines(results_dir / LEDGER)
 
 
 def estimated_seconds(profile: str, run: ProtocolRun | None, cell=None) -> float:

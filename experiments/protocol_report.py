@@ -146,6 +146,30 @@ def knob_text(knobs: dict) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in short.items())
 
 
+def reruns_section(reruns: list[dict]) -> list[str]:
+    """How far finished runs moved when run again (`--rerun`), on the same CPU model and on
+    another."""
+    if not reruns:
+        return []
+    lines = [
+        f"**Runs run again** ({protocol.RERUNS}, outside the results): {len(reruns)} finished "
+        "runs were trained and scored again.",
+        "",
+        "| run | then on | now on | validation mAP then → now | test mAP then → now |",
+        "|---|---|---|---|---|",
+    ]
+    for rerun in reruns:
+        maps = [
+            f"{rerun[key][0]:.4f} → {rerun[key][1]:.4f}"
+            + (" (bit for bit)" if rerun[key][0] == rerun[key][1] else "")
+            if key in rerun
+            else ""
+            for key in ("validation_mAP", "test_mAP")
+        ]
+        lines.append(f"| `{rerun['run']}` | {' | '.join(rerun['hardware'])} | {' | '.join(maps)} |")
+    return [*lines, ""]
+
+
 def tuning_section(profile, tuning, selected) -> list[str]:
     lines = [
         "### Tuning on the validation split",
@@ -291,15 +315,15 @@ def write_report(profile: str, results_dir: Path, readme: Path | None = None) ->
         "",
         *(
             [
-                f"**Caveat: the runs ran on {len(hardware)} kinds of hardware.** A run repeats "
-                "bit for bit on the same CPU model; on another, float rounding differs and "
-                "training amplifies it (experiments/README.md: one debtags run's validation mAP "
-                "0.4047 on an Intel Xeon, 0.4056 on an AMD EPYC), noise that seeds add too.",
+                f"**Caveat: the runs ran on {len(hardware)} kinds of hardware**, so paired runs "
+                "can differ for that reason alone: on another CPU model float rounding differs, "
+                "and training amplifies it.",
                 "",
             ]
             if len(hardware) > 1
             else []
         ),
+        *reruns_section(protocol.read_lines(results_dir / protocol.RERUNS)),
         *tuning_section(profile, tuning, selected),
         *ledger_section(profile, results_dir, moco),
         *joint_head_section(confirmation, datasets),

@@ -19,6 +19,7 @@ COMMAND:
   python -m experiments.run_experiments --profile=protocol --dry_run  # the plan and its hours
   python -m experiments.run_experiments --profile=protocol            # ~12 h, resumable
   python -m experiments.run_experiments --profile=protocol_quick      # ~1 h, smaller grid
+  python -m experiments.run_experiments --profile=protocol --rerun=<run>,...  # repeats here?
   python -m experiments.run_experiments --profile=quick --results_dir=/tmp/suite  # <= 60 min
   python -m experiments.run_experiments --profile=full --results_dir=/tmp/suite   # resumable
   python -m experiments.run_experiments --profile=quick --dry_run   # list the runs, done or to do
@@ -69,6 +70,12 @@ def define_flags() -> None:
     flags.DEFINE_bool("dry_run", False, "Only list the planned runs, each as done or to do.")
     flags.DEFINE_list("sections", [], "Run only these sections (default: all).")
     flags.DEFINE_list("datasets", [], "Run only these datasets (default: all).")
+    flags.DEFINE_list(
+        "rerun",
+        [],
+        "Protocol profiles: run these finished runs again, outside the ledger, and append "
+        "then-and-now to reruns.jsonl (do runs repeat on this CPU?).",
+    )
     flags.DEFINE_bool(
         "moco",
         False,
@@ -301,8 +308,45 @@ def dry_run_listing(profile: str, results_dir: Path, datasets, moco: bool) -> st
     return header + "\n" + "\n".join(lines)
 
 
+def rerun_protocol_runs(
+    profile: str, names: list[str], results_dir: Path, workdir_root: Path, data_dir: str
+) -> list[dict]:
+    """Runs finished protocol runs again on this machine, outside the ledger and the results,
+    and appends to `protocol.RERUNS` what each gave then and now: whether a run repeats, on the
+    same CPU model or another."""
+    import tempfile
+
+    ledger = {row["run"]: row for row in protocol.read_ledger(results_dir)}
+    comparisons = []
+    for name in names:
+        if name not in ledger:
+            raise ValueError(f"`--rerun`: got {name!r}, expected a run in {profile}'s ledger.")
+        row = ledger[name]
+        run = ProtocolRun(*(row[field.name] for field in dataclasses.fields(ProtocolRun)))
+        then = protocol.load_result(results_dir, run)
+        with tempfile.TemporaryDirectory() as scratch:
+            now = execute_protocol_run(
+                profile, run, Path(scratch) / "results", workdir_root, data_dir
+            )
+        comparison = {"run": name, "hardware": [then["hardware"], now["hardware"]]}
+        for key in ("validation_mAP", "test_mAP", "final_train_loss"):
+            if key in then:
+                comparison[key] = [then[key], now[key]]
+        if "heldout_stage1_loss" in then:
+            comparison["initial_heldout_loss"] = [
+                record["heldout_stage1_loss"]["initial"] for record in (then, now)
+            ]
+        protocol.append_line(results_dir / protocol.RERUNS, comparison)
+        comparisons.append(comparison)
+        print(f"rerun {name}: {json.dumps(comparison)}", flush=True)
+    return comparisons
+
+
 def run_protocol(profile: str, results_dir: Path) -> None:
     datasets, moco = FLAGS.datasets, FLAGS.moco
+    if FLAGS.rerun:
+        rerun_protocol_runs(profile, FLAGS.rerun, results_dir, Path(FLAGS.workdir), FLAGS.data_dir)
+        return
     if FLAGS.dry_run:
         print(dry_run_listing(profile, results_dir, datasets, moco), flush=True)
         return

@@ -462,6 +462,7 @@ def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
     )
     assert asked == [["train_without_validation", "validation"]] and "test" not in record
     assert record["data_sha256"] == digest
+    record_validation_mAP = record["validation_mAP"]
     assert record["knobs"] == knobs and record["scored_by"] == "tfidf"
     assert record["validation_mAP"] > 0.9  # each tag has its telling word
     confirmation = dataclasses.replace(run, seed=0, stage="confirmation")
@@ -480,6 +481,24 @@ def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
     ledger = protocol.read_ledger(results_dir)
     assert [row["run"] for row in ledger] == [run.name, confirmation.name]
     assert [row.get("data_sha256") for row in ledger] == [digest, None]
+    # Run again: the same scores (TF-IDF is deterministic), kept beside the ledger, not in it.
+    scores_file = results_dir / "test_scores" / f"{confirmation.name}.npz"
+    scores_written = scores_file.stat().st_mtime_ns
+    reruns = run_experiments.rerun_protocol_runs(
+        "protocol_quick", [run.name, confirmation.name], results_dir, tmp_path, ""
+    )
+    lines = protocol.read_lines(results_dir / protocol.RERUNS)
+    assert [{k: v for k, v in line.items() if k != "finished"} for line in lines] == reruns
+    assert [rerun["run"] for rerun in reruns] == [run.name, confirmation.name]
+    assert reruns[0]["validation_mAP"] == [record_validation_mAP] * 2
+    assert reruns[1]["test_mAP"] == [record["test_mAP"]] * 2
+    assert reruns[1]["hardware"] == [record["hardware"]] * 2 and "final_train_loss" not in reruns[1]
+    assert len(protocol.read_ledger(results_dir)) == 2
+    assert scores_file.stat().st_mtime_ns == scores_written
+    with pytest.raises(
+        ValueError, match=r"`--rerun`: got 'nope', expected a run in protocol_quick"
+    ):
+        run_experiments.rerun_protocol_runs("protocol_quick", ["nope"], results_dir, tmp_path, "")
 
 
 def test_the_ledger_refuses_runs_on_other_data():
@@ -545,3 +564,29 @@ def test_a_run_stored_before_the_validation_fields_resumes_unchanged():
     assert config_lib.result_changing_differences(older, config_lib.flat_fields(config)) == [
         "dataset.validation: False -> True"
     ]
+
+
+def test_reruns_are_reported_with_where_each_ran():
+    from experiments import protocol_report
+
+    reruns = [
+        {
+            "run": "tuning/x",
+            "hardware": ["cpu (A)", "cpu (B)"],
+            "validation_mAP": [0.4047494, 0.4055701],
+        },
+        {
+            "run": "confirmation/y",
+            "hardware": ["cpu (B)", "cpu (B)"],
+            "validation_mAP": [0.5, 0.5],
+            "test_mAP": [0.45, 0.45],
+        },
+    ]
+    lines = protocol_report.reruns_section(reruns)
+    assert lines[4:] == [
+        "| `tuning/x` | cpu (A) | cpu (B) | 0.4047 → 0.4056 |  |",
+        "| `confirmation/y` | cpu (B) | cpu (B) | 0.5000 → 0.5000 (bit for bit) "
+        "| 0.4500 → 0.4500 (bit for bit) |",
+        "",
+    ]
+    assert protocol_report.reruns_section([]) == []
