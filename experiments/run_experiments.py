@@ -317,10 +317,11 @@ def rerun_protocol_runs(
     import tempfile
 
     ledger = {row["run"]: row for row in protocol.read_ledger(results_dir)}
-    comparisons = []
-    for name in names:
+    for name in names:  # all checked before any trains: a run takes minutes
         if name not in ledger:
             raise ValueError(f"`--rerun`: got {name!r}, expected a run in {profile}'s ledger.")
+    comparisons = []
+    for name in names:
         row = ledger[name]
         run = ProtocolRun(*(row[field.name] for field in dataclasses.fields(ProtocolRun)))
         then = protocol.load_result(results_dir, run)

@@ -498,7 +498,10 @@ def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
     with pytest.raises(
         ValueError, match=r"`--rerun`: got 'nope', expected a run in protocol_quick"
     ):
-        run_experiments.rerun_protocol_runs("protocol_quick", ["nope"], results_dir, tmp_path, "")
+        run_experiments.rerun_protocol_runs(
+            "protocol_quick", [run.name, "nope"], results_dir, tmp_path, ""
+        )
+    assert len(protocol.read_lines(results_dir / protocol.RERUNS)) == 2  # nothing ran
 
 
 def test_the_ledger_refuses_runs_on_other_data():
