@@ -411,7 +411,7 @@ def append_to_ledger(results_dir: Path, record: dict) -> None:
         "scored_by": record["scored_by"],
         "validation_mAP": record["validation_mAP"],
         "hardware": record["hardware"],
-        **({"data_sha256": record["data_sha256"]} if "data_sha256" in record else {}),
+        **{key: record[key] for key in ("data_sha256", "code_revision") if key in record},
     }
     append_line(results_dir / LEDGER, row)
 

@@ -12,6 +12,7 @@ exploratory.
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,19 @@ def family_table(effects: dict) -> list[str]:
 def knob_text(knobs: dict) -> str:
     short = {field.rsplit(".", 1)[-1]: value for field, value in knobs.items()}
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in short.items())
+
+
+def code_sentence(records: list[dict]) -> str:
+    """Which commits of the code the runs ran at, so every number traces back to its code."""
+    counts = collections.Counter(r.get("code_revision", "") for r in records)
+    unrecorded = counts.pop("", 0)
+    parts = [
+        f"`{revision[:12]}{'+modified' if revision.endswith('+modified') else ''}` ({count})"
+        for revision, count in sorted(counts.items())
+    ]
+    if unrecorded:
+        parts.append(f"not recorded ({unrecorded}: runs before the commit was kept)")
+    return f"Code (git commit: runs): {'; '.join(parts)}."
 
 
 def reruns_section(reruns: list[dict]) -> list[str]:
@@ -312,6 +326,8 @@ def write_report(profile: str, results_dir: Path, readme: Path | None = None) ->
         f"{spec.description}. {len(records)} runs, {hours:.2f} h of run time, on "
         f"{'; '.join(hardware)}. The protocol, fixed before these runs: "
         "[protocol.py](protocol.py).",
+        "",
+        code_sentence(records),
         "",
         *(
             [

@@ -49,6 +49,7 @@ from experiments.suite import (
     TSNE_METHODS,
     TSNE_POINTS,
     Run,
+    code_revision,
     hardware_name,
     missing_runs,
     plan,
@@ -211,14 +212,20 @@ def execute_protocol_run(
 
     A tuning run scores the validation split only; a confirmation run also scores test, keeps
     the scorer's float32 test scores (<results>/test_scores/<run>.npz) and the mAP of every
-    test resample. `data_sha256` (`data_digest`) goes into the record and the ledger.
+    test resample. `data_sha256` (`data_digest`) and the code's git commit (`code_revision`) go
+    into the record and the ledger.
     """
     from sdjax import metrics, train
 
     start = time.time()
     scorer = run.scorer
     budget = PROTOCOLS[profile].budgets[run.dataset]
-    record = {"name": run.name, "run": dataclasses.asdict(run), "profile": profile}
+    record = {
+        "name": run.name,
+        "run": dataclasses.asdict(run),
+        "profile": profile,
+        "code_revision": code_revision(),
+    }
     if data_sha256:
         record["data_sha256"] = data_sha256
     if run.entry == protocol.TEXT_REFERENCE:
@@ -329,7 +336,11 @@ def rerun_protocol_runs(
             now = execute_protocol_run(
                 profile, run, Path(scratch) / "results", workdir_root, data_dir
             )
-        comparison = {"run": name, "hardware": [then["hardware"], now["hardware"]]}
+        comparison = {
+            "run": name,
+            "hardware": [then["hardware"], now["hardware"]],
+            "code_revision": [then.get("code_revision", "unrecorded"), now["code_revision"]],
+        }
         for key in ("validation_mAP", "test_mAP", "final_train_loss"):
             if key in then:
                 comparison[key] = [then[key], now[key]]

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +235,29 @@ def hardware_name() -> str:
     if device.platform != "cpu":
         return f"{device.device_kind}, {os.cpu_count()} host cores"
     return f"cpu ({cpu_model()}), {os.cpu_count()} cores, {platform.machine()}"
+
+
+# What decides a run's numbers besides its config: the library, the configs, the experiment code
+# and the pinned packages (not the results, which runs write while others train).
+CODE_PATHS = ("sdjax", "configs", "experiments", ":!experiments/results", "requirements.txt")
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def code_revision(root: Path = CHECKOUT) -> str:
+    """The git commit the code at `root` (this checkout) was at, "+modified" if CODE_PATHS
+    differ from it; "unknown" outside a git checkout. Runs that span days and machines keep it,
+    so each number traces back to the code that made it."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--", *CODE_PATHS],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+modified" if changes else "")

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import protocol, protocol_report, stats
 from experiments.protocol import PROTOCOLS, ProtocolRun
+from experiments.suite import code_revision
 
 # ---------------------------------------------------------------------------------------------
 # Statistics
@@ -462,6 +463,7 @@ def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
     )
     assert asked == [["train_without_validation", "validation"]] and "test" not in record
     assert record["data_sha256"] == digest
+    assert record["code_revision"] == code_revision()
     record_validation_mAP = record["validation_mAP"]
     assert record["knobs"] == knobs and record["scored_by"] == "tfidf"
     assert record["validation_mAP"] > 0.9  # each tag has its telling word
@@ -481,6 +483,7 @@ def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
     ledger = protocol.read_ledger(results_dir)
     assert [row["run"] for row in ledger] == [run.name, confirmation.name]
     assert [row.get("data_sha256") for row in ledger] == [digest, None]
+    assert [row["code_revision"] for row in ledger] == [code_revision()] * 2
     # Run again: the same scores (TF-IDF is deterministic), kept beside the ledger, not in it.
     scores_file = results_dir / "test_scores" / f"{confirmation.name}.npz"
     scores_written = scores_file.stat().st_mtime_ns
@@ -493,6 +496,7 @@ def test_the_text_reference_runs_on_the_same_splits(tmp_path, monkeypatch):
     assert reruns[0]["validation_mAP"] == [record_validation_mAP] * 2
     assert reruns[1]["test_mAP"] == [record["test_mAP"]] * 2
     assert reruns[1]["hardware"] == [record["hardware"]] * 2 and "final_train_loss" not in reruns[1]
+    assert reruns[1]["code_revision"] == [code_revision()] * 2
     assert len(protocol.read_ledger(results_dir)) == 2
     assert scores_file.stat().st_mtime_ns == scores_written
     with pytest.raises(
@@ -593,3 +597,51 @@ def test_reruns_are_reported_with_where_each_ran():
         "",
     ]
     assert protocol_report.reruns_section([]) == []
+
+
+def test_runs_record_the_commit_of_the_code_that_made_them(tmp_path):
+    def git(*args):
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    assert code_revision(tmp_path) == "unknown"  # not a git checkout
+    for path in ("sdjax/loss.py", "experiments/results/run.json", "README.md"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    commit = git("rev-parse", "HEAD")
+    assert len(commit) == 40 and code_revision(tmp_path) == commit
+    # Results written while runs train, and prose, leave the code as committed.
+    (tmp_path / "experiments/results/run.json").write_text("1\n")
+    (tmp_path / "experiments/results/new.json").write_text("1\n")
+    (tmp_path / "README.md").write_text("1\n")
+    assert code_revision(tmp_path) == commit
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/new.py").write_text("1\n")  # a new, uncommitted config
+    assert code_revision(tmp_path) == commit + "+modified"
+    (tmp_path / "configs/new.py").unlink()
+    (tmp_path / "sdjax/loss.py").write_text("1\n")
+    assert code_revision(tmp_path) == commit + "+modified"
+
+
+def test_the_report_says_which_code_made_the_runs():
+    from experiments import protocol_report
+
+    revision = "0123456789abcdef" * 2 + "01234567"
+    records = [
+        {"code_revision": revision},
+        {"code_revision": revision},
+        {"code_revision": revision + "+modified"},
+        {},
+    ]
+    assert protocol_report.code_sentence(records) == (
+        "Code (git commit: runs): `0123456789ab` (2); `0123456789ab+modified` (1); "
+        "not recorded (1: runs before the commit was kept)."
+    )
