@@ -31,6 +31,7 @@ The default --results_dir holds the committed results, which are complete: nothi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import time
@@ -189,6 +190,13 @@ def text_reference_results(profile: str, run: ProtocolRun, knobs: dict, data_dir
     return scored, scores, labels
 
 
+@functools.cache
+def code_at_start() -> str:
+    """The code's git commit (`code_revision`) when this process first asked, which `main` does
+    first: the code it imported, even if the checkout changes while runs go on."""
+    return code_revision()
+
+
 def data_digest(profile: str, dataset: str, data_dir: str) -> str | None:
     """The SHA-256 of a dataset's prepared examples where they depend on the machine (debtags:
     its apt lists); None where they come from files that a pinned package ships."""
@@ -212,7 +220,7 @@ def execute_protocol_run(
 
     A tuning run scores the validation split only; a confirmation run also scores test, keeps
     the scorer's float32 test scores (<results>/test_scores/<run>.npz) and the mAP of every
-    test resample. `data_sha256` (`data_digest`) and the code's git commit (`code_revision`) go
+    test resample. `data_sha256` (`data_digest`) and the code's git commit (`code_at_start`) go
     into the record and the ledger.
     """
     from sdjax import metrics, train
@@ -224,7 +232,7 @@ def execute_protocol_run(
         "name": run.name,
         "run": dataclasses.asdict(run),
         "profile": profile,
-        "code_revision": code_revision(),
+        "code_revision": code_at_start(),
     }
     if data_sha256:
         record["data_sha256"] = data_sha256
@@ -395,6 +403,7 @@ def run_protocol(profile: str, results_dir: Path) -> None:
 
 def main(argv):
     del argv
+    code_at_start()
     results_dir = Path(FLAGS.results_dir) / FLAGS.profile
     import jax
 

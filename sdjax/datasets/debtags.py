@@ -284,6 +284,14 @@ class Debtags(LocalSourceBuilder):
             yield name, {"inputs": text, "labels": labels, "package": name}
 
 
+def stored_split(split: str, data_dir: str = "", source_dir: str = "") -> tuple[dict, list[str]]:
+    """The builder's stored split ("train" or "test") as arrays, and the tag names."""
+    source = sources.tfds_source(
+        "debtags/default", split, data_dir or sources.default_data_dir(), source_dir
+    )
+    return sources.stack(source), list(source.dataset_info.metadata["tags"])
+
+
 def corpus(
     data_dir: str = "", source_dir: str = "", splits=("train", "test")
 ) -> tuple[dict, list[str]]:
@@ -293,21 +301,19 @@ def corpus(
     "validation" holds the training packages that `is_validation_package` picks, and
     "train_without_validation" the others, in the stored (name) order.
     """
-    data_dir = data_dir or sources.default_data_dir()
     texts_and_labels = {}
     for split in splits:
         sources.check_split(split)
-        source = sources.tfds_source(
-            "debtags/default", "test" if split == "test" else "train", data_dir, source_dir
+        examples, tag_names = stored_split(
+            "test" if split == "test" else "train", data_dir, source_dir
         )
-        examples = sources.stack(source)
         keep = np.arange(len(examples["labels"]))
         if split in ("validation", "train_without_validation"):
             held = np.array([is_validation_package(name.decode()) for name in examples["package"]])
             keep = keep[held == (split == "validation")]
         texts = [examples["inputs"][i].decode() for i in keep]
         texts_and_labels[split] = (texts, examples["labels"][keep])
-    return texts_and_labels, list(source.dataset_info.metadata["tags"])
+    return texts_and_labels, tag_names
 
 
 def digest(data_dir: str = "", source_dir: str = "") -> str:
@@ -316,13 +322,11 @@ def digest(data_dir: str = "", source_dir: str = "") -> str:
     Apt lists change with Debian's updates, so two machines may prepare different data; equal
     digests mean the same examples in the same order. Experiments that span machines record it.
     """
-    data_dir = data_dir or sources.default_data_dir()
     sha = hashlib.sha256()
     for split in ("train", "test"):
-        source = sources.tfds_source("debtags/default", split, data_dir, source_dir)
+        examples, tag_names = stored_split(split, data_dir, source_dir)
         if split == "train":
-            sha.update("\n".join(source.dataset_info.metadata["tags"]).encode())
-        examples = sources.stack(source)
+            sha.update("\n".join(tag_names).encode())
         sha.update(f"\0{split}:{len(examples['labels'])}".encode())
         for name, text in zip(examples["package"], examples["inputs"], strict=True):
             sha.update(b"\0%d:%s\0%d:%s" % (len(name), name, len(text), text))
