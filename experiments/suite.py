@@ -238,8 +238,15 @@ def hardware_name() -> str:
 
 
 # What decides a run's numbers besides its config: the library, the configs, the experiment code
-# and the pinned packages (not the results, which runs write while others train).
-CODE_PATHS = ("sdjax", "configs", "experiments", ":!experiments/results", "requirements.txt")
+# and the pinned packages (not the results, which runs write while others train, nor prose).
+CODE_PATHS = (
+    "sdjax",
+    "configs",
+    "experiments",
+    ":!experiments/results",
+    ":!*.md",
+    "requirements.txt",
+)
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 

@@ -610,7 +610,7 @@ def test_runs_record_the_commit_of_the_code_that_made_them(tmp_path):
         ).stdout.strip()
 
     assert code_revision(tmp_path) == "unknown"  # not a git checkout
-    for path in ("sdjax/loss.py", "experiments/results/run.json", "README.md"):
+    for path in ("sdjax/loss.py", "experiments/results/run.json", "experiments/README.md"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("0\n")
     git("init", "-q")
@@ -621,7 +621,7 @@ def test_runs_record_the_commit_of_the_code_that_made_them(tmp_path):
     # Results written while runs train, and prose, leave the code as committed.
     (tmp_path / "experiments/results/run.json").write_text("1\n")
     (tmp_path / "experiments/results/new.json").write_text("1\n")
-    (tmp_path / "README.md").write_text("1\n")
+    (tmp_path / "experiments/README.md").write_text("1\n")
     assert code_revision(tmp_path) == commit
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs/new.py").write_text("1\n")  # a new, uncommitted config
