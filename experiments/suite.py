@@ -254,17 +254,15 @@ def code_revision(root: Path = CHECKOUT) -> str:
     """The git commit the code at `root` (this checkout) was at, "+modified" if CODE_PATHS
     differ from it; "unknown" outside a git checkout. Runs that span days and machines keep it,
     so each number traces back to the code that made it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        changes = subprocess.run(
-            ["git", "status", "--porcelain", "--", *CODE_PATHS],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        commit = git("rev-parse", "HEAD")
+        changes = git("status", "--porcelain", "--", *CODE_PATHS)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+modified" if changes else "")

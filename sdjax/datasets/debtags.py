@@ -301,12 +301,13 @@ def corpus(
     "validation" holds the training packages that `is_validation_package` picks, and
     "train_without_validation" the others, in the stored (name) order.
     """
-    texts_and_labels = {}
+    texts_and_labels, stored = {}, {}
     for split in splits:
         sources.check_split(split)
-        examples, tag_names = stored_split(
-            "test" if split == "test" else "train", data_dir, source_dir
-        )
+        stored_name = "test" if split == "test" else "train"
+        if stored_name not in stored:  # validation and train share the stored "train"
+            stored[stored_name] = stored_split(stored_name, data_dir, source_dir)
+        examples, tag_names = stored[stored_name]
         keep = np.arange(len(examples["labels"]))
         if split in ("validation", "train_without_validation"):
             held = np.array([is_validation_package(name.decode()) for name in examples["package"]])
