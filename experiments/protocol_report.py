@@ -139,6 +139,29 @@ def family_table(effects: dict) -> list[str]:
             f"{e['diff']:+.4f} | [{e['low']:+.4f}, {e['high']:+.4f}] | {e['p_holm']:.3f} | "
             f"{e['tost_p_holm']:.3f} | {VERDICTS[e['verdict']]} |"
         )
+    return [*lines, "", *family_summary(effects)]
+
+
+def family_summary(effects: dict) -> list[str]:
+    """Each setting's contrasts grouped by their reading, one line per setting, so a sentence
+    about the table can be checked against it at a glance."""
+    lines = []
+    for setting in dict.fromkeys(setting for setting, _ in effects):
+        groups = collections.defaultdict(list)
+        for (row_setting, rival), effect in effects.items():
+            if row_setting == setting:
+                groups[effect["verdict"]].append(f"`{rival}`")
+        phrases = [
+            f"{phrase} {', '.join(groups[verdict])}"
+            for verdict, phrase in (
+                ("better", "better than"),
+                ("worse", "worse than"),
+                ("practically equal", "practically equal to"),
+                ("inconclusive", "inconclusive against"),
+            )
+            if groups[verdict]
+        ]
+        lines.append(f"- `{setting}`: S-D {'; '.join(phrases)}.")
     return [*lines, ""]
 
 

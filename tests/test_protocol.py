@@ -301,6 +301,26 @@ def test_report_states_the_preregistered_comparison(tmp_path, test_profile):
     assert "family of 14 contrasts" in text and "tfidf" in row("joint", "tfidf")
     assert "**yeast: S-D against each entry** (exploratory" in text
     assert (tmp_path / "report.md").read_text().count("(../../protocol.py)") == 1
+    # Under the table, each setting's readings are summed up in one line that matches it.
+    primary = text.split("### Primary comparison")[1].split("### Exploratory")[0]
+    readings = {}
+    for line in primary.splitlines():
+        cells = line.strip("| ").split(" | ")
+        if line.startswith("| pretrain |"):
+            readings.setdefault(cells[-1].strip("*").removeprefix("S-D "), []).append(cells[1])
+    assert "practically equal" in readings and "inconclusive" in readings
+    phrases = {
+        "better": "better than",
+        "worse": "worse than",
+        "practically equal": "practically equal to",
+        "inconclusive": "inconclusive against",
+    }
+    expected = "; ".join(
+        f"{phrases[r]} " + ", ".join(f"`{rival}`" for rival in readings[r])
+        for r in phrases
+        if r in readings
+    )
+    assert f"- `pretrain`: S-D {expected}." in primary.splitlines()
     # A tuning record that holds test metrics stops the report: selection never sees test.
     tuning_run = next(r for r in runs if r.stage == "tuning")
     tainted = {**protocol.load_result(tmp_path, tuning_run), "test": {"linear_eval": {}}}
@@ -645,3 +665,23 @@ def test_the_report_says_which_code_made_the_runs():
         "Code (git commit: runs): `0123456789ab` (2); `0123456789ab+modified` (1); "
         "not recorded (1: runs before the commit was kept)."
     )
+
+
+# Profiles whose committed results are complete: their report and README block are what the
+# report code writes from those results now, byte for byte.
+COMMITTED_REPORTS = ("protocol_quick",)
+
+
+@pytest.mark.parametrize("profile", COMMITTED_REPORTS)
+def test_committed_reports_regenerate_byte_for_byte(tmp_path, profile):
+    import shutil
+
+    experiments_dir = Path(__file__).resolve().parents[1] / "experiments"
+    committed = experiments_dir / "results" / profile
+    results_dir = tmp_path / profile
+    shutil.copytree(committed, results_dir, ignore=shutil.ignore_patterns("test_scores"))
+    readme = tmp_path / "README.md"
+    shutil.copy(experiments_dir / "README.md", readme)
+    protocol_report.write_report(profile, results_dir, readme)
+    assert (results_dir / "report.md").read_text() == (committed / "report.md").read_text()
+    assert readme.read_text() == (experiments_dir / "README.md").read_text()
