@@ -669,7 +669,7 @@ def test_the_report_says_which_code_made_the_runs():
 
 # Profiles whose committed results are complete: their report and README block are what the
 # report code writes from those results now, byte for byte.
-COMMITTED_REPORTS = ("protocol_quick",)
+COMMITTED_REPORTS = ("protocol_quick", "protocol")
 
 
 @pytest.mark.parametrize("profile", COMMITTED_REPORTS)
