@@ -64,7 +64,7 @@ $(TORCH_STAMP):
 
 bench: $(STAMP) $(TORCH_STAMP)
 	$(PY) -m experiments.bench_loss
-	$(PY) -m experiments.bench_train --chunk_size=16 --chunk_counts=2,4,8,16,32,64 --rounds=3 --steps=5 \
+	$(PY) -m experiments.bench_train --chunk_size=16 --chunk_counts=2,4,8,16,32,64 --rounds=3 --steps=8 \
 		--impls=sdjax,torch_compile,torch_eager
 
 clean:

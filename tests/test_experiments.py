@@ -457,6 +457,115 @@ def test_the_step_profile_sorts_the_programs_operations_into_kinds(tmp_path):
     )
 
 
+def test_the_step_profile_reads_each_dot_of_a_program_and_times_it_in_the_trace(tmp_path):
+    """A program with a plain and a batched matmul: `compiled_dots` finds both with their
+    operands' shapes and FLOPs, its dimension numbers recompute each product, and each dot's
+    time in the step is its trace events' time."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from experiments import profile_train_step
+
+    def program(a, b, c, d):
+        return jnp.tanh(a @ b).sum() + jnp.einsum("bij,bjk->bik", c, d).sum()
+
+    rng = np.random.default_rng(0)
+    operands = [
+        rng.normal(size=shape).astype(np.float32)
+        for shape in ((64, 96), (96, 32), (3, 40, 24), (3, 24, 16))
+    ]
+    compiled = jax.jit(program).lower(*operands).compile()
+    dots = profile_train_step.compiled_dots(compiled.as_text())
+    found = sorted((dot["lhs"], dot["rhs"], dot["flops"], dot["library"]) for dot in dots.values())
+    assert found == [
+        ([3, 40, 24], [3, 24, 16], 2 * 3 * 40 * 24 * 16, "YNNPACK"),
+        ([64, 96], [96, 32], 2 * 64 * 96 * 32, "YNNPACK"),
+    ]
+    for dot in dots.values():
+        lhs, rhs = (rng.normal(size=dot[side]).astype(np.float32) for side in ("lhs", "rhs"))
+        product = lax.dot_general(lhs, rhs, dot["dimension_numbers"])
+        expected = np.matmul(lhs, rhs)  # both dots are plain (batched) matrix products
+        np.testing.assert_allclose(product, expected, rtol=1e-5, atol=1e-4)
+
+    compiled(*operands).block_until_ready()
+    with jax.profiler.trace(str(tmp_path)):
+        for _ in range(2):
+            compiled(*operands).block_until_ready()
+    events = profile_train_step.trace_events(tmp_path)
+    matmuls = profile_train_step.matmuls_in_step_and_alone(events, dots, steps=2)
+    assert {matmul["operation"] for matmul in matmuls} == set(dots)
+    for matmul in matmuls:
+        own = [e["dur"] for e in events if e.get("ph") == "X" and e["name"] == matmul["operation"]]
+        assert len(own) == 2
+        assert matmul["step_ms"] == pytest.approx(sum(own) / 1e3 / 2)
+        assert 0 <= matmul["concurrent_ms"] <= matmul["step_ms"]
+        assert matmul["alone_ms"] > 0
+
+
+def test_the_step_profile_tells_xlas_own_dots_from_ynnpacks_and_skips_other_fusions():
+    """A compiled program's text, written out: a YNNPACK fusion's dot is named after the
+    fusion, a dot outside fusions after itself, and a dot in a loop fusion is left out."""
+    from experiments import profile_train_step
+
+    contract = "lhs_contracting_dims={1}, rhs_contracting_dims={0}"
+    program = "\n".join(
+        [
+            "HloModule jit_step",
+            "",
+            "%fused.7 (p0: f32[8,5], p1: f32[5,3]) -> f32[8,3] {",
+            "  %p0 = f32[8,5]{1,0} parameter(0)",
+            "  %p1 = f32[5,3]{1,0} parameter(1)",
+            f"  ROOT %dot.2 = f32[8,3]{{1,0}} dot(%p0, %p1), {contract}",
+            "}",
+            "",
+            "%fused.9 (p2: f32[8,5]) -> f32[8,8] {",
+            "  %p2 = f32[8,5]{1,0} parameter(0)",
+            "  ROOT %dot.3 = f32[8,8]{1,0} dot(%p2, %p2), "
+            "lhs_contracting_dims={1}, rhs_contracting_dims={1}",
+            "}",
+            "",
+            "ENTRY %main.5 (a: f32[8,5], b: f32[5,3], c: f32[7,8], d: f32[7,2]) -> f32[8,3] {",
+            "  %a = f32[8,5]{1,0} parameter(0)",
+            "  %b = f32[5,3]{1,0} parameter(1)",
+            "  %c = f32[7,8]{1,0} parameter(2)",
+            "  %d = f32[7,2]{1,0} parameter(3)",
+            "  %ynn_fusion.4 = f32[8,3]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused.7, "
+            'backend_config={"fusion_config":{"kind":"__ynn_fusion"}}',
+            "  %loop_fusion.1 = f32[8,8]{1,0} fusion(%a), kind=kLoop, calls=%fused.9",
+            "  ROOT %dot.8 = f32[8,2]{1,0} dot(%c, %d), "
+            "lhs_contracting_dims={0}, rhs_contracting_dims={0}",
+            "}",
+        ]
+    )
+    dots = profile_train_step.compiled_dots(program)
+    assert dots == {
+        "ynn_fusion.4": {
+            "library": "YNNPACK",
+            "lhs": [8, 5],
+            "rhs": [5, 3],
+            "dimension_numbers": (([1], [0]), ([], [])),
+            "flops": 2 * 8 * 5 * 3,
+        },
+        "dot.8": {
+            "library": "XLA",
+            "lhs": [7, 8],
+            "rhs": [7, 2],
+            "dimension_numbers": (([0], [0]), ([], [])),
+            "flops": 2 * 8 * 2 * 7,
+        },
+    }
+
+
+def test_the_covered_time_of_an_interval_is_the_union_of_the_others_inside_it():
+    from experiments import profile_train_step
+
+    others = [(-5.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.8), (9.0, 20.0), (30.0, 40.0)]
+    # [0, 3] + [5, 6] + [9, 10], the overlaps counted once
+    assert profile_train_step.covered((0.0, 10.0), others) == pytest.approx(5.0)
+    assert profile_train_step.covered((0.0, 10.0), []) == 0.0
+
+
 @pytest.mark.parametrize(("stride", "padding"), [(1, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1)))])
 def test_every_kernel_gradient_form_timed_is_the_convolutions_kernel_gradient(stride, padding):
     """experiments/kernel_grads' XLA forms against JAX's own gradient of lax's convolution."""
