@@ -171,8 +171,9 @@ def sdjax_train_step(arch: str, batch_size: int, image_size: int, chunk_size: in
 
 
 def sdjax_step(arch: str, batch_size: int, image_size: int, chunk_size: int, gpu: bool):
-    """`(run, flops_per_step, xla_temp_mb)`: `run()` takes one training step and waits for it;
-    `xla_temp_mb` is XLA's buffer for the step's intermediates (activations and the like)."""
+    """`(run, flops_per_step, xla_temp_mb, compiled)`: `run()` takes one training step and
+    waits for it; `xla_temp_mb` is XLA's buffer for the step's intermediates (activations and
+    the like); `compiled` is the step as XLA compiled it (its HLO: `compiled.as_text()`)."""
     import jax
 
     train_step, args = sdjax_train_step(arch, batch_size, image_size, chunk_size, gpu)
@@ -186,7 +187,7 @@ def sdjax_step(arch: str, batch_size: int, image_size: int, chunk_size: int, gpu
     def run():
         return float(jax.block_until_ready(train_step(*args)))
 
-    return run, flops, temp_mb
+    return run, flops, temp_mb, compiled
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,7 +309,7 @@ def torch_step(arch: str, batch_size: int, image_size: int, compiled: bool, gpu:
 def worker(impl, arch, batch_size, chunk_size, image_size, steps, gpu) -> dict:
     start = time.perf_counter()
     if impl == "sdjax":
-        run, flops, temp_mb = sdjax_step(arch, batch_size, image_size, chunk_size, gpu)
+        run, flops, temp_mb, _ = sdjax_step(arch, batch_size, image_size, chunk_size, gpu)
     else:
         run, flops = torch_step(arch, batch_size, image_size, impl == "torch_compile", gpu)
         temp_mb = None

@@ -101,12 +101,7 @@ def median_step_ms(run) -> float:
 def sdjax_profile(arch: str) -> dict:
     import jax
 
-    train_step, args = bench_train.sdjax_train_step(arch, BATCH_SIZE, IMAGE_SIZE, 0, False)
-    program = train_step.lower(*args).compile().as_text()
-
-    def run():
-        return float(jax.block_until_ready(train_step(*args)))
-
+    run, _, _, compiled = bench_train.sdjax_step(arch, BATCH_SIZE, IMAGE_SIZE, 0, False)
     step_ms = median_step_ms(run)
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
@@ -116,7 +111,9 @@ def sdjax_profile(arch: str) -> dict:
     return {
         "step_ms": step_ms,
         "kinds_ms": xla_operation_ms(events, PROFILED_STEPS),
-        "matmuls": matmuls_in_step_and_alone(events, compiled_dots(program), PROFILED_STEPS),
+        "matmuls": matmuls_in_step_and_alone(
+            events, compiled_dots(compiled.as_text()), PROFILED_STEPS
+        ),
     }
 
 
@@ -363,7 +360,7 @@ def write_outputs(rows: list[dict], flag_steps: dict, header: list[str]) -> None
 def main(argv):
     del argv
     if FLAGS.time_worker:
-        run, _, _ = bench_train.sdjax_step(FLAGS.time_worker, BATCH_SIZE, IMAGE_SIZE, 0, False)
+        run, _, _, _ = bench_train.sdjax_step(FLAGS.time_worker, BATCH_SIZE, IMAGE_SIZE, 0, False)
         print(json.dumps({"step_ms": median_step_ms(run)}))
         return
     if FLAGS.profile_worker:
