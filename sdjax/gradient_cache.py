@@ -11,9 +11,10 @@ instead of the loss, in three phases:
    back to the parameters (`jax.vjp`), summing the parameter gradients over chunks.
 
 Memory then holds one chunk's activations plus O(M * D) for the embeddings and their
-gradient, whatever the global batch M; the price is a second forward pass. The result is the
-gradient of the same loss: exact up to float summation order when the model treats examples
-independently (GroupNorm, LayerNorm; not BatchNorm).
+gradient, whatever the global batch M; the price is a second forward pass of every chunk but
+the last, whose activations phase 1 keeps (they are the one chunk's that memory holds
+anyway). The result is the gradient of the same loss: exact up to float summation order
+when the model treats examples independently (GroupNorm, LayerNorm; not BatchNorm).
 """
 
 from __future__ import annotations
@@ -97,32 +98,52 @@ def chunked_value_and_grad(
     # [M, ...] -> [num_chunks, chunk_size, ...] with chunk k = rows k, k + num_chunks, ...:
     # the chunk axis splits like the batch axis, so each device embeds its own rows.
     chunks = _to_chunks(inputs, num_chunks)
-    indices = jnp.arange(num_chunks)
+    last = num_chunks - 1
+    indices = jnp.arange(last)
 
-    # Phase 1: embeddings only; lax.map keeps no activations for the backward pass.
-    chunk_outputs, counts = jax.lax.map(
-        lambda args: apply(params, *args), (indices, jax.lax.stop_gradient(chunks))
+    # Phase 1: embeddings only; lax.map keeps no activations for the backward pass. The last
+    # chunk is the exception: its activations are kept, so phase 3 starts with its pullback
+    # instead of a second forward pass. The barrier runs it after the other chunks, so that
+    # its activations are not held while they are embedded.
+    head_outputs, _ = jax.lax.map(
+        lambda args: apply(params, *args), (indices, jax.lax.stop_gradient(chunks[:last]))
     )
-    outputs = jax.lax.stop_gradient(jax.tree.map(_from_chunks, chunk_outputs))
+    head_outputs, last_chunk = jax.lax.optimization_barrier(
+        (head_outputs, jax.lax.stop_gradient(chunks[last]))
+    )
+    last_outputs, last_pullback, counts = jax.vjp(
+        lambda params: apply(params, last, last_chunk), params, has_aux=True
+    )
+    outputs = jax.tree.map(
+        lambda head, tail: _from_chunks(jnp.concatenate([head, tail[None]])),
+        head_outputs,
+        jax.lax.stop_gradient(last_outputs),
+    )
 
     # Phase 2: the loss of the whole batch and its gradient with respect to the outputs.
     loss, output_grads = jax.value_and_grad(loss_of_outputs)(outputs)
+    chunk_output_grads = jax.tree.map(lambda g: _to_chunks(g, num_chunks), output_grads)
 
-    # Phase 3: each chunk's forward again, its vjp, and the parameter gradients summed.
+    # Phase 3: the last chunk's pullback, then each other chunk's forward pass again and its
+    # pullback, the parameter gradients summed. Starting the sum from the last chunk's
+    # gradients also frees its activations before the loop.
     def accumulate(grads, args):
         chunk_index, chunk, chunk_output_grads = args
         _, pullback = jax.vjp(lambda params: apply(params, chunk_index, chunk)[0], params)
         (chunk_grads,) = pullback(chunk_output_grads)
         return jax.tree.map(jnp.add, grads, chunk_grads), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    (last_grads,) = last_pullback(jax.tree.map(lambda g: g[last], chunk_output_grads))
+    # The barrier keeps the second forward passes after the last chunk's pullback: XLA would
+    # otherwise merge a one-chunk loop's with phase 1's and hold its activations throughout.
+    last_grads, other_chunks = jax.lax.optimization_barrier((last_grads, chunks[:last]))
     grads, _ = jax.lax.scan(
         accumulate,
-        zeros,
-        (indices, chunks, jax.tree.map(lambda g: _to_chunks(g, num_chunks), output_grads)),
+        last_grads,
+        (indices, other_chunks, jax.tree.map(lambda g: g[:last], chunk_output_grads)),
     )
     # Random counters advance as after one forward call (every chunk advanced them alike).
-    nnx.update(model, jax.tree.map(lambda count: count[0], counts))
+    nnx.update(model, counts)
     return loss, grads
 
 
