@@ -22,5 +22,6 @@ Benchmarks, which write their results into experiments/results/:
 - `profile_train_step`: where a CPU training step's time goes, sdjax's against PyTorch's.
 - `conv_repro`: XLA:CPU's slow convolutions, reproduced.
 - `kernel_grads`: ResNet-50's 3x3 kernel gradients, XLA's forms against PyTorch's oneDNN.
+- `page_faults`: XLA:CPU's per-call temporaries faulted in afresh, with and without huge pages.
 - `device_kit`: every accelerator measurement in one short call, packed here, run there.
 """

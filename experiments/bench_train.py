@@ -29,6 +29,7 @@ import datetime
 import itertools
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ from experiments.bench_loss import (
     torch_version,
     worker_json,
 )
+from sdjax import host_memory
 
 ARCHS = {  # name: (stage sizes, block)
     "resnet18": ((2, 2, 2, 2), "basic"),
@@ -317,10 +319,12 @@ def worker(impl, arch, batch_size, chunk_size, image_size, steps, gpu) -> dict:
     first_call = time.perf_counter() - start
     run()
     times = []
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
         start = time.perf_counter()
         last_loss = run()
         times.append(time.perf_counter() - start)
+    usage_after = resource.getrusage(resource.RUSAGE_SELF)
     median = float(np.median(times))
     return {
         "impl": impl,
@@ -336,6 +340,9 @@ def worker(impl, arch, batch_size, chunk_size, image_size, steps, gpu) -> dict:
         "xla_flops_per_step": flops,
         "xla_temp_mb": temp_mb,
         "peak_memory_mb": peak_gpu_mb(impl) if gpu else peak_rss_mb(),
+        # The kernel's share of a step: faulting in fresh memory (sdjax.host_memory).
+        "page_faults_per_step": (usage_after.ru_minflt - usage.ru_minflt) / steps,
+        "system_s_per_step": (usage_after.ru_stime - usage.ru_stime) / steps,
     }
 
 
@@ -407,6 +414,11 @@ def merge_rounds(rows: list[dict]) -> dict:
         "samples_per_s": ok[0]["batch_size"] / median,
         "first_call_s": float(np.mean([r["first_call_s"] for r in ok])),
         "peak_memory_mb": max(r["peak_memory_mb"] for r in ok),
+        **{
+            key: float(np.mean([r[key] for r in ok]))
+            for key in ("page_faults_per_step", "system_s_per_step")
+            if all(key in r for r in ok)
+        },
     }
 
 
@@ -495,12 +507,12 @@ def write_outputs(results, max_batches, memory_rows, header, out_dir: Path, stem
     lines += [
         "| network | implementation | samples/s | step (ms) | step / torch.compile's | "
         "peak memory (MB) | XLA temp (MB) | XLA GFLOP/step | achieved TFLOP/s | MFU | "
-        "first call (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "first call (s) | page faults / step | kernel time / step (ms) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r["status"] != "ok":
-            lines.append(f"| {r['arch']} | {label(r)} | {r['status']} | | | | | | | | |")
+            lines.append(f"| {r['arch']} | {label(r)} | {r['status']} | | | | | | | | | | |")
             continue
         flops = r["xla_flops_per_step"]
         tflops = f"{flops / r['median_step_s'] / 1e12:.3f}" if flops else "–"
@@ -508,12 +520,14 @@ def write_outputs(results, max_batches, memory_rows, header, out_dir: Path, stem
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "–"
         vs_compile = ratio_to(results, r, "torch_compile")
         temp = f"{r['xla_temp_mb']:.0f}" if r.get("xla_temp_mb") is not None else "–"
+        faults = f"{r['page_faults_per_step']:,.0f}" if "page_faults_per_step" in r else "–"
+        kernel = f"{1e3 * r['system_s_per_step']:.0f}" if "system_s_per_step" in r else "–"
         lines.append(
             f"| {r['arch']} | {label(r)} | {r['samples_per_s']:.1f} | "
             f"{1e3 * r['median_step_s']:.0f} | "
             f"{'–' if vs_compile is None else f'{vs_compile:.2f}'} | "
             f"{r['peak_memory_mb']:.0f} | {temp} | {gflops} | "
-            f"{tflops} | {mfu} | {r['first_call_s']:.1f} |"
+            f"{tflops} | {mfu} | {r['first_call_s']:.1f} | {faults} | {kernel} |"
         )
     rounds = [r for r in results if len(r.get("round_medians_s", [])) > 1]
     if rounds:
@@ -697,7 +711,11 @@ def main(argv):
         "warm-up step; the configurations run one after another in each round; each "
         f"configuration in its own process ({memory}); XLA temp: XLA's buffer for the step's "
         "intermediates; FLOPs from XLA's cost analysis of sdjax's step (the PyTorch step does "
-        "the same work)",
+        "the same work); page faults and kernel time: the process's minor faults and system "
+        "CPU time over the timed steps, per step",
+        f"- host memory: `GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}`, transparent "
+        f"huge pages `{host_memory.transparent_huge_page_mode()}`, for every implementation's "
+        "process (`sdjax.host_memory`)",
         f"- command: `{' '.join([python, '-m', 'experiments.bench_train', *sys.argv[1:]])}`",
         *([f"- {FLAGS.note}"] if FLAGS.note else []),
     ]
@@ -714,4 +732,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Before anything else; the workers inherit the setting, PyTorch's too.
+    host_memory.restart_with_huge_pages()
     app.run(main)

@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments.suite import hardware_name
+from sdjax import host_memory
 
 EXPERIMENTS = Path(__file__).resolve().parent
 RESULTS = EXPERIMENTS / "results"
@@ -92,5 +93,6 @@ def define_flags():
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()
     define_flags()
     app.run(main)

@@ -47,6 +47,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.suite import COMMON_OVERRIDES, hardware_name
+from sdjax import host_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 1000  # the protocol's tuning seed
@@ -262,5 +263,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()
     define_flags()
     app.run(main)

@@ -46,6 +46,7 @@ if __package__ in (None, ""):  # run as a script (the PyTorch worker): import fr
 
 from experiments import bench_train
 from experiments.bench_loss import cpu_model, interpreter, torch_version, worker_json
+from sdjax import host_memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("profile_archs", ["resnet50"], f"Networks, from {sorted(bench_train.ARCHS)}.")
@@ -397,4 +398,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()  # as bench_train's step runs
     app.run(main)

@@ -56,6 +56,7 @@ from experiments.suite import (
     plan,
     result_path,
 )
+from sdjax import host_memory
 
 EXPERIMENTS = Path(__file__).resolve().parent
 
@@ -450,5 +451,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()
     define_flags()
     app.run(main)

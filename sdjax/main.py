@@ -26,7 +26,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdjax import checkpointing, config_lib, datasets, multihost, train
+from sdjax import checkpointing, config_lib, datasets, host_memory, multihost, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.")
@@ -156,4 +156,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()
     app.run(main, flags_parser=parse_flags)
