@@ -15,6 +15,12 @@ COMMAND:
 
 from __future__ import annotations
 
+# The restart comes before the imports, which it would otherwise run twice.
+from sdjax import host_memory
+
+if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()
+
 import datetime
 import json
 from pathlib import Path
@@ -23,7 +29,6 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments.suite import hardware_name
-from sdjax import host_memory
 
 EXPERIMENTS = Path(__file__).resolve().parent
 RESULTS = EXPERIMENTS / "results"
@@ -93,6 +98,5 @@ def define_flags():
 
 
 if __name__ == "__main__":
-    host_memory.restart_with_huge_pages()
     define_flags()
     app.run(main)

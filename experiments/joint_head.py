@@ -33,6 +33,12 @@ COMMAND:
 
 from __future__ import annotations
 
+# The restart comes before the imports, which it would otherwise run twice.
+from sdjax import host_memory
+
+if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()
+
 import contextlib
 import dataclasses
 import datetime
@@ -47,7 +53,6 @@ import numpy as np
 from absl import app, flags
 
 from experiments.suite import COMMON_OVERRIDES, hardware_name
-from sdjax import host_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 1000  # the protocol's tuning seed
@@ -263,6 +268,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    host_memory.restart_with_huge_pages()
     define_flags()
     app.run(main)

@@ -30,6 +30,12 @@ The default --results_dir holds the committed results, which are complete: nothi
 
 from __future__ import annotations
 
+# The restart comes before the imports, which it would otherwise run twice.
+from sdjax import host_memory
+
+if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()
+
 import dataclasses
 import functools
 import json
@@ -56,7 +62,6 @@ from experiments.suite import (
     plan,
     result_path,
 )
-from sdjax import host_memory
 
 EXPERIMENTS = Path(__file__).resolve().parent
 
@@ -451,6 +456,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    host_memory.restart_with_huge_pages()
     define_flags()
     app.run(main)

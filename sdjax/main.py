@@ -16,6 +16,12 @@ Every failure a user can meet ends in one line on stderr, and the exit status sa
   3  a multi-host peer never arrived within multihost.initialization_timeout_s.
 """
 
+# The restart comes before the imports, which it would otherwise run twice.
+from sdjax import host_memory
+
+if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()
+
 import json
 import shlex
 import sys
@@ -26,7 +32,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdjax import checkpointing, config_lib, datasets, host_memory, multihost, train
+from sdjax import checkpointing, config_lib, datasets, multihost, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.")
@@ -156,5 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    host_memory.restart_with_huge_pages()
     app.run(main, flags_parser=parse_flags)
