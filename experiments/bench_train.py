@@ -308,6 +308,25 @@ def torch_step(arch: str, batch_size: int, image_size: int, compiled: bool, gpu:
 # --------------------------------------------------------------------------------------------
 
 
+def timed_calls(run, calls: int) -> tuple[list[float], object, dict[str, float]]:
+    """`calls` calls of `run`: their wall times (s), the last one's result, and the process's
+    minor page faults and user and system CPU seconds per call over them (the kernel's share:
+    faulting in fresh memory, see sdjax.host_memory)."""
+    times, result = [], None
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(calls):
+        start = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    usage = {
+        "page_faults": (after.ru_minflt - before.ru_minflt) / calls,
+        "user_s": (after.ru_utime - before.ru_utime) / calls,
+        "system_s": (after.ru_stime - before.ru_stime) / calls,
+    }
+    return times, result, usage
+
+
 def worker(impl, arch, batch_size, chunk_size, image_size, steps, gpu) -> dict:
     start = time.perf_counter()
     if impl == "sdjax":
@@ -318,13 +337,7 @@ def worker(impl, arch, batch_size, chunk_size, image_size, steps, gpu) -> dict:
     first_loss = run()  # compiles (sdjax: compiled above, for the FLOP count)
     first_call = time.perf_counter() - start
     run()
-    times = []
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(steps):
-        start = time.perf_counter()
-        last_loss = run()
-        times.append(time.perf_counter() - start)
-    usage_after = resource.getrusage(resource.RUSAGE_SELF)
+    times, last_loss, usage = timed_calls(run, steps)
     median = float(np.median(times))
     return {
         "impl": impl,
@@ -340,9 +353,8 @@ def worker(impl, arch, batch_size, chunk_size, image_size, steps, gpu) -> dict:
         "xla_flops_per_step": flops,
         "xla_temp_mb": temp_mb,
         "peak_memory_mb": peak_gpu_mb(impl) if gpu else peak_rss_mb(),
-        # The kernel's share of a step: faulting in fresh memory (sdjax.host_memory).
-        "page_faults_per_step": (usage_after.ru_minflt - usage.ru_minflt) / steps,
-        "system_s_per_step": (usage_after.ru_stime - usage.ru_stime) / steps,
+        "page_faults_per_step": usage["page_faults"],
+        "system_s_per_step": usage["system_s"],
     }
 
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -69,17 +67,12 @@ def worker(name: str, calls: int) -> dict:
     run = program(name)
     run()
     run()
-    times, start_usage = [], resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(calls):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+    times, _, usage = bench_train.timed_calls(run, calls)
     return {
         "median_call_s": float(np.median(times)),
-        "page_faults_per_call": (usage.ru_minflt - start_usage.ru_minflt) / calls,
-        "user_s_per_call": (usage.ru_utime - start_usage.ru_utime) / calls,
-        "system_s_per_call": (usage.ru_stime - start_usage.ru_stime) / calls,
+        "page_faults_per_call": usage["page_faults"],
+        "user_s_per_call": usage["user_s"],
+        "system_s_per_call": usage["system_s"],
     }
 
 

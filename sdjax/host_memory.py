@@ -71,8 +71,9 @@ def huge_page_environment(
 
 def restart_with_huge_pages() -> None:
     """Runs this process's command again with `glibc.malloc.hugetlb=1` when that changes
-    something (see `huge_page_environment`); returns, doing nothing, otherwise. Call it first
-    thing in a program's `if __name__ == "__main__":`, before it does any work."""
+    something (see `huge_page_environment`); returns, doing nothing, otherwise. Call it under
+    a program's `if __name__ == "__main__":` before any work, and before its heavy imports,
+    which a restart would run again."""
     environment = huge_page_environment(os.environ, transparent_huge_page_mode(), glibc_version())
     if environment is None:
         return
