@@ -3,7 +3,8 @@
 One training step = encode two views of every example with a ResNet (sdjax's architecture:
 patchify stem, basic or bottleneck blocks, GroupNorm, mean pooling), the projection head, the
 S-D loss over the global batch, and an AdamW update. sdjax runs `sdjax.models.create_model`
-with `sdjax.losses.multilabel_supcon_loss` under `nnx.jit` (optionally with
+with `sdjax.losses.multilabel_supcon_loss` under `nnx.jit`, called through
+`nnx.cached_partial` as the trainer calls it (optionally with
 `sdjax.gradient_cache.chunked_value_and_grad`); the peer is the same network written in
 PyTorch here, with bench_loss's dense S-D loss, under `torch.compile` (and eagerly). On a GPU
 both compute in bfloat16 (sdjax's `compute_dtype`, PyTorch's autocast) with float32
@@ -177,6 +178,7 @@ def sdjax_step(arch: str, batch_size: int, image_size: int, chunk_size: int, gpu
     waits for it; `xla_temp_mb` is XLA's buffer for the step's intermediates (activations and
     the like); `compiled` is the step as XLA compiled it (its HLO: `compiled.as_text()`)."""
     import jax
+    from flax import nnx
 
     train_step, args = sdjax_train_step(arch, batch_size, image_size, chunk_size, gpu)
     compiled = train_step.lower(*args).compile()
@@ -186,8 +188,12 @@ def sdjax_step(arch: str, batch_size: int, image_size: int, chunk_size: int, gpu
     flops = float(cost.get("flops", 0.0)) if cost and not chunk_size else 0.0
     temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
 
+    # As sdjax.train's loop: the model's and optimizer's graph walked once, not at every call.
+    model, optimizer, views, labels = args
+    cached_step = nnx.cached_partial(train_step, model, optimizer)
+
     def run():
-        return float(jax.block_until_ready(train_step(*args)))
+        return float(jax.block_until_ready(cached_step(views, labels)))
 
     return run, flops, temp_mb, compiled
 

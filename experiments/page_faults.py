@@ -3,8 +3,16 @@
 XLA:CPU allocates a program's temporaries with `malloc` at each call and frees them at its end;
 glibc serves a block over 32 MiB with `mmap` and returns it with `munmap`, so each call faults
 its temporaries in afresh, 4 KiB at a time (`sdjax.host_memory`). This times two programs in
-child processes, under `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` (glibc's default) and `=1`
-alternately, round after round, and counts each call's minor page faults and kernel time:
+child processes under three settings of `GLIBC_TUNABLES`, alternately, round after round, and
+counts each call's minor page faults and kernel time, and each process's peak memory:
+
+- glibc's default (`glibc.malloc.hugetlb=0`);
+- huge pages (`glibc.malloc.hugetlb=1`, what sdjax's entry points set);
+- huge pages and one heap kept: every thread allocating from one arena (`arena_max=1`),
+  never by `mmap` (`mmap_max=0`), and the heap never trimmed, so the temporaries' memory stays
+  mapped from call to call (not sdjax's default: it holds more memory).
+
+The programs:
 
 - `minimal`: `cos(sin(x))` summed, `x` 64M float32, the `sin` kept as a 256 MiB temporary;
 - `resnet50`: experiments/bench_train's ResNet-50 training step (64 images of 64 px, one
@@ -33,11 +41,17 @@ if __package__ in (None, ""):  # run as a script: import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import bench_train
-from experiments.bench_loss import cpu_model
+from experiments.bench_loss import cpu_model, peak_rss_mb
 from sdjax import host_memory
 
 PROGRAMS = ("minimal", "resnet50")
-SETTINGS = {"glibc's default (4 KiB pages)": "0", "glibc.malloc.hugetlb=1": "1"}
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+SETTINGS = {
+    "glibc's default (4 KiB pages)": "glibc.malloc.hugetlb=0",
+    "huge pages": HUGE_PAGES,
+    "huge pages, one heap kept": f"{HUGE_PAGES}:glibc.malloc.arena_max=1:"
+    f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2**40}",
+}
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 FLAGS = flags.FLAGS
@@ -73,11 +87,12 @@ def worker(name: str, calls: int) -> dict:
         "page_faults_per_call": usage["page_faults"],
         "user_s_per_call": usage["user_s"],
         "system_s_per_call": usage["system_s"],
+        "peak_memory_mb": peak_rss_mb(),
     }
 
 
-def run_worker(name: str, hugetlb: str, calls: int) -> dict:
-    environment = os.environ | {"GLIBC_TUNABLES": f"glibc.malloc.hugetlb={hugetlb}"}
+def run_worker(name: str, tunables: str, calls: int) -> dict:
+    environment = os.environ | {"GLIBC_TUNABLES": tunables}
     command = [sys.executable, "-m", "experiments.page_faults", f"--program_worker={name}"]
     done = subprocess.run(
         [*command, f"--steps={calls}"],
@@ -113,13 +128,15 @@ def main(argv):
         f"`{host_memory.transparent_huge_page_mode()}`",
         f"- each program and setting in its own process, alternating, {FLAGS.rounds} rounds of "
         f"{calls} calls after a compile and a warm-up call; call: the median of a round's, "
-        "faults and CPU times: per call, the mean over the rounds; ratio: each round's call "
-        "under the tunable over the default's",
+        "faults and CPU times: per call, the mean over the rounds; peak memory: the process's "
+        "VmHWM, the largest over the rounds; ratio: each round's call over the default's",
+        *[f"- {setting}: `GLIBC_TUNABLES={tunables}`" for setting, tunables in SETTINGS.items()],
         f"- command: `{' '.join(['python -m experiments.page_faults', *sys.argv[1:]])}`",
         "",
         "| program | glibc malloc | call (ms), each round | page faults / call | "
-        "kernel time / call (ms) | user time / call (ms) | call / default's, each round |",
-        "|---|---|---|---:|---:|---:|---|",
+        "kernel time / call (ms) | user time / call (ms) | peak memory (MB) | "
+        "call / default's, each round |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
     for (name, setting), results in rows.items():
         default = rows[(name, next(iter(SETTINGS)))]
@@ -131,6 +148,7 @@ def main(argv):
             + f" | {np.mean([r['page_faults_per_call'] for r in results]):,.0f} | "
             f"{1e3 * np.mean([r['system_s_per_call'] for r in results]):.0f} | "
             f"{1e3 * np.mean([r['user_s_per_call'] for r in results]):.0f} | "
+            f"{max(r['peak_memory_mb'] for r in results):,.0f} | "
             + ", ".join(f"{ratio:.2f}" for ratio in ratios)
             + " |"
         )

@@ -168,12 +168,13 @@ def _train_stage1(
     report_progress = metric_writers.ReportProgress(
         num_train_steps=config.num_train_steps, writer=writer, every_secs=30
     )
+    # The state's graph is walked once, not at every step (ResNet-50 on 2 cores: ~20 ms a step).
+    train_step = nnx.cached_partial(recipe.train_step, state)
     interval = TrainMetrics.empty()
     for step in range(start_step, config.num_train_steps):
         batch = batches.host_batch(step)
         interval = interval.merge(
-            recipe.train_step(
-                state,
+            train_step(
                 shard_host_batch(batch["inputs"], mesh),
                 shard_host_batch(batch["labels"], mesh),
                 step,
