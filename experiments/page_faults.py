@@ -45,9 +45,9 @@ from experiments.bench_loss import cpu_model, peak_rss_mb
 from sdjax import host_memory
 
 PROGRAMS = ("minimal", "resnet50")
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
+HUGE_PAGES = f"{host_memory.TUNABLE}=1"
 SETTINGS = {
-    "glibc's default (4 KiB pages)": "glibc.malloc.hugetlb=0",
+    "glibc's default (4 KiB pages)": f"{host_memory.TUNABLE}=0",
     "huge pages": HUGE_PAGES,
     "huge pages, one heap kept": f"{HUGE_PAGES}:glibc.malloc.arena_max=1:"
     f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2**40}",

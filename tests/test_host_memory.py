@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from sdjax import host_memory
 
 TUNABLE_ON = "glibc.malloc.hugetlb=1"
 MADVISE, GLIBC_2_36 = "madvise", (2, 36)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_tunable_is_added_to_an_environment_without_it():
@@ -97,37 +99,19 @@ def test_the_restart_runs_the_same_command_in_the_same_process():
     assert tunables == (TUNABLE_ON if restarts else None)
 
 
-# A program whose one temporary (64M float32, 256 MiB) XLA allocates and frees at every call.
-_FAULTS_PROGRAM = textwrap.dedent(
-    """
-    import resource, sys
-    import jax, jax.numpy as jnp
-
-    @jax.jit
-    def f(x):
-        y = jax.lax.optimization_barrier(jnp.sin(x))
-        return jnp.sum(jnp.cos(y))
-
-    x = jnp.ones(64 * 2**20, jnp.float32)
-    f(x).block_until_ready()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
-        f(x).block_until_ready()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
-    """
-)
-
-
 def _faults_per_call(tunables: str) -> float:
+    """experiments.page_faults' minimal program (a 256 MiB temporary that XLA allocates and
+    frees at every call), its page faults per call under `tunables`."""
     environment = os.environ | {"GLIBC_TUNABLES": tunables, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(
-        [sys.executable, "-c", _FAULTS_PROGRAM],
+        [sys.executable, "-m", "experiments.page_faults", "--program_worker=minimal", "--steps=4"],
         capture_output=True,
         text=True,
         env=environment,
+        cwd=ROOT,
         check=True,
     )
-    return float(done.stdout.split()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])["page_faults_per_call"]
 
 
 @pytest.mark.slow
