@@ -8,9 +8,14 @@
    level XLA rewrites it into the canonical layout; inside `lax.scan` (gradient caching's
    loop) it stays in another one, again a generic loop. `sdjax.models.conv` writes the
    gradients as canonical convolutions itself.
+3. A 1x1 convolution's kernel gradient, a matmul over the batch and space, with more input
+   channels than output channels (ResNet-50's stages 1 and 3): written as the transpose of
+   the smaller product, XLA folds the transpose into the product, whose first operand is then
+   contracted along its rows, a form that XLA:CPU runs in its own matmul instead of YNNPACK's.
 
-Prints each form's time (median of 5 calls after a compile call) and the `dim_labels` of the
-convolutions XLA compiled; the canonical form is `b01f_01io->b01f`.
+Prints each form's time (median of 5 calls after a compile call) and how XLA compiled it: the
+`dim_labels` of its convolutions (the canonical form is `b01f_01io->b01f`) and which matmul
+runs its dots.
 
 `--part=errors` asks whether im2col is less accurate than XLA's convolutions: the float32
 gradient of the training benchmark's ResNet-18 step (S-D loss) against the same network in
@@ -58,9 +63,14 @@ FLAGS = flags.FLAGS
 
 
 def timed(fn, *args, calls: int = 5) -> tuple[float, list[str]]:
-    """(median seconds per call, the compiled convolutions' dim_labels)."""
+    """(median seconds per call, how XLA compiled its products: the convolutions' dim_labels,
+    and which matmul runs each dot: YNNPACK's, in a fusion, or XLA's own, at the top level)."""
     compiled = jax.jit(fn).lower(*args).compile()
-    labels = sorted(set(re.findall(r"dim_labels=([^,\s}]+)", compiled.as_text())))
+    text = compiled.as_text()
+    labels = sorted(set(re.findall(r"dim_labels=([^,\s}]+)", text)))
+    entry_dots = text[text.index("\nENTRY") :].count(" dot(")
+    labels += ["YNNPACK's dot"] * bool(text.count(" dot(") - entry_dots)
+    labels += ["XLA's own dot"] * bool(entry_dots)
     jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(calls):
@@ -71,10 +81,7 @@ def timed(fn, *args, calls: int = 5) -> tuple[float, list[str]]:
 
 
 def report(name: str, flops: float, seconds: float, labels: list[str]) -> None:
-    print(
-        f"| {name} | {1e3 * seconds:.1f} | {flops / seconds / 1e9:.1f} | "
-        f"{', '.join(labels) or '(none: a matmul)'} |"
-    )
+    print(f"| {name} | {1e3 * seconds:.1f} | {flops / seconds / 1e9:.1f} | {', '.join(labels)} |")
 
 
 def main(argv) -> None:
@@ -89,7 +96,7 @@ def speed() -> None:
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__}, {cpu_model()}, {os.cpu_count()} cores, float32")
     print(f"load average: {', '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
-    print("| form | ms | GFLOP/s | dim_labels |\n|---|---:|---:|---|")
+    print("| form | ms | GFLOP/s | compiled as |\n|---|---:|---:|---|")
 
     # 1. A 3x3 kernel over 2x2 images.
     images = jnp.asarray(rng.normal(size=(32, 2, 2, 512)), jnp.float32)
@@ -157,6 +164,21 @@ def speed() -> None:
             flops,
             *timed(scanned, images, kernel),
         )
+
+    # 3. A 1x1 convolution's kernel gradient, a matmul over the batch and space, with more
+    # input channels than output: the transpose of the [Q, P] product that copies less,
+    # left free, becomes a product whose first operand is contracted along its rows.
+    contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
+    for batch, side, inputs, outputs in ((64, 16, 256, 64), (64, 4, 1024, 256)):
+        images = jnp.asarray(rng.normal(size=(batch, side, side, inputs)), jnp.float32)
+        output_grad = jnp.asarray(rng.normal(size=(batch, side, side, outputs)), jnp.float32)
+        flops = 2 * batch * side * side * inputs * outputs
+        shape = f"[{batch}, {side}, {side}, {inputs}] x [.., {outputs}]"
+        for name, fn in (
+            ("the transpose left free", lambda a, b: lax.dot_general(b, a, contract).T),
+            ("sdjax.models.conv", lambda a, b: conv._sum_of_outer_products(a, b, None)),
+        ):
+            report(f"1x1 kernel gradient, {shape}: {name}", flops, *timed(fn, images, output_grad))
 
 
 def im2col_everywhere(lhs, rhs, window_strides, padding, **kwargs):

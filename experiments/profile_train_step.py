@@ -295,15 +295,17 @@ def matmul_lines(row: dict) -> list[str]:
 
     shared = [m for m in matmuls if m["concurrent_ms"] >= m["step_ms"] / 2]
     unshared = [m for m in matmuls if m["concurrent_ms"] < m["step_ms"] / 2]
+    own_operands = ", ".join(f"{m['lhs']} x {m['rhs']}" for m in xla_own)
     lines = [
         "",
         f"sdjax's {row['arch']} step: its {len(matmuls)} matmuls in YNNPACK fusions (the 1x1 "
-        "and im2col convolutions and the head, forward and input gradients). In the profiled "
+        "and im2col convolutions, forward and backward, and the head's forward and input "
+        "gradients). In the profiled "
         "step, those that another operation ran beside for at least half their time: "
         f"{achieved(shared)}; the others: {achieved(unshared)}. XLA runs {len(xla_own)} more "
-        "dots itself, the weight gradients of the 1x1 and im2col convolutions and of the head: "
-        f"by their trace events, {achieved(xla_own)}, more than the CPU can, so the events do "
-        "not time their work, and they are left out of this table. The "
+        f"dots itself ({own_operands}): by their "
+        f"trace events, {achieved(xla_own)}; an event of XLA's own dot can end before its work "
+        "does, so they are left out of this table. The "
         f"{min(LISTED_MATMULS, len(matmuls))} slowest YNNPACK matmuls in the step, and each "
         "alone (the same dot on operands of the same shapes, jitted by itself):",
         "",

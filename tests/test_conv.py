@@ -98,6 +98,31 @@ def test_other_convolutions_go_to_lax_unchanged():
     np.testing.assert_array_equal(grouped, expected)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's forms")
+@pytest.mark.parametrize(
+    "images_shape, kernel_shape",
+    [
+        ((16, 16, 16, 64), (1, 1, 64, 16)),  # more input channels, a long batch: b copied
+        ((16, 16, 16, 16), (1, 1, 16, 64)),  # fewer: the images copied
+        ((4, 2, 2, 64), (3, 3, 64, 64)),  # im2col's 576 rows over 16 pixels: patches copied
+        ((16, 2, 2, 64), (3, 3, 64, 16)),  # over 64 pixels, 16 columns: output gradient copied
+    ],
+)
+def test_every_matmul_of_the_gradients_runs_in_ynnpack(images_shape, kernel_shape):
+    """XLA:CPU runs a product in YNNPACK only as [P, K] x [K, Q]; a kernel gradient in any
+    other form falls to XLA's own matmul (2-3x slower over a long batch, as the module says),
+    a top-level `dot` in the compiled program."""
+    images, kernel = jnp.ones(images_shape), jnp.ones(kernel_shape)
+
+    def loss(x, w):
+        return jnp.sum(sdjax_conv(x, w, 1, "SAME") ** 2)
+
+    program = jax.jit(jax.grad(loss, (0, 1))).lower(images, kernel).compile().as_text()
+    entry = program[program.index("\nENTRY") :]
+    assert " dot(" not in entry
+    assert "__ynn_fusion" in entry
+
+
 def smooth_encoder_loss(encoder_graph, rest, probe):
     """A linear function of the features (its gradient does not amplify their rounding),
     with the features as its auxiliary output."""
