@@ -109,9 +109,9 @@ def test_other_convolutions_go_to_lax_unchanged():
     ],
 )
 def test_every_matmul_of_the_gradients_runs_in_ynnpack(images_shape, kernel_shape):
-    """XLA:CPU runs a product in YNNPACK only as [P, K] x [K, Q]; a kernel gradient in any
-    other form falls to XLA's own matmul (2-3x slower over a long batch, as the module says),
-    a top-level `dot` in the compiled program."""
+    """XLA:CPU runs a product in YNNPACK only with its first operand as [P, K], contracted
+    along its columns; a kernel gradient in another form falls to XLA's own matmul (2-3x
+    slower over a long batch), a top-level `dot` in the compiled program."""
     images, kernel = jnp.ones(images_shape), jnp.ones(kernel_shape)
 
     def loss(x, w):

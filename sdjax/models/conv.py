@@ -174,9 +174,9 @@ def _im2col_grads(images, kernel, output_grad, strides, padding, precision):
 def _sum_of_outer_products(a, b, precision) -> jax.Array:
     """[N, H, W, P], [N, H, W, Q] -> [P, Q], summed over N, H, W (a kernel gradient).
 
-    XLA:CPU hands a product to YNNPACK, its fast matmul, only as [P, K] x [K, Q] (K = N * H * W),
-    so one operand is copied transposed: `a`, or `b` with the [Q, P] product transposed after,
-    whichever copies less.
+    XLA:CPU hands a product to YNNPACK, its fast matmul, only with the first operand as [P, K]
+    (K = N * H * W, contracted along its columns), so one operand is copied transposed: `a`, or
+    `b` with the [Q, P] product transposed after, whichever copies less.
     """
     contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
     summed, p, q = a.size // a.shape[3], a.shape[3], b.shape[3]
