@@ -49,12 +49,14 @@ from jax import lax
 if __package__ in (None, ""):  # run as a script: import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments import bench_train
+from experiments import bench_train, profile_train_step
 from experiments.suite import cpu_model
 from sdjax import models
 from sdjax.models import conv, heads, resnet
 
 NHWC = ("NHWC", "HWIO", "NHWC")
+# Which matmul runs a compiled dot (`profile_train_step.compiled_dots`' "library").
+DOT_LABELS = {"YNNPACK": "YNNPACK's dot", "XLA": "XLA's own dot"}
 
 flags.DEFINE_enum("part", "speed", ["speed", "errors"], "What to reproduce (see the doc).")
 flags.DEFINE_list("error_seeds", ["0", "1", "2"], "--part=errors: model and batch seeds.")
@@ -68,9 +70,8 @@ def timed(fn, *args, calls: int = 5) -> tuple[float, list[str]]:
     compiled = jax.jit(fn).lower(*args).compile()
     text = compiled.as_text()
     labels = sorted(set(re.findall(r"dim_labels=([^,\s}]+)", text)))
-    entry_dots = text[text.index("\nENTRY") :].count(" dot(")
-    labels += ["YNNPACK's dot"] * bool(text.count(" dot(") - entry_dots)
-    labels += ["XLA's own dot"] * bool(entry_dots)
+    libraries = {dot["library"] for dot in profile_train_step.compiled_dots(text).values()}
+    labels += [label for library, label in DOT_LABELS.items() if library in libraries]
     jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(calls):
